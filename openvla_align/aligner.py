@@ -1,0 +1,278 @@
+"""Aligner: the glue between a VLA, a frozen teacher, the projector(s) and the loss.
+
+    aligner = Aligner.from_config(cfg).attach(vla)      # hooks layer(s), builds seeded projector(s)
+    out = vla(input_ids=..., pixel_values=pv, labels=...)
+    align = aligner(pixel_values=pv)                     # or aligner(targets=cached_teacher_features)
+    (out.loss + align.loss).backward()                   # align.loss already carries cfg.coeff
+    aligner.remove()
+
+The coefficient is applied here and nowhere else. A trainable projector (``freeze_projector=False``) must be
+handed to the optimizer by the caller: ``optimizer.add_param_group({"params": aligner.trainable_parameters()})``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .config import AlignConfig
+from .hooks import VisualTokenHook, llm_hidden_size, unwrap
+from .losses import get_loss
+from .openvla.pixels import rgb_from_pixel_values
+from .projector import build_projector, fingerprint
+from .teachers import Teacher, create_teacher
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+PROJECTOR_NAME = "projector.safetensors"
+
+
+@dataclass
+class AlignOutput:
+    loss: torch.Tensor  # coeff * sum of per-layer losses: add it to the action loss
+    layer_losses: Dict[int, torch.Tensor] = field(default_factory=dict)  # unweighted, with grad
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # detached; `.item()` only when logging
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename: a crash leaves the old file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def student_grid(vla: nn.Module) -> Optional[Tuple[int, int]]:
+    """The VLA's visual token grid, read from its (first) timm featurizer."""
+    backbone = getattr(unwrap(vla), "vision_backbone", None)
+    featurizer = getattr(backbone, "featurizer", None)
+    grid = getattr(getattr(featurizer, "patch_embed", None), "grid_size", None)
+    return tuple(int(g) for g in grid) if grid is not None else None
+
+
+class Aligner(nn.Module):
+    def __init__(self, config: AlignConfig, teacher: Optional[Teacher] = None):
+        super().__init__()
+        self.config = config
+        self.teacher = teacher
+        self.projectors = nn.ModuleDict()
+        self._hook: Optional[VisualTokenHook] = None
+        self._loss_fn = get_loss(config.loss)
+
+    @classmethod
+    def from_config(cls, config: AlignConfig, *, grid: Tuple[int, int] = (16, 16), **teacher_kwargs) -> "Aligner":
+        """Build the configured teacher from the registry (extra kwargs, e.g. ``arch``, go to its factory)."""
+        teacher = create_teacher(
+            config.teacher,
+            path=config.teacher_path,
+            resolution=config.teacher_resolution,
+            grid=grid,
+            allow_random=config.allow_random_teacher,
+            trust_remote_code=config.trust_remote_code,
+            **teacher_kwargs,
+        )
+        return cls(config, teacher)
+
+    # --- keys: projector per aligned layer (0 = the encoder output for target="encoder") ---
+    @property
+    def keys(self) -> Tuple[int, ...]:
+        return (0,) if self.config.target == "encoder" else self.config.layers
+
+    @property
+    def teacher_width(self) -> int:
+        if self.teacher is None:
+            raise RuntimeError("This Aligner has no teacher; pass precomputed `targets` or build it with a teacher.")
+        return self.teacher.width
+
+    def attach(self, vla: nn.Module) -> "Aligner":
+        """Hook ``vla`` and build (or check) the projector(s). Call after LoRA wrapping, before DDP or after."""
+        if self._hook is not None:
+            raise RuntimeError("Aligner is already attached; call remove() first.")
+        hook = VisualTokenHook(vla, self.config.layers, self.config.target)
+        base = unwrap(vla)
+        in_dim = base.vision_backbone.embed_dim if self.config.target == "encoder" else llm_hidden_size(vla)
+        grid = student_grid(vla)
+        if self.teacher is not None and grid is not None and tuple(self.teacher.grid) != grid:
+            raise ValueError(
+                f"Teacher {self.teacher.spec.name} is set up for a {self.teacher.grid} grid but the VLA has a "
+                f"{grid} visual token grid; build the teacher with grid={grid}."
+            )
+        if len(self.projectors) == 0:
+            for key in self.keys:
+                self.projectors[str(key)] = build_projector(
+                    self.config.projector,
+                    in_dim,
+                    self.teacher_width,
+                    hidden_dim=self.config.projector_dim,
+                    seed=self.config.projector_seed,
+                    frozen=self.config.freeze_projector,
+                )
+        else:
+            self._check_projectors(in_dim)
+        param = next(base.parameters())
+        self.projectors.to(param.device)
+        if self.teacher is not None:
+            self.teacher.to(param.device)
+        self._hook = hook.attach()
+        return self
+
+    def _check_projectors(self, in_dim: int) -> None:
+        if sorted(self.projectors.keys()) != sorted(str(k) for k in self.keys):
+            raise ValueError(
+                f"Projectors were saved for layers {sorted(self.projectors.keys())} but the config aligns "
+                f"{list(self.keys)}; use the config saved with them."
+            )
+        for key, proj in self.projectors.items():
+            first = next(m for m in proj.modules() if isinstance(m, (nn.Linear, nn.LayerNorm)))
+            got_in = first.normalized_shape[0] if isinstance(first, nn.LayerNorm) else first.in_features
+            last = [m for m in proj.modules() if isinstance(m, nn.Linear)][-1]
+            if got_in != in_dim:
+                raise ValueError(f"Projector for layer {key} takes width {got_in}, but the VLA gives {in_dim}.")
+            if self.teacher is not None and last.out_features != self.teacher.width:
+                raise ValueError(
+                    f"Projector for layer {key} outputs width {last.out_features}, but teacher "
+                    f"{self.teacher.spec.name} has width {self.teacher.width}; use the teacher it was trained with."
+                )
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def train(self, mode: bool = True) -> "Aligner":
+        super().train(mode)
+        if self.config.freeze_projector:
+            self.projectors.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """Projector parameters that need an optimizer (empty when the projector is frozen)."""
+        return [p for p in self.projectors.parameters() if p.requires_grad]
+
+    def fingerprint(self) -> str:
+        return fingerprint([self.projectors])
+
+    # --- the step ---
+    def teacher_targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Teacher patch features (B, N, D) for OpenVLA ``pixel_values`` (fused 6-channel or 3-channel)."""
+        if self.teacher is None:
+            raise RuntimeError("This Aligner has no teacher; pass precomputed `targets`.")
+        with torch.no_grad():
+            return self.teacher(rgb_from_pixel_values(pixel_values))
+
+    def forward(
+        self, pixel_values: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None
+    ) -> AlignOutput:
+        if self._hook is None:
+            raise RuntimeError("Aligner is not attached to a VLA; call aligner.attach(vla) first.")
+        captured = self._hook.pop()
+        missing = [k for k in self.keys if k not in captured]
+        if missing:
+            raise RuntimeError(
+                f"No visual-token states captured for layer(s) {missing}: run the VLA forward with pixel_values "
+                "(a multimodal forward) after attach() and before calling the aligner."
+            )
+        if targets is None:
+            if pixel_values is None:
+                raise ValueError("Pass the batch's pixel_values (live teacher) or precomputed teacher targets.")
+            targets = self.teacher_targets(pixel_values)
+        total = None
+        layer_losses: Dict[int, torch.Tensor] = {}
+        metrics: Dict[str, torch.Tensor] = {}
+        for key in self.keys:
+            hidden = captured[key]
+            if hidden.shape[1] != targets.shape[1]:
+                side = math.isqrt(hidden.shape[1])
+                raise ValueError(
+                    f"The VLA has {hidden.shape[1]} visual tokens (a {side}x{side} grid) but the teacher targets "
+                    f"have {targets.shape[1]}; build the teacher for the student's grid."
+                )
+            proj = self.projectors[str(key)]
+            student = proj(hidden.to(next(proj.parameters()).dtype))
+            loss, m = self._loss_fn(student, targets.to(student.device), temperature=self.config.ntxent_temperature)
+            layer_losses[key] = loss
+            name = "encoder" if self.config.target == "encoder" else f"layer{key}"
+            metrics[f"align/cos_{name}"] = m["cos"]
+            metrics[f"align/loss_{name}"] = loss.detach()
+            total = loss if total is None else total + loss
+        weighted = self.config.coeff * total
+        metrics["align/loss"] = weighted.detach()
+        return AlignOutput(loss=weighted, layer_losses=layer_losses, metrics=metrics)
+
+    # --- persistence: config.json + projector.safetensors ---
+    def save(self, directory: Union[str, Path]) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.projectors.state_dict().items()}
+        meta = {"teacher_width": str(self.teacher.width) if self.teacher is not None else "", "format": "openvla-align/1"}
+        _atomic_write(directory / PROJECTOR_NAME, lambda tmp: save_file(state, tmp, metadata=meta))
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Union[str, Path], teacher: Optional[Teacher] = None, **teacher_kwargs) -> "Aligner":
+        """Restore config and projector(s) saved by ``save``; the teacher is rebuilt from the config unless given."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, proj_path = directory / CONFIG_NAME, directory / PROJECTOR_NAME
+        for p in (cfg_path, proj_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"Alignment state incomplete: {p} is missing (expected {CONFIG_NAME} + {PROJECTOR_NAME}).")
+        try:
+            config = AlignConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{cfg_path} is not a valid openvla-align config: {exc}") from exc
+        try:
+            state = load_file(str(proj_path))
+        except Exception as exc:
+            raise ValueError(f"{proj_path} is corrupt or truncated ({exc}); restore it from a good checkpoint.") from exc
+        aligner = cls(config, teacher) if teacher is not None else cls.from_config(config, **teacher_kwargs)
+        aligner.load_projectors(state)
+        return aligner
+
+    def load_projectors(self, state: Dict[str, torch.Tensor]) -> None:
+        """Build projectors shaped like ``state`` and load it (keys ``<layer>.net.<i>.<param>``)."""
+        self.projectors = nn.ModuleDict()
+        for key in self.keys:
+            sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(key)}
+            if not sub:
+                raise ValueError(f"Saved projector state has no weights for layer {key}; saved keys: {sorted(state)[:4]}...")
+            linears = sorted(
+                (int(k.split(".")[1]), v) for k, v in sub.items() if k.endswith(".weight") and v.ndim == 2
+            )
+            in_dim, out_dim = linears[0][1].shape[1], linears[-1][1].shape[0]
+            proj = build_projector(
+                self.config.projector, in_dim, out_dim, hidden_dim=self.config.projector_dim,
+                seed=self.config.projector_seed, frozen=self.config.freeze_projector,
+            )
+            try:
+                proj.load_state_dict(sub)
+            except RuntimeError as exc:
+                raise ValueError(f"Saved projector for layer {key} does not match config {self.config.projector!r}: {exc}") from exc
+            self.projectors[str(key)] = proj
+        if self.teacher is not None:
+            out_dim = [m for m in self.projectors.modules() if isinstance(m, nn.Linear)][-1].out_features
+            if out_dim != self.teacher.width:
+                raise ValueError(
+                    f"Saved projector outputs width {out_dim} but teacher {self.teacher.spec.name} has width "
+                    f"{self.teacher.width}; load it with the teacher it was trained with."
+                )

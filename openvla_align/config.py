@@ -1,0 +1,125 @@
+"""AlignConfig: every knob of Visual Representation Alignment, with the paper's defaults.
+
+One draccus-compatible dataclass. It is validated once, in ``__post_init__``, and every error names the field,
+the bad value and the fix. Checks that need the model (layer depth, teacher width) happen in ``Aligner.attach``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Optional, Tuple
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("cosine", "l2", "ntxent")
+PROJECTORS = ("mlp", "linear")
+TARGETS = ("backbone", "encoder")
+
+
+def _help(text: str) -> Dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class AlignConfig:
+    enabled: bool = field(default=False, metadata=_help("Add the alignment loss to the action loss."))
+    teacher: str = field(
+        default="c-radio-v3-l",
+        metadata=_help("Registered teacher name; `openvla-align teachers` lists them (C-RADIOv3-L is the paper's best)."),
+    )
+    teacher_path: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Local teacher weights: a checkpoint file, an HF snapshot directory or a torch.hub checkout. "
+            "None looks in the HF cache and the torch.hub directory, offline."
+        ),
+    )
+    layers: Tuple[int, ...] = field(
+        default=(16,),
+        metadata=_help("LLM layers to align; layer L is output_hidden_states[L], the output of decoder block L-1."),
+    )
+    coeff: float = field(default=0.2, metadata=_help("Weight of the alignment loss: L = L_action + coeff * L_align."))
+    loss: str = field(default="cosine", metadata=_help("Alignment loss: cosine (paper), l2 or ntxent."))
+    ntxent_temperature: float = field(default=0.1, metadata=_help("Temperature of the NT-Xent loss."))
+    projector: str = field(default="mlp", metadata=_help("Projector type: mlp (paper's Ln&D) or linear."))
+    projector_dim: int = field(default=2048, metadata=_help("Hidden width of the MLP projector."))
+    freeze_projector: bool = field(
+        default=True, metadata=_help("Keep the randomly initialised projector frozen (the paper's choice).")
+    )
+    projector_seed: int = field(
+        default=0, metadata=_help("Seed of the projector's initialisation; identical on every process.")
+    )
+    target: str = field(
+        default="backbone",
+        metadata=_help("backbone: align an LLM layer (Backbone2Enc); encoder: align the vision encoder's output (Enc2Enc)."),
+    )
+    teacher_resolution: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "Square input size for the teacher. None picks grid x patch so the teacher's grid equals the student's "
+            "16x16 (256 px for patch-16 teachers, 224 px for patch-14)."
+        ),
+    )
+    allow_random_teacher: bool = field(
+        default=False,
+        metadata=_help("Build the teacher with random weights (smoke tests only; never a silent fallback)."),
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=_help("Allow teachers that need remote code (e.g. Theia's HF implementation).")
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, int):
+            self.layers = (self.layers,)
+        self.layers = tuple(int(x) for x in self.layers)
+        if not self.layers:
+            raise ValueError("AlignConfig.layers is empty; give at least one LLM layer, e.g. layers=(16,).")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"AlignConfig.layers={self.layers} repeats a layer; list each layer once.")
+        if any(layer < 1 for layer in self.layers):
+            raise ValueError(
+                f"AlignConfig.layers={self.layers}: layers start at 1 (layer 0 is the embedding output, not a "
+                "decoder block); use e.g. layers=(16,)."
+            )
+        if self.loss not in LOSSES:
+            raise ValueError(f"AlignConfig.loss={self.loss!r} is not one of {LOSSES}.")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"AlignConfig.projector={self.projector!r} is not one of {PROJECTORS}.")
+        if self.target not in TARGETS:
+            raise ValueError(f"AlignConfig.target={self.target!r} is not one of {TARGETS}.")
+        if self.target == "encoder" and len(self.layers) > 1:
+            raise ValueError(
+                f"AlignConfig.target='encoder' aligns the vision encoder's single output, but layers={self.layers}; "
+                "use target='backbone' for several LLM layers."
+            )
+        if not self.coeff > 0:
+            raise ValueError(f"AlignConfig.coeff={self.coeff} must be > 0; disable alignment with enabled=False.")
+        if self.projector_dim < 1:
+            raise ValueError(f"AlignConfig.projector_dim={self.projector_dim} must be a positive width.")
+        if not self.ntxent_temperature > 0:
+            raise ValueError(f"AlignConfig.ntxent_temperature={self.ntxent_temperature} must be > 0.")
+        if self.teacher_resolution is not None and self.teacher_resolution < 1:
+            raise ValueError(f"AlignConfig.teacher_resolution={self.teacher_resolution} must be a positive size.")
+
+    # --- serialisation: sorted JSON; newer keys are tolerated with a warning ---
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["layers"] = list(self.layers)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "AlignConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"Ignoring AlignConfig keys this version does not know: {unknown} (written by a newer openvla-align?)",
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})

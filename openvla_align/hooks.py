@@ -1,0 +1,171 @@
+"""Capture the visual-token hidden states of chosen LLM layers with removable forward hooks.
+
+Layer L means ``output_hidden_states[L]``: the output of decoder block L-1 (index 0 is the embedding output,
+which is not a block and cannot be aligned). For L equal to the number of blocks, HF models return the
+*final-normed* state, so the hook sits on the final norm there. Visual tokens are positions 1 .. 1+N after BOS,
+with N read from the VLA projector's output on every forward. Nothing asks for ``output_hidden_states``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class NotAnOpenVLAModel(TypeError):
+    """The model does not have OpenVLA's module layout (vision_backbone -> projector -> language_model)."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP (``.module``), torch.compile (``._orig_mod``) and PEFT (``.base_model.model``) wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PeftModel
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "language_model"):
+            model = model.module
+    return model
+
+
+def _describe(model: nn.Module) -> str:
+    children = ", ".join(name for name, _ in model.named_children()) or "none"
+    return f"{type(model).__name__} (children: {children})"
+
+
+def language_model(vla: nn.Module) -> nn.Module:
+    base = unwrap(vla)
+    lm = getattr(base, "language_model", None)
+    if lm is None:
+        raise NotAnOpenVLAModel(
+            f"Expected an OpenVLA-style model with a `language_model` attribute, got {_describe(base)}. "
+            "openvla-align hooks OpenVLAForActionPrediction (or a model with its module layout)."
+        )
+    return lm
+
+
+def decoder_layers(vla: nn.Module) -> nn.ModuleList:
+    """The LLM's stack of decoder blocks (``language_model.model.layers`` for Llama-2)."""
+    lm = language_model(vla)
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise NotAnOpenVLAModel(
+            f"The language model {_describe(lm)} has no decoder stack (`.model.layers`); cannot hook an LLM layer."
+        )
+    return layers
+
+
+def final_norm(vla: nn.Module) -> nn.Module:
+    lm = language_model(vla)
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    norm = getattr(decoder, "norm", None)
+    if norm is None:
+        raise NotAnOpenVLAModel(f"The language model {_describe(lm)} has no final `norm` to hook for the last layer.")
+    return norm
+
+
+def llm_hidden_size(vla: nn.Module) -> int:
+    return language_model(vla).get_input_embeddings().embedding_dim
+
+
+def check_layers(vla: nn.Module, layers: Sequence[int]) -> int:
+    """Validate 1 <= L <= number of decoder blocks for every layer; returns the number of blocks."""
+    n = len(decoder_layers(vla))
+    bad = [layer for layer in layers if not 1 <= layer <= n]
+    if bad:
+        raise ValueError(
+            f"Alignment layer(s) {bad} out of range: this LLM has {n} decoder blocks, so layers run from 1 to {n} "
+            f"(layer L = output_hidden_states[L]; the paper uses 16 of 32)."
+        )
+    return n
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class VisualTokenHook:
+    """Forward hooks that keep only the visual-token slice of the chosen layers for the current step.
+
+    ``pop()`` hands the captured tensors over and forgets them, so nothing outlives the step that made it.
+    ``target="encoder"`` captures the vision backbone's output instead (Enc2Enc).
+    """
+
+    def __init__(self, vla: nn.Module, layers: Sequence[int] = (16,), target: str = "backbone"):
+        self.vla = vla
+        self.layers = tuple(layers)
+        self.target = target
+        base = unwrap(vla)
+        for name in ("vision_backbone", "projector", "language_model"):
+            if not isinstance(getattr(base, name, None), nn.Module):
+                raise NotAnOpenVLAModel(
+                    f"Expected an OpenVLA-style model with `{name}`, got {_describe(base)}; openvla-align hooks "
+                    "OpenVLAForActionPrediction or models with its module layout."
+                )
+        if target == "backbone":
+            self.num_blocks = check_layers(vla, self.layers)
+        self._handles: List[torch.utils.hooks.RemovableHandle] = []
+        self._num_visual: Optional[int] = None
+        self._captured: Dict[int, torch.Tensor] = {}
+
+    # --- lifecycle ---
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> "VisualTokenHook":
+        if self.attached:
+            return self
+        base = unwrap(self.vla)
+        if self.target == "encoder":
+            self._handles.append(base.vision_backbone.register_forward_hook(self._capture_encoder))
+            return self
+        self._handles.append(base.projector.register_forward_hook(self._record_num_visual))
+        blocks = decoder_layers(self.vla)
+        for layer in self.layers:
+            module = final_norm(self.vla) if layer == len(blocks) else blocks[layer - 1]
+            self._handles.append(module.register_forward_hook(self._make_capture(layer)))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+
+    def __enter__(self) -> "VisualTokenHook":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # --- data ---
+    def pop(self) -> Dict[int, torch.Tensor]:
+        """Captured (B, N, d) slices keyed by layer (key 0 for the encoder target); clears the store."""
+        out, self._captured = self._captured, {}
+        return out
+
+    def clear(self) -> None:
+        self._captured = {}
+        self._num_visual = None
+
+    # --- hook bodies ---
+    def _record_num_visual(self, module, args, output) -> None:
+        self._num_visual = _first(output).shape[1]
+
+    def _capture_encoder(self, module, args, output) -> None:
+        self._captured[0] = _first(output)
+
+    def _make_capture(self, layer: int):
+        def capture(module, args, output) -> None:
+            if self._num_visual is None:
+                return  # a text-only or cached-generation forward: there are no visual tokens to keep
+            hidden = _first(output)
+            self._captured[layer] = hidden[:, 1 : 1 + self._num_visual]
+
+        return capture

@@ -1,0 +1,1 @@
+"""Everything that knows upstream OpenVLA's conventions (pixel layout, module layout)."""

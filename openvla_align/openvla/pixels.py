@@ -1,0 +1,71 @@
+"""Recover [0,1] RGB from OpenVLA's ``pixel_values``.
+
+OpenVLA-7B's fused backbone receives 6 channels: channels 0-2 normalised for DINOv2 (ImageNet mean/std) and
+channels 3-5 normalised for SigLIP (mean = std = 0.5). The tensors reach the model in bf16, so the
+reference implementation de-normalises with the bf16-rounded ImageNet constants; we default to the same numbers
+so teachers see exactly what they see there.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _bf16(values: Sequence[float]) -> tuple:
+    return tuple(torch.tensor(values, dtype=torch.float32).to(torch.bfloat16).float().tolist())
+
+
+# (0.484375, 0.455078125, 0.40625) and (0.228515625, 0.2236328125, 0.224609375)
+DINO_MEAN_BF16 = _bf16(IMAGENET_MEAN)
+DINO_STD_BF16 = _bf16(IMAGENET_STD)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """x * std + mean per channel, computed in float32."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return x.float() * s + m
+
+
+def rgb_from_pixel_values(
+    pixel_values: torch.Tensor,
+    *,
+    source: str = "dino",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """[0,1] float32 RGB (B,3,H,W) from OpenVLA ``pixel_values``.
+
+    6 channels (fused DINOv2+SigLIP): ``source="dino"`` (default, what the reference uses) reads channels 0-2,
+    ``source="siglip"`` channels 3-5. 3 channels (single backbone): pass that backbone's ``mean``/``std``
+    (default: DINOv2's). Not clamped: like the reference, values a hair outside [0, 1] from the
+    bf16-rounded constants are passed on as they are.
+    """
+    if pixel_values.ndim != 4 or pixel_values.shape[1] not in (3, 6):
+        raise ValueError(
+            f"pixel_values must be (B, 6, H, W) (fused DINOv2+SigLIP) or (B, 3, H, W); got {tuple(pixel_values.shape)}."
+        )
+    if source not in ("dino", "siglip"):
+        raise ValueError(f"source={source!r} must be 'dino' or 'siglip'.")
+    if pixel_values.shape[1] == 6:
+        x = pixel_values[:, :3] if source == "dino" else pixel_values[:, 3:]
+        default_mean, default_std = (DINO_MEAN_BF16, DINO_STD_BF16) if source == "dino" else (SIGLIP_MEAN, SIGLIP_STD)
+    else:
+        x = pixel_values
+        default_mean, default_std = DINO_MEAN_BF16, DINO_STD_BF16
+    return denormalize(x, mean or default_mean, std or default_std)
+
+
+def normalize_fused(rgb: torch.Tensor) -> torch.Tensor:
+    """The inverse: [0,1] RGB -> OpenVLA's fused 6-channel ``pixel_values`` (exact ImageNet / SigLIP constants,
+    as OpenVLA's image processor computes them)."""
+    dm = torch.tensor(IMAGENET_MEAN, device=rgb.device).view(1, 3, 1, 1)
+    ds = torch.tensor(IMAGENET_STD, device=rgb.device).view(1, 3, 1, 1)
+    return torch.cat([(rgb - dm) / ds, (rgb - 0.5) / 0.5], dim=1)

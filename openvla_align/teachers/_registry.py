@@ -1,0 +1,113 @@
+"""Teacher registry: a decorator, an fnmatch listing and one factory; third parties join via entry points.
+
+Built-in teachers register through the same entry-point group (``openvla_align.teachers``) as third-party ones.
+An entry point may name a module (importing it runs its ``@register_teacher`` decorators) or a factory callable
+(registered under the entry point's name).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "openvla_align.teachers"
+# Modules shipped with the package; imported even when the package is used from a source tree without its
+# entry points installed (e.g. `PYTHONPATH=. pytest`).
+_BUILTIN_MODULES = (
+    "openvla_align.teachers.radio",
+    "openvla_align.teachers.dinov2",
+    "openvla_align.teachers.siglip",
+    "openvla_align.teachers.theia",
+)
+
+
+class TeacherPluginError(RuntimeError):
+    """A teacher plugin (entry point) failed to load."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    factory: Callable
+    source: str
+    spec: Optional[object] = None  # TeacherSpec of the full-size model, shown by `openvla-align teachers`
+
+
+_REGISTRY: Dict[str, _Entry] = {}
+_loaded = False
+
+
+def register_teacher(name: Optional[str] = None, *, spec=None, source: str = "") -> Callable:
+    """Decorator registering a teacher factory ``fn(**kw) -> Teacher``; returns ``fn`` unchanged.
+
+    Factories accept ``path``, ``resolution``, ``grid``, ``allow_random``, ``trust_remote_code`` and ``arch``
+    (architecture overrides, used for tiny random test models) and ignore none of them silently.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        key = name or fn.__name__
+        prior = _REGISTRY.get(key)
+        if prior is not None and prior.factory is not fn:
+            raise ValueError(f"Teacher {key!r} is already registered by {prior.source or prior.factory.__module__}.")
+        _REGISTRY[key] = _Entry(key, fn, source or fn.__module__, spec)
+        return fn
+
+    return wrap
+
+
+def _entry_points():
+    from importlib.metadata import entry_points
+
+    eps = entry_points()
+    if hasattr(eps, "select"):
+        return list(eps.select(group=ENTRY_POINT_GROUP))
+    return list(eps.get(ENTRY_POINT_GROUP, []))  # Python < 3.10 API shape
+
+
+def load_plugins(force: bool = False) -> None:
+    """Import the built-in teacher modules and every entry point of ``openvla_align.teachers`` once."""
+    global _loaded
+    if _loaded and not force:
+        return
+    _loaded = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    for ep in _entry_points():
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken third-party plugin must say which one it is
+            raise TeacherPluginError(
+                f"Teacher plugin {ep.name!r} ({ep.value}) from entry-point group {ENTRY_POINT_GROUP!r} failed to "
+                f"load: {exc!r}. Fix or uninstall the package that provides it."
+            ) from exc
+        if callable(obj) and not isinstance(obj, type(importlib)):
+            register_teacher(ep.name, source=ep.value)(obj)
+
+
+def list_teachers(pattern: str = "*") -> List[str]:
+    """Sorted names of registered teachers matching an fnmatch ``pattern``."""
+    load_plugins()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_teacher_factory(name: str) -> Callable:
+    load_plugins()
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown teacher {name!r}. Known teachers: {', '.join(list_teachers())}.")
+    return _REGISTRY[name].factory
+
+
+def teacher_spec(name: str):
+    """The registered full-size ``TeacherSpec`` of ``name`` (None when its plugin gave none)."""
+    get_teacher_factory(name)
+    return _REGISTRY[name].spec
+
+
+def create_teacher(name: str, **kwargs):
+    """Build the registered teacher ``name``; keyword arguments go to its factory (path, resolution, ...)."""
+    return get_teacher_factory(name)(**kwargs)

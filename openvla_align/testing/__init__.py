@@ -1,0 +1,19 @@
+"""Tiny random-weight models and generated data with OpenVLA's layout, for tests and the demo."""
+
+from .tiny import (
+    IGNORE_INDEX,
+    ActionTokenizer,
+    TinyOpenVLA,
+    TinyVLAConfig,
+    build_tiny_vla,
+    build_tokenizer,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ActionTokenizer",
+    "TinyOpenVLA",
+    "TinyVLAConfig",
+    "build_tiny_vla",
+    "build_tokenizer",
+]

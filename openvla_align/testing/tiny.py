@@ -1,0 +1,264 @@
+"""Tiny random-weight models with OpenVLA's module layout and forward semantics, for tests and the demo.
+
+Layout (as upstream ``OpenVLAForActionPrediction``):
+    vision_backbone.featurizer        timm ViT, DINOv2-like (patch 14, 4 registers, layer scale)
+    vision_backbone.fused_featurizer  timm ViT, SigLIP-like (patch 14, no class token)
+    projector.fc1/fc2/fc3             fused-backbone MLP (GELU), vision width -> LLM width
+    language_model                    transformers LlamaForCausalLM (>= 18 blocks)
+Semantics: each featurizer returns the patch tokens of its second-to-last block; features are concatenated on
+the channel axis, projected, and inserted right after BOS; their label positions are IGNORE_INDEX.
+These are NOT OpenVLA-7B: widths are tiny and every weight is random.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+IGNORE_INDEX = -100
+N_ACTION_BINS = 256
+
+
+class TinyVLAConfig(PretrainedConfig):
+    model_type = "tiny_openvla"
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 14,
+        dino_dim: int = 32,
+        siglip_dim: int = 48,
+        vision_depth: int = 4,
+        vision_heads: int = 2,
+        llm_dim: int = 64,
+        llm_layers: int = 18,
+        llm_heads: int = 4,
+        llm_intermediate: int = 128,
+        vocab_size: int = 768,
+        pad_token_id: int = 0,
+        attn_implementation_llm: str = "eager",
+        **kwargs,
+    ):
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.dino_dim = dino_dim
+        self.siglip_dim = siglip_dim
+        self.vision_depth = vision_depth
+        self.vision_heads = vision_heads
+        self.llm_dim = llm_dim
+        self.llm_layers = llm_layers
+        self.llm_heads = llm_heads
+        self.llm_intermediate = llm_intermediate
+        self.vocab_size = vocab_size
+        self.attn_implementation_llm = attn_implementation_llm
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+    def llama_config(self) -> LlamaConfig:
+        cfg = LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.llm_dim,
+            intermediate_size=self.llm_intermediate,
+            num_hidden_layers=self.llm_layers,
+            num_attention_heads=self.llm_heads,
+            num_key_value_heads=self.llm_heads,
+            max_position_embeddings=512,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )
+        cfg._attn_implementation = self.attn_implementation_llm
+        return cfg
+
+
+def _vit(dim: int, depth: int, heads: int, image_size: int, patch: int, siglip: bool) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    if siglip:  # SigLIP towers: no class token, GELU(tanh), no layer scale
+        vit = VisionTransformer(
+            img_size=image_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, num_classes=0,
+            class_token=False, global_pool="avg",
+        )
+    else:  # DINOv2 with registers: class token + 4 registers, layer scale
+        vit = VisionTransformer(
+            img_size=image_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, num_classes=0,
+            reg_tokens=4, no_embed_class=True, init_values=1.0,
+        )
+    return vit
+
+
+class TinyVisionBackbone(nn.Module):
+    def __init__(self, cfg: TinyVLAConfig):
+        super().__init__()
+        self.featurizer = _vit(cfg.dino_dim, cfg.vision_depth, cfg.vision_heads, cfg.image_size, cfg.patch_size, False)
+        self.fused_featurizer = _vit(
+            cfg.siglip_dim, cfg.vision_depth, cfg.vision_heads, cfg.image_size, cfg.patch_size, True
+        )
+        self.embed_dim = cfg.dino_dim + cfg.siglip_dim
+        self.use_fused_vision_backbone = True
+
+    @staticmethod
+    def _second_to_last(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return vit.get_intermediate_layers(x, n=[len(vit.blocks) - 2])[0]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        img, img_fused = torch.split(pixel_values, [3, 3], dim=1)
+        return torch.cat(
+            [self._second_to_last(self.featurizer, img), self._second_to_last(self.fused_featurizer, img_fused)], dim=2
+        )
+
+
+class TinyProjector(nn.Module):
+    def __init__(self, vision_dim: int, llm_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
+        self.fc2 = nn.Linear(4 * vision_dim, llm_dim)
+        self.fc3 = nn.Linear(llm_dim, llm_dim)
+        self.act_fn1 = nn.GELU()
+        self.act_fn2 = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act_fn2(self.fc2(self.act_fn1(self.fc1(x)))))
+
+
+@dataclass
+class TinyVLAOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+    projector_features: Optional[torch.Tensor] = None
+
+
+class TinyOpenVLA(PreTrainedModel):
+    config_class = TinyVLAConfig
+    base_model_prefix = "tiny_openvla"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(self, config: TinyVLAConfig):
+        super().__init__(config)
+        self.vision_backbone = TinyVisionBackbone(config)
+        self.projector = TinyProjector(self.vision_backbone.embed_dim, config.llm_dim)
+        self.language_model = LlamaForCausalLM(config.llama_config())
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Modules keep PyTorch's/timm's constructor init, drawn under the caller's torch.manual_seed.
+        return
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> TinyVLAOutput:
+        lm_kwargs = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=False)
+        if pixel_values is None:
+            out = self.language_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+            return TinyVLAOutput(out.loss, out.logits, out.hidden_states, out.attentions, None)
+        if input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError("input_ids and pixel_values must have the same batch size.")
+        patches = self.projector(self.vision_backbone(pixel_values))
+        embeds = self.get_input_embeddings()(input_ids)
+        embeds = torch.cat([embeds[:, :1], patches.to(embeds.dtype), embeds[:, 1:]], dim=1)
+        b, n = patches.shape[:2]
+        if attention_mask is not None:
+            ones = torch.ones((b, n), dtype=attention_mask.dtype, device=attention_mask.device)
+            attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+        if labels is not None:
+            ignore = torch.full((b, n), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+            labels = torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+        return TinyVLAOutput(out.loss, out.logits, out.hidden_states, out.attentions, patches)
+
+
+def build_tiny_vla(seed: int = 0, **overrides) -> TinyOpenVLA:
+    """A tiny random-weight model; the same seed and overrides always give the same weights."""
+    torch.manual_seed(seed)
+    model = TinyOpenVLA(TinyVLAConfig(**overrides))
+    return model.eval()
+
+
+# --- tokenizer -----------------------------------------------------------------------------------------------
+
+_WORDS = (
+    "in out what action should the robot take to put pick place move push the a an on in into onto near left right "
+    "center top bottom red green blue yellow cyan magenta white black orange purple carrot plate cup bottle knife "
+    "square circle triangle cross board table block sponge spoon eggplant do you see answer yes or no if specify "
+    "where of and it is with from up down"
+).split()
+
+
+def build_tokenizer(text_vocab: int = 480, corpus: Sequence[str] = ()):
+    """A real byte-level BPE tokenizer, trained offline on a small corpus, with 256 action tokens appended at the
+    end of the vocabulary (OpenVLA maps action bins onto the last 256 token ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    lines = list(corpus) + [" ".join(_WORDS[i : i + 12]) for i in range(0, len(_WORDS), 3)]
+    lines += [f"In: What action should the robot take to {w}?\nOut:" for w in _WORDS]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=text_vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(lines, trainer=trainer)
+    vocab = bpe.get_vocab()
+    merges = _merges(bpe)
+    start = len(vocab)
+    for i in range(N_ACTION_BINS):
+        vocab[f"<act{i}>"] = start + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        padding_side="right", model_max_length=512,
+    )
+    return fast
+
+
+def _merges(bpe) -> List[tuple]:
+    import json
+
+    model = json.loads(bpe.to_str())["model"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+
+class ActionTokenizer:
+    """Uniform 256-bin discretisation of actions in [-1, 1] onto the last 256 token ids (OpenVLA's scheme)."""
+
+    def __init__(self, vocab_size: int, bins: int = N_ACTION_BINS):
+        self.vocab_size = vocab_size
+        self.bins = np.linspace(-1, 1, bins)
+        self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2.0
+        self.action_token_begin_idx = vocab_size - (bins + 1)
+
+    def encode(self, action: np.ndarray) -> List[int]:
+        return (self.vocab_size - np.digitize(np.clip(action, -1.0, 1.0), self.bins)).tolist()
+
+    def decode(self, token_ids: np.ndarray) -> np.ndarray:
+        idx = np.clip(self.vocab_size - np.asarray(token_ids) - 1, 0, len(self.bin_centers) - 1)
+        return self.bin_centers[idx]

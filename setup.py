@@ -1,0 +1,45 @@
+"""openvla-align: Visual Representation Alignment for OpenVLA fine-tuning (arXiv 2510.25616)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="openvla-align",
+    version="0.1.0",
+    description="Visual Representation Alignment for OpenVLA LoRA fine-tuning, as a plugin for the stock scripts.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["openvla_align", "openvla_align.*"]),
+    # Ranges admit OpenVLA's pins (torch 2.2, transformers 4.40.1, timm 0.9.10, peft 0.11.1, draccus 0.8.0,
+    # tokenizers 0.19.1) as well as current releases; torch itself is left to the user's environment.
+    install_requires=[
+        "torch>=2.2",
+        "timm>=0.9.10",
+        "transformers>=4.40.1",
+        "tokenizers>=0.19.1",
+        "peft>=0.11.1",
+        "draccus>=0.8.0",
+        "safetensors>=0.4.1",
+        "numpy",
+        "tqdm",
+        "packaging",
+    ],
+    extras_require={
+        "demo": ["matplotlib>=3.7"],
+        "test": ["pytest>=7.4", "matplotlib>=3.7"],
+    },
+    entry_points={
+        "console_scripts": ["openvla-align=openvla_align.cli:main"],
+        "openvla_align.teachers": [
+            "c-radio-v3=openvla_align.teachers.radio",
+            "dinov2=openvla_align.teachers.dinov2",
+            "siglip=openvla_align.teachers.siglip",
+            "theia=openvla_align.teachers.theia",
+        ],
+    },
+)
