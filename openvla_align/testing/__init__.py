@@ -7,6 +7,7 @@ from .tiny import (
     TinyVLAConfig,
     build_tiny_vla,
     build_tokenizer,
+    tiny_teacher,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "TinyVLAConfig",
     "build_tiny_vla",
     "build_tokenizer",
+    "tiny_teacher",
 ]

@@ -262,3 +262,15 @@ class ActionTokenizer:
     def decode(self, token_ids: np.ndarray) -> np.ndarray:
         idx = np.clip(self.vocab_size - np.asarray(token_ids) - 1, 0, len(self.bin_centers) - 1)
         return self.bin_centers[idx]
+
+
+def tiny_teacher(name: str, seed: int = 0, grid=(16, 16)):
+    """A registered teacher's real architecture at tiny width/depth with random weights (warns loudly)."""
+    import importlib
+
+    from ..teachers import create_teacher, get_teacher_factory
+
+    module = importlib.import_module(get_teacher_factory(name).__module__)
+    arch = getattr(module, "TINY_ARCH", None)
+    torch.manual_seed(seed)
+    return create_teacher(name, allow_random=True, arch=arch, grid=grid)

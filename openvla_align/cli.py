@@ -1,0 +1,56 @@
+"""`openvla-align <command>`: thin wrappers around the package's modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+
+def _cmd_teachers(args) -> int:
+    from .teachers import list_teachers, teacher_spec
+
+    names = list_teachers(args.pattern)
+    print(f"{'teacher':<26}{'width':>6}{'patch':>6}{'grid':>8}  weights")
+    for name in names:
+        spec = teacher_spec(name)
+        if spec is None:
+            print(f"{name:<26}{'?':>6}{'?':>6}{'?':>8}  (plugin gave no spec)")
+            continue
+        side = spec.default_resolution() // spec.patch_size
+        print(f"{name:<26}{spec.width:>6}{spec.patch_size:>6}{f'{side}x{side}':>8}  {spec.weights_hint}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out_dir=args.out, steps=args.steps, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openvla-align", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("teachers", help="List registered teachers: width, patch, native grid, where weights go.")
+    p.add_argument("pattern", nargs="?", default="*", help="fnmatch filter, e.g. 'dinov2*'")
+    p.set_defaults(func=_cmd_teachers)
+
+    p = sub.add_parser("demo", help="SFT vs SFT+Align on tiny random-weight models and generated data (CPU).")
+    p.add_argument("--out", default="openvla_align_demo", help="output directory")
+    p.add_argument("--steps", type=int, default=60, help="LoRA steps per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""DINOv2 teachers (ViT-S/B/L/g, plain and with 4 registers), run through timm.
+
+Features are DINOv2's ``x_norm_patchtokens``: timm's ``forward_features`` (final LayerNorm applied) with the class
+token, and for the ``-reg`` variants the 4 registers, dropped. The timm model is built at the teacher resolution
+(224 px -> 16x16 at patch 14), so the 37x37 position embedding of the 518 px checkpoints is resampled once, at load,
+by timm's checkpoint filter (bicubic, antialiased): the same resampling the reference applies to the torch.hub model.
+
+This module also holds the timm ViT machinery that ``siglip.py`` reuses (``TimmViTTeacher``, ``timm_teacher_factory``,
+``locate_weights``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ._registry import register_teacher
+from ._weights import find_weights, hf_snapshot_dirs, read_state_dict
+from .base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STUDENT_GRID,
+    Teacher,
+    TeacherSpec,
+    TeacherWeightsNotFound,
+    random_weights_warning,
+)
+
+TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
+
+# Where a checkpoint may sit in the HF cache: (repo id, file names in that snapshot), in search order.
+RepoFiles = Sequence[Tuple[str, Sequence[str]]]
+
+
+def locate_weights(teacher: str, path: Optional[str], repos: RepoFiles, hub_filenames: Sequence[str] = ()) -> Path:
+    """``find_weights`` over several HF repos: the first repo (plus the torch.hub dir) is reported on a miss."""
+    all_names = [n for _, names in repos for n in names]
+    if path is not None:
+        return find_weights(teacher, path, filenames=all_names, hub_filenames=hub_filenames)
+    (first_repo, first_names), others = repos[0], repos[1:]
+    try:
+        return find_weights(teacher, None, filenames=first_names, hf_repo=first_repo, hub_filenames=hub_filenames)
+    except TeacherWeightsNotFound as exc:
+        for repo, names in others:
+            for snapshot in hf_snapshot_dirs(repo):
+                for name in names:
+                    if (snapshot / name).is_file():
+                        return snapshot / name
+        if not others:
+            raise
+        alternatives = ", ".join(f"{repo} ({' or '.join(names)})" for repo, names in others)
+        raise TeacherWeightsNotFound(f"{exc}\nAlso accepted: the HF cache snapshot of {alternatives}.") from None
+
+
+class TimmViTTeacher(Teacher):
+    """A timm VisionTransformer built at the teacher resolution; features = forward_features minus prefix tokens."""
+
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        model_name: str,
+        resolution: Optional[int] = None,
+        grid: Tuple[int, int] = STUDENT_GRID,
+        arch: Optional[Dict] = None,
+    ):
+        arch = dict(arch or {})
+        if arch:
+            # Resolution defaults and the width check in Teacher.forward follow the model actually built.
+            spec = dataclasses.replace(
+                spec,
+                width=int(arch.get("embed_dim", spec.width)),
+                patch_size=int(arch.get("patch_size", spec.patch_size)),
+            )
+        super().__init__(spec, resolution, grid)
+        import timm
+
+        self.model_name = model_name
+        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=self.resolution, **arch)
+        built = (
+            self.model.patch_embed.proj.out_channels,
+            self.model.patch_embed.patch_size[0],
+            self.model.num_prefix_tokens,
+        )
+        if built != (spec.width, spec.patch_size, spec.num_prefix_tokens):
+            raise ValueError(
+                f"Teacher {spec.name!r}: arch={arch} builds a model with (width, patch, prefix tokens) = {built}, "
+                f"which contradicts its spec {(spec.width, spec.patch_size, spec.num_prefix_tokens)}."
+            )
+
+    def load_weights(self, file: Path) -> None:
+        """Load a timm, original-DINOv2 or OpenCLIP checkpoint; timm's filter converts keys and resamples pos_embed."""
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(read_state_dict(file), self.model)
+        try:
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches: another variant's weights
+            raise ValueError(
+                f"Teacher {self.spec.name!r}: {file} does not fit timm's {self.model_name} "
+                f"(width {self.spec.width}): {exc}"
+            ) from exc
+        if missing or unexpected:
+            raise ValueError(
+                f"Teacher {self.spec.name!r}: {file} is not a {self.model_name} checkpoint; "
+                f"missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}."
+            )
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)[:, self.model.num_prefix_tokens :]
+
+
+def timm_teacher_factory(
+    spec: TeacherSpec, model_name: str, locate: Callable[[str, Optional[str]], Path]
+) -> Callable[..., Teacher]:
+    """The registry factory of a timm ViT teacher; ``locate(name, path)`` finds its weights file."""
+
+    def factory(
+        path: Optional[str] = None,
+        resolution: Optional[int] = None,
+        grid: Tuple[int, int] = STUDENT_GRID,
+        allow_random: bool = False,
+        trust_remote_code: bool = False,
+        arch: Optional[Dict] = None,
+    ) -> Teacher:
+        # trust_remote_code only permits remote code; timm's model code is local, so there is nothing to permit.
+        try:
+            weights = locate(spec.name, path)  # fail fast, before building a large model
+        except TeacherWeightsNotFound:
+            if path is not None or not allow_random:
+                raise
+            weights = None
+        teacher = TimmViTTeacher(spec, model_name, resolution=resolution, grid=grid, arch=arch)
+        if weights is None:
+            random_weights_warning(spec.name)
+        else:
+            teacher.load_weights(weights)
+        return teacher.freeze()
+
+    factory.__name__ = factory.__qualname__ = "create_" + spec.name.replace("-", "_")
+    factory.__doc__ = f"Build the frozen {spec.name} teacher (timm {model_name})."
+    return factory
+
+
+# size letter: (timm architecture prefix, torch.hub code, width)
+_SIZES = {
+    "s": ("vit_small_patch14", "vits14", 384),
+    "b": ("vit_base_patch14", "vitb14", 768),
+    "l": ("vit_large_patch14", "vitl14", 1024),
+    "g": ("vit_giant_patch14", "vitg14", 1536),
+}
+
+
+def _register_dinov2(size: str, registers: bool) -> None:
+    arch_prefix, hub_code, width = _SIZES[size]
+    name = f"dinov2-vit-{size}" + ("-reg" if registers else "")
+    model_name = f"{arch_prefix}_reg4_dinov2" if registers else f"{arch_prefix}_dinov2"
+    hf_repo = f"timm/{model_name}.lvd142m"
+    hub_file = f"dinov2_{hub_code}_reg4_pretrain.pth" if registers else f"dinov2_{hub_code}_pretrain.pth"
+    spec = TeacherSpec(
+        name=name,
+        family="dinov2",
+        width=width,
+        patch_size=14,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_prefix_tokens=5 if registers else 1,
+        weights_hint=f"HF cache {hf_repo}/model.safetensors or <torch.hub dir>/checkpoints/{hub_file}",
+    )
+
+    def locate(teacher: str, path: Optional[str]) -> Path:
+        repos = [(hf_repo, ("model.safetensors", "pytorch_model.bin"))]
+        return locate_weights(teacher, path, repos, hub_filenames=(hub_file,))
+
+    register_teacher(name, spec=spec)(timm_teacher_factory(spec, model_name, locate))
+
+
+for _size in _SIZES:
+    for _registers in (False, True):
+        _register_dinov2(_size, _registers)

@@ -1,0 +1,91 @@
+"""A small generated image-instruction-action dataset with OpenVLA's batch layout.
+
+Each scene is a table-coloured background with one coloured object (square, circle or triangle) and a white
+plate. The instruction names the object; the 7-D action moves from the object towards the plate (x, y), with
+small z/rotation terms and a closed gripper. The object's shape is a held-out label for linear probing: it is not
+in the action, only in the pixels (and the instruction's wording).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from ..openvla.pixels import normalize_fused
+from .tiny import IGNORE_INDEX, ActionTokenizer
+
+SHAPES = ("square", "circle", "triangle")
+COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.85, 0.1)}
+
+
+@dataclass
+class Scenes:
+    images: torch.Tensor  # (M, 3, H, W) in [0, 1]
+    instructions: List[str]
+    actions: np.ndarray  # (M, 7) in [-1, 1]
+    shape_label: np.ndarray  # (M,) index into SHAPES
+
+
+def _draw(rng: np.random.Generator, size: int):
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = rng.uniform(0.3, 0.6, 3)  # table colour
+    yy, xx = np.mgrid[0:size, 0:size]
+    plate = rng.uniform(0.2, 0.8, 2) * size
+    r_plate = size * 0.12
+    img[(yy - plate[1]) ** 2 + (xx - plate[0]) ** 2 <= r_plate**2] = 0.95
+    shape = int(rng.integers(len(SHAPES)))
+    color_name = list(COLORS)[int(rng.integers(len(COLORS)))]
+    obj = rng.uniform(0.15, 0.85, 2) * size
+    half = size * rng.uniform(0.07, 0.11)
+    dx, dy = xx - obj[0], yy - obj[1]
+    if SHAPES[shape] == "square":
+        mask = (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    elif SHAPES[shape] == "circle":
+        mask = dx**2 + dy**2 <= half**2
+    else:
+        mask = (dy <= half) & (dy >= -half) & (np.abs(dx) <= (dy + half) / 2)
+    img[mask] = COLORS[color_name]
+    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+    delta = (plate - obj) / size  # in [-0.65, 0.65]
+    action = np.array([delta[0] * 1.5, delta[1] * 1.5, rng.uniform(-0.2, 0.2), 0.0, 0.0, rng.uniform(-0.3, 0.3), 1.0])
+    instruction = f"put the {color_name} {SHAPES[shape]} on the plate"
+    return np.clip(img, 0, 1), instruction, np.clip(action, -1, 1), shape
+
+
+def generate_scenes(n: int, seed: int = 0, size: int = 224) -> Scenes:
+    rng = np.random.default_rng(seed)
+    imgs, instr, acts, labels = [], [], [], []
+    for _ in range(n):
+        img, text, action, shape = _draw(rng, size)
+        imgs.append(torch.from_numpy(img).permute(2, 0, 1))
+        instr.append(text)
+        acts.append(action)
+        labels.append(shape)
+    return Scenes(torch.stack(imgs), instr, np.stack(acts).astype(np.float32), np.array(labels))
+
+
+def prompt(instruction: str) -> str:
+    return f"In: What action should the robot take to {instruction}?\nOut:"
+
+
+def collate(scenes: Scenes, index: np.ndarray, tokenizer, action_tokenizer: ActionTokenizer) -> Dict[str, torch.Tensor]:
+    """OpenVLA-style batch: BOS + prompt + 7 action tokens + EOS, right-padded, loss on action tokens + EOS."""
+    rows, labels = [], []
+    for i in index:
+        ids = tokenizer(prompt(scenes.instructions[i])).input_ids
+        act = action_tokenizer.encode(scenes.actions[i])
+        rows.append(ids + act + [tokenizer.eos_token_id])
+        labels.append([IGNORE_INDEX] * len(ids) + act + [tokenizer.eos_token_id])
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, (r, l) in enumerate(zip(rows, labels)):
+        input_ids[j, : len(r)] = torch.tensor(r)
+        lab[j, : len(l)] = torch.tensor(l)
+        mask[j, : len(r)] = 1
+    pixel_values = normalize_fused(scenes.images[torch.as_tensor(index)])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "pixel_values": pixel_values}
