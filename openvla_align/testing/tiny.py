@@ -264,7 +264,7 @@ class ActionTokenizer:
         return self.bin_centers[idx]
 
 
-def tiny_teacher(name: str, seed: int = 0, grid=(16, 16)):
+def tiny_teacher(name: str, seed: int = 0, grid=(16, 16), **kwargs):
     """A registered teacher's real architecture at tiny width/depth with random weights (warns loudly)."""
     import importlib
 
@@ -273,4 +273,4 @@ def tiny_teacher(name: str, seed: int = 0, grid=(16, 16)):
     module = importlib.import_module(get_teacher_factory(name).__module__)
     arch = getattr(module, "TINY_ARCH", None)
     torch.manual_seed(seed)
-    return create_teacher(name, allow_random=True, arch=arch, grid=grid)
+    return create_teacher(name, allow_random=True, arch=arch, grid=grid, **kwargs)

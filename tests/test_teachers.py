@@ -1,0 +1,148 @@
+"""Every registered teacher, parametrised over the registry itself: shape, grid, frozen, errors."""
+
+import textwrap
+import sys
+import warnings
+
+import pytest
+import torch
+
+from openvla_align import AlignConfig, Aligner
+from openvla_align.teachers import (
+    TeacherPluginError,
+    TeacherWeightsNotFound,
+    create_teacher,
+    list_teachers,
+    load_plugins,
+    teacher_spec,
+)
+from openvla_align.teachers import _registry
+from openvla_align.testing import tiny_teacher
+
+ALL = list_teachers()
+
+
+def _tiny(name, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tiny_teacher(name, **kw)
+
+
+def test_builtin_families_are_registered():
+    for name in ("c-radio-v3-b", "c-radio-v3-l", "c-radio-v3-h", "c-radio-v3-g", "dinov2-vit-l", "dinov2-vit-l-reg"):
+        assert name in ALL
+    assert any(n.startswith("siglip") for n in ALL) and any(n.startswith("theia") for n in ALL)
+    assert list_teachers("c-radio-*") == ["c-radio-v3-b", "c-radio-v3-g", "c-radio-v3-h", "c-radio-v3-l"]
+    assert teacher_spec("c-radio-v3-l").width == 1024 and teacher_spec("c-radio-v3-l").patch_size == 16
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_teacher_contract(name):
+    teacher = _tiny(name)
+    images = torch.rand(2, 3, 224, 224)
+    with torch.enable_grad():
+        feats = teacher(images)
+    assert feats.shape == (2, 256, teacher.width)
+    assert torch.isfinite(feats).all() and not feats.requires_grad
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.training  # a teacher never leaves eval mode
+    # deterministic: same image, same features
+    torch.testing.assert_close(teacher(images), feats)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grid_resampling(name):
+    # Native grid 16x16 resampled to an 8x8 student grid equals resizing the feature map like an image.
+    native = _tiny(name)
+    small = _tiny(name, grid=(8, 8), resolution=native.resolution)  # same input size, smaller student grid
+    images = torch.rand(1, 3, 224, 224)
+    full = native(images)
+    fmap = full.transpose(1, 2).reshape(1, -1, 16, 16)
+    expect = torch.nn.functional.interpolate(fmap, size=(8, 8), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(small(images), expect.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_missing_weights_offline_say_where(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(TeacherWeightsNotFound, match=r"teacher_path|Put the file"):
+        create_teacher(name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_random_weights_only_on_request_and_loudly(name):
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        tiny_teacher(name)
+
+
+def test_wrong_width_and_grid_are_refused(tokenizer):
+    from openvla_align.testing import build_tiny_vla
+
+    vla = build_tiny_vla(vocab_size=len(tokenizer))
+    teacher = _tiny("dinov2-vit-s", grid=(14, 14))
+    with pytest.raises(ValueError, match=r"\(14, 14\) grid but the VLA has a \(16, 16\)"):
+        Aligner(AlignConfig(enabled=True, projector_dim=16), teacher).attach(vla)
+    aligner = Aligner(AlignConfig(enabled=True, projector_dim=16), _tiny("c-radio-v3-l")).attach(vla)
+    with torch.no_grad():
+        vla(input_ids=torch.tensor([[1, 5, 6]]), pixel_values=torch.randn(1, 6, 224, 224))
+        with pytest.raises(ValueError, match="widths .* do not match"):
+            aligner(targets=torch.randn(1, 256, 7))
+
+
+def test_unknown_teacher_lists_known():
+    with pytest.raises(ValueError, match=r"Unknown teacher 'clip-vit-l'\. Known teachers: c-radio-v3-b, .*dinov2"):
+        create_teacher("clip-vit-l")
+
+
+def _write_plugin(root, name, body, ep_value):
+    pkg = root / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent(body))
+    dist = root / f"{name}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[openvla_align.teachers]\n{ep_value}\n")
+
+
+def test_third_party_teacher_via_entry_point(tmp_path, monkeypatch):
+    _write_plugin(
+        tmp_path,
+        "toy_teacher_pkg",
+        """
+        import torch.nn as nn
+        from openvla_align.teachers import Teacher, TeacherSpec
+
+        SPEC = TeacherSpec("toy", "toy", 12, 16, (0.5,) * 3, (0.5,) * 3, 0, "anywhere")
+
+        class Toy(Teacher):
+            def __init__(self, grid=(16, 16), **_):
+                super().__init__(SPEC, grid=grid)
+                self.conv = nn.Conv2d(3, 12, 16, 16)
+                self.freeze()
+
+            def _features(self, x):
+                return self.conv(x).flatten(2).transpose(1, 2)
+
+        def make_toy(**kw):
+            return Toy(**kw)
+        """,
+        "toy = toy_teacher_pkg:make_toy",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        load_plugins(force=True)
+        assert "toy" in list_teachers("to*")
+        assert create_teacher("toy")(torch.rand(1, 3, 256, 256)).shape == (1, 256, 12)
+    finally:
+        _registry._REGISTRY.pop("toy", None)
+
+
+def test_broken_plugin_is_named(tmp_path, monkeypatch):
+    _write_plugin(tmp_path, "broken_teacher_pkg", "raise ImportError('no such backbone')\n",
+                  "broken = broken_teacher_pkg:make")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TeacherPluginError, match=r"Teacher plugin 'broken' .*no such backbone"):
+        load_plugins(force=True)
+    sys.modules.pop("broken_teacher_pkg", None)
