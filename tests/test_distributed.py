@@ -31,8 +31,22 @@ def _worker(rank, world, port, out_dir):
             vla(**batch)
             loss = aligner(pixel_values=batch["pixel_values"]).loss
         fp = aligner.fingerprint()
+        aligner.remove()
+
+        # One LoRA step through DDP, the aligner hooked through both wrappers; each rank sees its own half batch.
+        from peft import LoraConfig, get_peft_model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        torch.manual_seed(0)
+        peft_vla = get_peft_model(vla, LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="gaussian"))
+        ddp = DDP(peft_vla, find_unused_parameters=True)
+        aligner.attach(ddp)
+        half = {k: v[rank : rank + 1] for k, v in make_batch(tok, 2, seed=6).items()}
+        out = ddp(**half)
+        (out.loss + aligner(pixel_values=half["pixel_values"]).loss).backward()
+        grad = next(p.grad for n, p in peft_vla.named_parameters() if "layers.3." in n and "lora_B" in n)
         gathered = [None] * world
-        dist.all_gather_object(gathered, (fp, loss.item()))
+        dist.all_gather_object(gathered, (fp, loss.item(), grad.sum().item()))
         torch.save(gathered, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -41,6 +55,7 @@ def _worker(rank, world, port, out_dir):
 def test_two_ranks_identical(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     results = torch.load(tmp_path / "rank0.pt")
-    (fp0, loss0), (fp1, loss1) = results
+    (fp0, loss0, g0), (fp1, loss1, g1) = results
     assert fp0 == fp1 and len(fp0) == 64
     assert loss0 == loss1
+    assert g0 == g1 and g0 != 0  # DDP averaged the alignment gradient of block 4 across both ranks
