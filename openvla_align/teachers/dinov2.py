@@ -113,9 +113,12 @@ class TimmViTTeacher(Teacher):
 
 
 def timm_teacher_factory(
-    spec: TeacherSpec, model_name: str, locate: Callable[[str, Optional[str]], Path]
+    spec: TeacherSpec, model_name: str, locate: Callable[[str, Optional[str]], Path], module: str = __name__
 ) -> Callable[..., Teacher]:
-    """The registry factory of a timm ViT teacher; ``locate(name, path)`` finds its weights file."""
+    """The registry factory of a timm ViT teacher; ``locate(name, path)`` finds its weights file.
+
+    ``module`` is the module that registers it (shown as the teacher's source, and where ``TINY_ARCH`` is read).
+    """
 
     def factory(
         path: Optional[str] = None,
@@ -140,6 +143,7 @@ def timm_teacher_factory(
         return teacher.freeze()
 
     factory.__name__ = factory.__qualname__ = "create_" + spec.name.replace("-", "_")
+    factory.__module__ = module
     factory.__doc__ = f"Build the frozen {spec.name} teacher (timm {model_name})."
     return factory
 

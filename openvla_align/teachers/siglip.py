@@ -50,7 +50,7 @@ def _register_siglip(name: str) -> None:
     def locate(teacher: str, path: Optional[str]) -> Path:
         return locate_weights(teacher, path, repos)
 
-    register_teacher(name, spec=spec)(timm_teacher_factory(spec, model_name, locate))
+    register_teacher(name, spec=spec)(timm_teacher_factory(spec, model_name, locate, module=__name__))
 
 
 for _name in _VARIANTS:

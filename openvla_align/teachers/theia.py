@@ -8,7 +8,10 @@ none in the released checkpoints) dropped.
 
 Native path (default, no remote code): a ``ViTModel`` with the DeiT config is built here and loaded from
 ``backbone.model.*``; it runs at 256 px with interpolated position encodings (16x16 patch tokens), on
-ImageNet-normalised pixels, as the reference does.
+ImageNet-normalised pixels, as the reference does. The position encodings are interpolated by the installed
+transformers' ``ViTEmbeddings``, exactly as in the remote code; note that transformers 4.40.1 (OpenVLA's pin) uses
+DINO's ``scale_factor=(16 + 0.1) / 14`` formula and transformers 5 ``size=(16, 16)``, which moves the interpolated
+position embedding by a few percent.
 
 Remote path (``trust_remote_code=True``): the snapshot's own ``TheiaModel`` is built by
 ``AutoModel.from_pretrained(snapshot, trust_remote_code=True, local_files_only=True)`` and its backbone is run the
@@ -60,7 +63,9 @@ _LAYER_RENAMES = (
 _LAYER_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
 
 
-def deit_config(width: int, heads: int, depth: int = 12, mlp_ratio: float = 4.0, patch_size: int = 16, img_size: int = 224):
+def deit_config(
+    width: int, heads: int, depth: int = 12, mlp_ratio: float = 4.0, patch_size: int = 16, img_size: int = 224
+):
     """The ``ViTConfig`` of facebook/deit-*-patch16-224, the config Theia's backbone is built from."""
     from transformers import ViTConfig
 
