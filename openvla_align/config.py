@@ -4,8 +4,6 @@ One draccus-compatible dataclass. It is validated once, in ``__post_init__``, an
 the bad value and the fix. Checks that need the model (layer depth, teacher width) happen in ``Aligner.attach``.
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import warnings
@@ -114,7 +112,7 @@ class AlignConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "AlignConfig":
+    def from_dict(cls, data: Dict[str, Any]) -> "AlignConfig":  # noqa: D102
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
