@@ -26,11 +26,13 @@ def _cmd_teachers(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out_dir=args.out, steps=args.steps, seed=args.seed))
+    run_demo(DemoConfig(out_dir=args.out, steps=args.steps, seed=args.seed, lr=args.lr))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DemoConfig
+
     parser = argparse.ArgumentParser(prog="openvla-align", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="openvla_align_demo", help="output directory")
     p.add_argument("--steps", type=int, default=60, help="LoRA steps per run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=DemoConfig.lr, help="LoRA learning rate")
     p.set_defaults(func=_cmd_demo)
     return parser
 

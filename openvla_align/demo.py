@@ -22,7 +22,7 @@ from .aligner import Aligner
 from .config import AlignConfig
 from .hooks import VisualTokenHook
 from .testing import build_tiny_vla, build_tokenizer, tiny_teacher
-from .testing.data import SHAPES, collate, generate_scenes
+from .testing.data import COLORS, SHAPES, collate, generate_scenes
 from .testing.tiny import ActionTokenizer
 
 logger = logging.getLogger(__name__)
@@ -127,18 +127,21 @@ def _run(name, cfg: DemoConfig, tok, action_tok, scenes, heldout, teacher, align
         model(**eval_batch)
         cos = {k: v.item() for k, v in aligner(pixel_values=eval_batch["pixel_values"]).metrics.items() if "cos" in k}
     train_idx = np.arange(len(scenes.instructions))
-    probe = linear_probe(
-        _features(model, scenes, train_idx, tok, action_tok, 16, cfg.batch_size),
-        torch.as_tensor(scenes.shape_label),
-        _features(model, heldout, all_idx, tok, action_tok, 16, cfg.batch_size),
-        torch.as_tensor(heldout.shape_label),
-    )
+    train_x = _features(model, scenes, train_idx, tok, action_tok, 16, cfg.batch_size)
+    test_x = _features(model, heldout, all_idx, tok, action_tok, 16, cfg.batch_size)
+    probes = {
+        f"linear_probe_{label}_layer16": linear_probe(
+            train_x, torch.as_tensor(getattr(scenes, f"{label}_label")),
+            test_x, torch.as_tensor(getattr(heldout, f"{label}_label")),
+        )
+        for label in ("shape", "color")
+    }
     run_dir = out_dir / name
     model.save_pretrained(run_dir / "adapter")
     if align:
         aligner.save(run_dir / "adapter" / "align")
     aligner.remove()
-    return model, {**metrics, **cos, "linear_probe_layer16": probe}, history
+    return model, {**metrics, **cos, **probes}, history
 
 
 def _plot(histories: Dict[str, list], path: Path, layers) -> Optional[Path]:
@@ -180,7 +183,10 @@ def run_demo(cfg: DemoConfig) -> Dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the demo's banner already says the teacher is random
         teacher = tiny_teacher(cfg.teacher, seed=cfg.seed)
-    print(f"data: {cfg.n_train} train / {cfg.n_heldout} held-out generated scenes; probe label: shape {SHAPES}")
+    print(
+        f"data: {cfg.n_train} train / {cfg.n_heldout} held-out generated scenes; probe labels: shape {SHAPES}, "
+        f"colour {tuple(COLORS)} (chance {1 / len(SHAPES):.2f} / {1 / len(COLORS):.2f})"
+    )
     results, histories, models = {}, {}, {}
     for name, align in (("sft", False), ("align", True)):
         models[name], results[name], histories[name] = _run(
@@ -224,7 +230,7 @@ def _table(results: Dict[str, Dict[str, float]], layers) -> str:
     rows = [("held-out action loss", "action_loss", "{:.3f}"), ("action token accuracy", "token_accuracy", "{:.3f}"),
             ("action L1", "action_l1", "{:.3f}")]
     rows += [(f"cosine to teacher, layer {l}", f"align/cos_layer{l}", "{:+.3f}") for l in layers]
-    rows += [("linear probe (shape), layer 16", "linear_probe_layer16", "{:.3f}")]
+    rows += [(f"linear probe ({label}), layer 16", f"linear_probe_{label}_layer16", "{:.3f}") for label in ("shape", "color")]
     lines = [f"{'metric':<34}{'SFT':>10}{'SFT+Align':>12}", "-" * 56]
     for label, key, fmt in rows:
         lines.append(f"{label:<34}{fmt.format(results['sft'][key]):>10}{fmt.format(results['align'][key]):>12}")

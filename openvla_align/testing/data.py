@@ -1,9 +1,9 @@
 """A small generated image-instruction-action dataset with OpenVLA's batch layout.
 
 Each scene is a table-coloured background with one coloured object (square, circle or triangle) and a white
-plate. The instruction names the object; the 7-D action moves from the object towards the plate (x, y), with
-small z/rotation terms and a closed gripper. The object's shape is a held-out label for linear probing: it is not
-in the action, only in the pixels (and the instruction's wording).
+plate. The instruction names the object; the 7-D action moves from the object towards the plate (x, y) at a
+fixed small z, no rotation and a closed gripper, so only x and y must be read from the pixels. The object's shape is a held-out label for linear probing: it is not
+in the action, only in the pixels (and the instruction's wording); so is its colour.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Scenes:
     instructions: List[str]
     actions: np.ndarray  # (M, 7) in [-1, 1]
     shape_label: np.ndarray  # (M,) index into SHAPES
+    color_label: np.ndarray  # (M,) index into COLORS
 
 
 def _draw(rng: np.random.Generator, size: int):
@@ -50,21 +51,22 @@ def _draw(rng: np.random.Generator, size: int):
     img[mask] = COLORS[color_name]
     img += rng.normal(0, 0.02, img.shape).astype(np.float32)
     delta = (plate - obj) / size  # in [-0.65, 0.65]
-    action = np.array([delta[0] * 1.5, delta[1] * 1.5, rng.uniform(-0.2, 0.2), 0.0, 0.0, rng.uniform(-0.3, 0.3), 1.0])
+    action = np.array([delta[0] * 1.5, delta[1] * 1.5, -0.1, 0.0, 0.0, 0.0, 1.0])
     instruction = f"put the {color_name} {SHAPES[shape]} on the plate"
-    return np.clip(img, 0, 1), instruction, np.clip(action, -1, 1), shape
+    return np.clip(img, 0, 1), instruction, np.clip(action, -1, 1), shape, list(COLORS).index(color_name)
 
 
 def generate_scenes(n: int, seed: int = 0, size: int = 224) -> Scenes:
     rng = np.random.default_rng(seed)
-    imgs, instr, acts, labels = [], [], [], []
+    imgs, instr, acts, shapes, colors = [], [], [], [], []
     for _ in range(n):
-        img, text, action, shape = _draw(rng, size)
+        img, text, action, shape, color = _draw(rng, size)
         imgs.append(torch.from_numpy(img).permute(2, 0, 1))
         instr.append(text)
         acts.append(action)
-        labels.append(shape)
-    return Scenes(torch.stack(imgs), instr, np.stack(acts).astype(np.float32), np.array(labels))
+        shapes.append(shape)
+        colors.append(color)
+    return Scenes(torch.stack(imgs), instr, np.stack(acts).astype(np.float32), np.array(shapes), np.array(colors))
 
 
 def prompt(instruction: str) -> str:

@@ -43,6 +43,7 @@ class TinyVLAConfig(PretrainedConfig):
         vocab_size: int = 768,
         pad_token_id: int = 0,
         attn_implementation_llm: str = "eager",
+        lm_head_std: float = 0.25,
         **kwargs,
     ):
         self.image_size = image_size
@@ -57,6 +58,7 @@ class TinyVLAConfig(PretrainedConfig):
         self.llm_intermediate = llm_intermediate
         self.vocab_size = vocab_size
         self.attn_implementation_llm = attn_implementation_llm
+        self.lm_head_std = lm_head_std
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
     def llama_config(self) -> LlamaConfig:
@@ -147,6 +149,9 @@ class TinyOpenVLA(PreTrainedModel):
         self.vision_backbone = TinyVisionBackbone(config)
         self.projector = TinyProjector(self.vision_backbone.embed_dim, config.llm_dim)
         self.language_model = LlamaForCausalLM(config.llama_config())
+        # PyTorch's default init bounds a width-64 head's logits to about +-4.6, so LoRA (which never touches the
+        # output head, as in OpenVLA) could not make confident predictions; a pretrained head can.
+        nn.init.normal_(self.language_model.lm_head.weight, std=config.lm_head_std)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
