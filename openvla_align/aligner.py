@@ -222,7 +222,10 @@ class Aligner(nn.Module):
 
         directory = Path(directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.projectors.state_dict().items()}
-        meta = {"teacher_width": str(self.teacher.width) if self.teacher is not None else "", "format": "openvla-align/1"}
+        meta = {
+            "teacher_width": str(self.teacher.width) if self.teacher is not None else "",
+            "format": "openvla-align/1",
+        }
         _atomic_write(directory / PROJECTOR_NAME, lambda tmp: save_file(state, tmp, metadata=meta))
         _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
         return directory
@@ -236,7 +239,9 @@ class Aligner(nn.Module):
         cfg_path, proj_path = directory / CONFIG_NAME, directory / PROJECTOR_NAME
         for p in (cfg_path, proj_path):
             if not p.is_file():
-                raise FileNotFoundError(f"Alignment state incomplete: {p} is missing (expected {CONFIG_NAME} + {PROJECTOR_NAME}).")
+                raise FileNotFoundError(
+                    f"Alignment state incomplete: {p} is missing (expected {CONFIG_NAME} + {PROJECTOR_NAME})."
+                )
         try:
             config = AlignConfig.from_dict(json.loads(cfg_path.read_text()))
         except (json.JSONDecodeError, TypeError) as exc:
@@ -244,7 +249,9 @@ class Aligner(nn.Module):
         try:
             state = load_file(str(proj_path))
         except Exception as exc:
-            raise ValueError(f"{proj_path} is corrupt or truncated ({exc}); restore it from a good checkpoint.") from exc
+            raise ValueError(
+                f"{proj_path} is corrupt or truncated ({exc}); restore it from a good checkpoint."
+            ) from exc
         aligner = cls(config, teacher) if teacher is not None else cls.from_config(config, **teacher_kwargs)
         aligner.load_projectors(state)
         return aligner
@@ -255,19 +262,25 @@ class Aligner(nn.Module):
         for key in self.keys:
             sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(key)}
             if not sub:
-                raise ValueError(f"Saved projector state has no weights for layer {key}; saved keys: {sorted(state)[:4]}...")
-            linears = sorted(
-                (int(k.split(".")[1]), v) for k, v in sub.items() if k.endswith(".weight") and v.ndim == 2
-            )
+                raise ValueError(
+                    f"Saved projector state has no weights for layer {key}; saved keys: {sorted(state)[:4]}..."
+                )
+            linears = sorted((int(k.split(".")[1]), v) for k, v in sub.items() if k.endswith(".weight") and v.ndim == 2)
             in_dim, out_dim = linears[0][1].shape[1], linears[-1][1].shape[0]
             proj = build_projector(
-                self.config.projector, in_dim, out_dim, hidden_dim=self.config.projector_dim,
-                seed=self.config.projector_seed, frozen=self.config.freeze_projector,
+                self.config.projector,
+                in_dim,
+                out_dim,
+                hidden_dim=self.config.projector_dim,
+                seed=self.config.projector_seed,
+                frozen=self.config.freeze_projector,
             )
             try:
                 proj.load_state_dict(sub)
             except RuntimeError as exc:
-                raise ValueError(f"Saved projector for layer {key} does not match config {self.config.projector!r}: {exc}") from exc
+                raise ValueError(
+                    f"Saved projector for layer {key} does not match config {self.config.projector!r}: {exc}"
+                ) from exc
             self.projectors[str(key)] = proj
         if self.teacher is not None:
             out_dim = [m for m in self.projectors.modules() if isinstance(m, nn.Linear)][-1].out_features

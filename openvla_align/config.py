@@ -26,7 +26,9 @@ class AlignConfig:
     enabled: bool = field(default=False, metadata=_help("Add the alignment loss to the action loss."))
     teacher: str = field(
         default="c-radio-v3-l",
-        metadata=_help("Registered teacher name; `openvla-align teachers` lists them (C-RADIOv3-L is the paper's best)."),
+        metadata=_help(
+            "Registered teacher name; `openvla-align teachers` lists them (C-RADIOv3-L is the paper's best)."
+        ),
     )
     teacher_path: Optional[str] = field(
         default=None,
@@ -52,7 +54,9 @@ class AlignConfig:
     )
     target: str = field(
         default="backbone",
-        metadata=_help("backbone: align an LLM layer (Backbone2Enc); encoder: align the vision encoder's output (Enc2Enc)."),
+        metadata=_help(
+            "backbone: align an LLM layer (Backbone2Enc); encoder: align the vision encoder's output (Enc2Enc)."
+        ),
     )
     teacher_resolution: Optional[int] = field(
         default=None,

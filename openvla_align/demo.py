@@ -101,7 +101,12 @@ def _run(name, cfg: DemoConfig, tok, action_tok, scenes, heldout, teacher, align
         vla.save_pretrained(base_dir)
     model = _lora(vla, cfg.lora_rank, cfg.seed)
     align_cfg = AlignConfig(
-        enabled=True, teacher=cfg.teacher, layers=cfg.layers, coeff=cfg.coeff, projector_dim=64, allow_random_teacher=True
+        enabled=True,
+        teacher=cfg.teacher,
+        layers=cfg.layers,
+        coeff=cfg.coeff,
+        projector_dim=64,
+        allow_random_teacher=True,
     )
     aligner = Aligner(align_cfg, teacher).attach(model)  # attached in both runs: SFT only *measures* the cosine
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -131,8 +136,10 @@ def _run(name, cfg: DemoConfig, tok, action_tok, scenes, heldout, teacher, align
     test_x = _features(model, heldout, all_idx, tok, action_tok, 16, cfg.batch_size)
     probes = {
         f"linear_probe_{label}_layer16": linear_probe(
-            train_x, torch.as_tensor(getattr(scenes, f"{label}_label")),
-            test_x, torch.as_tensor(getattr(heldout, f"{label}_label")),
+            train_x,
+            torch.as_tensor(getattr(scenes, f"{label}_label")),
+            test_x,
+            torch.as_tensor(getattr(heldout, f"{label}_label")),
         )
         for label in ("shape", "color")
     }
@@ -197,7 +204,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
     plot = _plot(histories, out_dir / "demo.png", cfg.layers)
     table = _table(results, cfg.layers)
     print(table)
-    print(f"reloaded align checkpoint: max |logit diff| = {reload_diff:.2e} ({'OK' if reload_diff < 1e-4 else 'MISMATCH'})")
+    verdict = "OK" if reload_diff < 1e-4 else "MISMATCH"
+    print(f"reloaded align checkpoint: max |logit diff| = {reload_diff:.2e} ({verdict})")
     summary = {
         "note": BANNER,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
@@ -206,8 +214,10 @@ def run_demo(cfg: DemoConfig) -> Dict:
         "seconds": round(time.time() - t0, 1),
     }
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-    print(f"wrote {out_dir}/metrics.json" + (f", {plot}" if plot else "") + f", {out_dir}/sft/adapter, "
-          f"{out_dir}/align/adapter (+ align/ sidecar) in {summary['seconds']} s")
+    print(
+        f"wrote {out_dir}/metrics.json" + (f", {plot}" if plot else "") + f", {out_dir}/sft/adapter, "
+        f"{out_dir}/align/adapter (+ align/ sidecar) in {summary['seconds']} s"
+    )
     if reload_diff >= 1e-4:
         raise SystemExit("The reloaded Align checkpoint does not reproduce its logits.")
     return summary
@@ -227,10 +237,15 @@ def _check_reload(model, out_dir: Path, tok, action_tok, heldout, teacher) -> fl
 
 
 def _table(results: Dict[str, Dict[str, float]], layers) -> str:
-    rows = [("held-out action loss", "action_loss", "{:.3f}"), ("action token accuracy", "token_accuracy", "{:.3f}"),
-            ("action L1", "action_l1", "{:.3f}")]
-    rows += [(f"cosine to teacher, layer {l}", f"align/cos_layer{l}", "{:+.3f}") for l in layers]
-    rows += [(f"linear probe ({label}), layer 16", f"linear_probe_{label}_layer16", "{:.3f}") for label in ("shape", "color")]
+    rows = [
+        ("held-out action loss", "action_loss", "{:.3f}"),
+        ("action token accuracy", "token_accuracy", "{:.3f}"),
+        ("action L1", "action_l1", "{:.3f}"),
+    ]
+    rows += [(f"cosine to teacher, layer {layer}", f"align/cos_layer{layer}", "{:+.3f}") for layer in layers]
+    rows += [
+        (f"linear probe ({label}), layer 16", f"linear_probe_{label}_layer16", "{:.3f}") for label in ("shape", "color")
+    ]
     lines = [f"{'metric':<34}{'SFT':>10}{'SFT+Align':>12}", "-" * 56]
     for label, key, fmt in rows:
         lines.append(f"{label:<34}{fmt.format(results['sft'][key]):>10}{fmt.format(results['align'][key]):>12}")

@@ -1,9 +1,12 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from openvla_align.teachers import Teacher, TeacherSpec
 from openvla_align.testing import build_tiny_vla, build_tokenizer
+from openvla_align.testing.data import collate, generate_scenes
+from openvla_align.testing.tiny import ActionTokenizer
 
 
 @pytest.fixture(scope="session")
@@ -35,28 +38,23 @@ def teacher():
     return PatchTeacher()
 
 
-def make_batch(tokenizer, batch_size=2, seed=0, pad_to=None):
-    """A right-padded batch with OpenVLA's layout: BOS + prompt + 7 action tokens + EOS, loss on actions only."""
-    g = torch.Generator().manual_seed(seed)
-    rows, labels = [], []
-    for i in range(batch_size):
-        prompt = tokenizer(f"In: What action should the robot take to put the cup {'left ' * i}on the plate?\nOut:").input_ids
-        actions = (len(tokenizer) - 1 - torch.randint(0, 255, (7,), generator=g)).tolist()
-        ids = prompt + actions + [tokenizer.eos_token_id]
-        rows.append(ids)
-        labels.append([-100] * len(prompt) + actions + [tokenizer.eos_token_id])
-    width = max(pad_to or 0, max(len(r) for r in rows))
-    input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
-    lab = torch.full((batch_size, width), -100)
-    mask = torch.zeros((batch_size, width), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(l)] = torch.tensor(l)
-        mask[i, : len(r)] = 1
-    pixel_values = torch.randn(batch_size, 6, 224, 224, generator=g)
-    return dict(input_ids=input_ids, attention_mask=mask, labels=lab, pixel_values=pixel_values)
+def make_batch(tokenizer, batch_size=2, seed=0, pad_to=0):
+    """A right-padded OpenVLA-layout batch of generated scenes with random (not normalised-image) pixel values."""
+    scenes = generate_scenes(batch_size, seed=seed, size=224)
+    batch = collate(scenes, np.arange(batch_size), tokenizer, ActionTokenizer(len(tokenizer)), pad_to=pad_to)
+    batch["pixel_values"] = torch.randn(batch["pixel_values"].shape, generator=torch.Generator().manual_seed(seed))
+    return batch
 
 
 @pytest.fixture
 def batch(tokenizer):
     return make_batch(tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_weight_dirs(tmp_path_factory, monkeypatch):
+    """No test may see (or depend on) teacher weights cached on the machine running it."""
+    root = tmp_path_factory.mktemp("weights")
+    monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

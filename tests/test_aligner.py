@@ -26,7 +26,9 @@ def test_loss_is_coeff_times_cosine_of_projected_layer(vla, batch, teacher):
     for layer in (8, 16):
         student = aligner.projectors[str(layer)](out.hidden_states[layer][:, 1:257])
         expect += cosine_loss(student, targets)[0]
-        assert align.metrics[f"align/cos_layer{layer}"] == pytest.approx(-cosine_loss(student, targets)[0].item(), abs=1e-5)
+        assert align.metrics[f"align/cos_layer{layer}"] == pytest.approx(
+            -cosine_loss(student, targets)[0].item(), abs=1e-5
+        )
     assert align.loss.item() == pytest.approx(0.2 * expect.item(), abs=1e-5)
     # Precomputed targets give the same loss as the live teacher.
     with torch.no_grad():

@@ -1,7 +1,5 @@
 import json
 
-import pytest
-
 from openvla_align.cli import main
 from openvla_align.demo import DemoConfig, linear_probe, run_demo
 
@@ -21,7 +19,13 @@ def test_demo_end_to_end(tmp_path, capsys):
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     for run in ("sft", "align"):
         r = metrics["results"][run]
-        assert {"action_loss", "token_accuracy", "align/cos_layer16", "linear_probe_shape_layer16", "linear_probe_color_layer16"} <= set(r)
+        assert {
+            "action_loss",
+            "token_accuracy",
+            "align/cos_layer16",
+            "linear_probe_shape_layer16",
+            "linear_probe_color_layer16",
+        } <= set(r)
         assert (tmp_path / "demo" / run / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "demo" / "align" / "adapter" / "align" / "projector.safetensors").is_file()
     assert not (tmp_path / "demo" / "sft" / "adapter" / "align").exists()

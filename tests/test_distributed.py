@@ -19,9 +19,10 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(1000 + rank)  # different global RNG state on each rank must not matter
-        from conftest import PatchTeacher, make_batch
         from openvla_align import AlignConfig, Aligner
         from openvla_align.testing import build_tiny_vla, build_tokenizer
+
+        from conftest import PatchTeacher, make_batch
 
         tok = build_tokenizer()
         vla = build_tiny_vla(seed=0, vocab_size=len(tok), llm_layers=18)
@@ -38,7 +39,9 @@ def _worker(rank, world, port, out_dir):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         torch.manual_seed(0)
-        peft_vla = get_peft_model(vla, LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="gaussian"))
+        peft_vla = get_peft_model(
+            vla, LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="gaussian")
+        )
         ddp = DDP(peft_vla, find_unused_parameters=True)
         aligner.attach(ddp)
         half = {k: v[rank : rank + 1] for k, v in make_batch(tok, 2, seed=6).items()}

@@ -83,7 +83,15 @@ def test_non_openvla_models_are_refused():
     with pytest.raises(NotAnOpenVLAModel, match="has no decoder stack"):
         VisualTokenHook(NoDecoder(), (16,))
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(NotAnOpenVLAModel, match="vision_backbone"):
         VisualTokenHook(llama, (1,))

@@ -13,9 +13,7 @@ def test_mlp_is_ln_and_dense_stack():
     assert (layers[3].in_features, layers[3].out_features) == (32, 32)
     assert (layers[5].in_features, layers[5].out_features) == (32, 24)
     # Same Sequential indices as the reference implementation's saved projector.
-    assert sorted(proj.state_dict()) == sorted(
-        f"net.{i}.{p}" for i in (0, 1, 4, 7) for p in ("weight", "bias")
-    )
+    assert sorted(proj.state_dict()) == sorted(f"net.{i}.{p}" for i in (0, 1, 4, 7) for p in ("weight", "bias"))
 
 
 def test_seeded_init_is_deterministic_and_seed_dependent():

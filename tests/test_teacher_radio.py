@@ -15,8 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openvla_align.teachers import TeacherWeightsNotFound
-from openvla_align.teachers import radio
+from openvla_align.teachers import TeacherWeightsNotFound, radio
 from openvla_align.teachers._registry import _REGISTRY
 
 WIDTH, DEPTH, HEADS, MLP, PREFIX, GRID = 32, 2, 2, 64, 8, 128
@@ -289,7 +288,9 @@ def test_missing_weights_name_file_and_dirs(tmp_path):
     assert "model.safetensors" in msg and "models--nvidia--C-RADIOv3-L" in msg and str(tmp_path / "hf") in msg
     assert "c-radio-v3_l_half.pth.tar" in msg and str(tmp_path / "torch" / "hub" / "checkpoints") in msg
     with pytest.raises(TeacherWeightsNotFound, match="does not exist"):
-        radio.c_radio_v3_l(path=str(tmp_path / "nope.pth.tar"), allow_random=True)  # explicit path: never random
+        radio.c_radio_v3_l(path=str(tmp_path / "nope.pth.tar"))
+    with pytest.raises(ValueError, match="contradict each other"):
+        radio.c_radio_v3_l(path=str(tmp_path / "nope.pth.tar"), allow_random=True)  # a path is never replaced
     (tmp_path / "empty").mkdir()
     with pytest.raises(TeacherWeightsNotFound, match="model.safetensors"):
         radio.c_radio_v3_l(path=str(tmp_path / "empty"))

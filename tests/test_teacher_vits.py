@@ -415,8 +415,15 @@ def remote_snapshot(dirs):
     revision = "rev" + uuid.uuid4().hex
     snap = snapshot(hf, "theaiinstitute/theia-tiny-patch16-224-cdiv", revision)
     src = tiny_deit()
-    vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-               layer_norm_eps=1e-12, image_size=224, patch_size=16)
+    vit = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        layer_norm_eps=1e-12,
+        image_size=224,
+        patch_size=16,
+    )
     write_theia(snap, src, model_type="theia", vit=vit)
     (snap / "theia_model.py").write_text(REMOTE_CODE)
     yield hf, snap, src
@@ -450,15 +457,31 @@ def test_theia_remote_code_file_missing(remote_snapshot):
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("dinov2-vit-l", ["models--timm--vit_large_patch14_dinov2.lvd142m/snapshots/<revision>/model.safetensors",
-                          "checkpoints/dinov2_vitl14_pretrain.pth"]),
-        ("dinov2-vit-g-reg", ["models--timm--vit_giant_patch14_reg4_dinov2.lvd142m/snapshots/<revision>/",
-                              "checkpoints/dinov2_vitg14_reg4_pretrain.pth"]),
-        ("siglip-so400m-p14-224", ["models--timm--vit_so400m_patch14_siglip_224.webli/snapshots/<revision>/"
-                                   "model.safetensors", "timm/ViT-SO400M-14-SigLIP (open_clip_model.safetensors or "
-                                   "open_clip_pytorch_model.bin)"]),
-        ("theia-base-patch16-224-cdiv", ["models--theaiinstitute--theia-base-patch16-224-cdiv/snapshots/<revision>/"
-                                         "model.safetensors"]),
+        (
+            "dinov2-vit-l",
+            [
+                "models--timm--vit_large_patch14_dinov2.lvd142m/snapshots/<revision>/model.safetensors",
+                "checkpoints/dinov2_vitl14_pretrain.pth",
+            ],
+        ),
+        (
+            "dinov2-vit-g-reg",
+            [
+                "models--timm--vit_giant_patch14_reg4_dinov2.lvd142m/snapshots/<revision>/",
+                "checkpoints/dinov2_vitg14_reg4_pretrain.pth",
+            ],
+        ),
+        (
+            "siglip-so400m-p14-224",
+            [
+                "models--timm--vit_so400m_patch14_siglip_224.webli/snapshots/<revision>/model.safetensors",
+                "timm/ViT-SO400M-14-SigLIP (open_clip_model.safetensors or open_clip_pytorch_model.bin)",
+            ],
+        ),
+        (
+            "theia-base-patch16-224-cdiv",
+            ["models--theaiinstitute--theia-base-patch16-224-cdiv/snapshots/<revision>/model.safetensors"],
+        ),
     ],
 )
 def test_missing_weights_name_file_and_directory(name, expected, dirs):
@@ -476,4 +499,6 @@ def test_missing_weights_name_file_and_directory(name, expected, dirs):
 @pytest.mark.parametrize("name", ["dinov2-vit-b", "siglip-b-p16-256", "theia-tiny-patch16-224-cdiv"])
 def test_explicit_path_never_falls_back_to_random(name, tmp_path, dirs):
     with pytest.raises(TeacherWeightsNotFound, match=f"directory {tmp_path} holds none of"):
+        build(name, path=str(tmp_path), arch=TINY)
+    with pytest.raises(ValueError, match="contradict each other"):
         build(name, path=str(tmp_path), allow_random=True, arch=TINY)

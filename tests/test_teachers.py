@@ -1,7 +1,7 @@
 """Every registered teacher, parametrised over the registry itself: shape, grid, frozen, errors."""
 
-import textwrap
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -11,12 +11,12 @@ from openvla_align import AlignConfig, Aligner
 from openvla_align.teachers import (
     TeacherPluginError,
     TeacherWeightsNotFound,
+    _registry,
     create_teacher,
     list_teachers,
     load_plugins,
     teacher_spec,
 )
-from openvla_align.teachers import _registry
 from openvla_align.testing import tiny_teacher
 
 ALL = list_teachers()
@@ -140,8 +140,9 @@ def test_third_party_teacher_via_entry_point(tmp_path, monkeypatch):
 
 
 def test_broken_plugin_is_named(tmp_path, monkeypatch):
-    _write_plugin(tmp_path, "broken_teacher_pkg", "raise ImportError('no such backbone')\n",
-                  "broken = broken_teacher_pkg:make")
+    _write_plugin(
+        tmp_path, "broken_teacher_pkg", "raise ImportError('no such backbone')\n", "broken = broken_teacher_pkg:make"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TeacherPluginError, match=r"Teacher plugin 'broken' .*no such backbone"):
         load_plugins(force=True)

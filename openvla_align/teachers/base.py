@@ -60,6 +60,18 @@ def random_weights_warning(name: str) -> None:
     logger.warning(msg)
 
 
+def wants_random(name: str, path, allow_random: bool) -> bool:
+    """True when the caller asked for random weights (then warn loudly); weights are never looked up then."""
+    if allow_random and path is not None:
+        raise ValueError(
+            f"Teacher {name!r}: teacher_path={path} and allow_random=True contradict each other; random weights are "
+            "for smoke tests without any weights. Drop one of them."
+        )
+    if allow_random:
+        random_weights_warning(name)
+    return allow_random
+
+
 def resample_grid(feats: torch.Tensor, src: Tuple[int, int], dst: Tuple[int, int]) -> torch.Tensor:
     """Resample (B, src_h*src_w, D) token features to the ``dst`` grid.
 

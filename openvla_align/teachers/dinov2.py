@@ -26,7 +26,7 @@ from .base import (
     Teacher,
     TeacherSpec,
     TeacherWeightsNotFound,
-    random_weights_warning,
+    wants_random,
 )
 
 TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
@@ -129,16 +129,10 @@ def timm_teacher_factory(
         arch: Optional[Dict] = None,
     ) -> Teacher:
         # trust_remote_code only permits remote code; timm's model code is local, so there is nothing to permit.
-        try:
-            weights = locate(spec.name, path)  # fail fast, before building a large model
-        except TeacherWeightsNotFound:
-            if path is not None or not allow_random:
-                raise
-            weights = None
+        random = wants_random(spec.name, path, allow_random)
+        weights = None if random else locate(spec.name, path)  # fail fast, before building a large model
         teacher = TimmViTTeacher(spec, model_name, resolution=resolution, grid=grid, arch=arch)
-        if weights is None:
-            random_weights_warning(spec.name)
-        else:
+        if weights is not None:
             teacher.load_weights(weights)
         return teacher.freeze()
 

@@ -44,7 +44,7 @@ from .base import (
     Teacher,
     TeacherSpec,
     TeacherWeightsNotFound,
-    random_weights_warning,
+    wants_random,
 )
 
 logger = logging.getLogger(__name__)
@@ -369,14 +369,14 @@ def convert_radio_state_dict(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, 
     are still spectrally reparametrised, or an unknown block layout).
     """
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     bb_prefix, cond_prefix, fn_prefix = _source_prefixes(sd)
     out: Dict[str, torch.Tensor] = {}
     unknown, unused = [], []
     for key, value in sd.items():
         if not key.startswith(bb_prefix) or (bb_prefix == "" and key.startswith((cond_prefix, fn_prefix))):
             continue
-        k = key[len(bb_prefix):]
+        k = key[len(bb_prefix) :]
         if k in _PATCH_GEN:
             out[_PATCH_GEN[k]] = value
         elif _BLOCK_KEY.match(k):
@@ -400,7 +400,7 @@ def convert_radio_state_dict(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, 
         logger.info("RADIO checkpoint: ignoring entries unused at inference: %s", unused)
     for name in ("norm_mean", "norm_std"):
         if cond_prefix + name in sd:
-            out["input_" + name[len("norm_"):]] = sd[cond_prefix + name].reshape(1, 3, 1, 1)
+            out["input_" + name[len("norm_") :]] = sd[cond_prefix + name].reshape(1, 3, 1, 1)
     if fn_prefix + "mean" in sd and fn_prefix + "tx" in sd:
         out["feature_mean"] = sd[fn_prefix + "mean"]
         out["feature_tx"] = sd[fn_prefix + "tx"]
@@ -593,17 +593,7 @@ def build_radio_teacher(
     num_heads = int(arch.get("num_heads", v.num_heads))
     align_corners = bool(arch.get("align_corners", DEFAULT_ALIGN_CORNERS))
 
-    if path is not None:
-        p = Path(path).expanduser()
-        if p.is_dir() and (p / "hubconf.py").is_file():
-            return _build_from_checkout(v, p, spec, arch, resolution, grid, trust_remote_code)
-
-    try:
-        weights = _find_native_weights(v, path)
-    except TeacherWeightsNotFound:
-        if path is not None or not allow_random:
-            raise
-        random_weights_warning(name)
+    if wants_random(name, path, allow_random):
         depth = int(arch.get("depth", v.depth))
         hidden = arch.get("mlp_hidden_dim") or int(float(arch.get("mlp_ratio", v.mlp_ratio)) * width)
         model = RadioViT(
@@ -619,6 +609,12 @@ def build_radio_teacher(
         )
         return RadioTeacher(spec, model, resolution=resolution, grid=grid).freeze()
 
+    if path is not None:
+        p = Path(path).expanduser()
+        if p.is_dir() and (p / "hubconf.py").is_file():
+            return _build_from_checkout(v, p, spec, arch, resolution, grid, trust_remote_code)
+
+    weights = _find_native_weights(v, path)
     logger.info("Teacher %s: loading %s", name, weights)
     sd = load_radio_state_dict(weights)
     expect = {k: arch[k] for k in arch if k not in ("embed_dim", "num_heads", "align_corners")}

@@ -39,7 +39,7 @@ from .base import (
     Teacher,
     TeacherSpec,
     TeacherWeightsNotFound,
-    random_weights_warning,
+    wants_random,
 )
 
 TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
@@ -252,14 +252,10 @@ def _theia_factory(spec: TeacherSpec, hf_repo: str, heads: int):
         trust_remote_code: bool = False,
         arch: Optional[Dict] = None,
     ) -> Teacher:
-        try:
-            weights = find_weights(name, path, filenames=("model.safetensors",), hf_repo=hf_repo)
-        except TeacherWeightsNotFound:
-            if path is not None or not allow_random:
-                raise
+        if wants_random(name, path, allow_random):
             random_spec, vit = _build_native(name, spec, heads, dict(arch or {}))
-            random_weights_warning(name)
             return TheiaTeacher(random_spec, vit, resolution, grid).freeze()
+        weights = find_weights(name, path, filenames=("model.safetensors",), hf_repo=hf_repo)
         snapshot = weights.parent
         if trust_remote_code:
             remote_spec, vit, has_cls, num_reg = _load_remote(name, spec, snapshot, dict(arch or {}))

@@ -2,8 +2,9 @@
 
 Each scene is a table-coloured background with one coloured object (square, circle or triangle) and a white
 plate. The instruction names the object; the 7-D action moves from the object towards the plate (x, y) at a
-fixed small z, no rotation and a closed gripper, so only x and y must be read from the pixels. The object's shape is a held-out label for linear probing: it is not
-in the action, only in the pixels (and the instruction's wording); so is its colour.
+fixed small z, no rotation and a closed gripper, so only x and y must be read from the pixels. The object's shape
+and colour are held-out labels for linear probing: they are not in the action, only in the pixels (and the
+instruction's wording).
 """
 
 from __future__ import annotations
@@ -73,21 +74,24 @@ def prompt(instruction: str) -> str:
     return f"In: What action should the robot take to {instruction}?\nOut:"
 
 
-def collate(scenes: Scenes, index: np.ndarray, tokenizer, action_tokenizer: ActionTokenizer) -> Dict[str, torch.Tensor]:
-    """OpenVLA-style batch: BOS + prompt + 7 action tokens + EOS, right-padded, loss on action tokens + EOS."""
+def collate(
+    scenes: Scenes, index: np.ndarray, tokenizer, action_tokenizer: ActionTokenizer, pad_to: int = 0
+) -> Dict[str, torch.Tensor]:
+    """OpenVLA-style batch: BOS + prompt + 7 action tokens + EOS, right-padded (to at least ``pad_to``), loss on
+    action tokens + EOS."""
     rows, labels = [], []
     for i in index:
         ids = tokenizer(prompt(scenes.instructions[i])).input_ids
         act = action_tokenizer.encode(scenes.actions[i])
         rows.append(ids + act + [tokenizer.eos_token_id])
         labels.append([IGNORE_INDEX] * len(ids) + act + [tokenizer.eos_token_id])
-    width = max(len(r) for r in rows)
+    width = max(pad_to, max(len(r) for r in rows))
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, (r, l) in enumerate(zip(rows, labels)):
-        input_ids[j, : len(r)] = torch.tensor(r)
-        lab[j, : len(l)] = torch.tensor(l)
-        mask[j, : len(r)] = 1
+    for j, (ids, lbl) in enumerate(zip(rows, labels)):
+        input_ids[j, : len(ids)] = torch.tensor(ids)
+        lab[j, : len(lbl)] = torch.tensor(lbl)
+        mask[j, : len(ids)] = 1
     pixel_values = normalize_fused(scenes.images[torch.as_tensor(index)])
     return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "pixel_values": pixel_values}

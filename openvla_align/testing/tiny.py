@@ -84,13 +84,26 @@ def _vit(dim: int, depth: int, heads: int, image_size: int, patch: int, siglip: 
 
     if siglip:  # SigLIP towers: no class token, GELU(tanh), no layer scale
         vit = VisionTransformer(
-            img_size=image_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, num_classes=0,
-            class_token=False, global_pool="avg",
+            img_size=image_size,
+            patch_size=patch,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=heads,
+            num_classes=0,
+            class_token=False,
+            global_pool="avg",
         )
     else:  # DINOv2 with registers: class token + 4 registers, layer scale
         vit = VisionTransformer(
-            img_size=image_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, num_classes=0,
-            reg_tokens=4, no_embed_class=True, init_values=1.0,
+            img_size=image_size,
+            patch_size=patch,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=heads,
+            num_classes=0,
+            reg_tokens=4,
+            no_embed_class=True,
+            init_values=1.0,
         )
     return vit
 
@@ -175,7 +188,9 @@ class TinyOpenVLA(PreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> TinyVLAOutput:
-        lm_kwargs = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=False)
+        lm_kwargs = dict(
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=False
+        )
         if pixel_values is None:
             out = self.language_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **lm_kwargs)
             return TinyVLAOutput(out.loss, out.logits, out.hidden_states, out.attentions, None)
@@ -225,7 +240,9 @@ def build_tokenizer(text_vocab: int = 480, corpus: Sequence[str] = ()):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=text_vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=text_vocab,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(lines, trainer=trainer)
@@ -239,8 +256,13 @@ def build_tokenizer(text_vocab: int = 480, corpus: Sequence[str] = ()):
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        padding_side="right", model_max_length=512,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="right",
+        model_max_length=512,
     )
     return fast
 
