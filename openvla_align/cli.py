@@ -12,14 +12,16 @@ def _cmd_teachers(args) -> int:
     from .teachers import list_teachers, teacher_spec
 
     names = list_teachers(args.pattern)
-    print(f"{'teacher':<26}{'width':>6}{'patch':>6}{'grid':>8}  weights")
+    print(f"{'teacher':<31}{'width':>6}{'patch':>6}{'input':>7}{'grid':>7}  weights")
     for name in names:
         spec = teacher_spec(name)
         if spec is None:
-            print(f"{name:<26}{'?':>6}{'?':>6}{'?':>8}  (plugin gave no spec)")
+            print(f"{name:<31}{'?':>6}{'?':>6}{'?':>7}{'?':>7}  (plugin gave no spec)")
             continue
-        side = spec.default_resolution() // spec.patch_size
-        print(f"{name:<26}{spec.width:>6}{spec.patch_size:>6}{f'{side}x{side}':>8}  {spec.weights_hint}")
+        res = spec.default_resolution()
+        side = res // spec.patch_size
+        grid = f"{side}x{side}"
+        print(f"{name:<31}{spec.width:>6}{spec.patch_size:>6}{res:>7}{grid:>7}  {spec.weights_hint}")
     return 0
 
 
