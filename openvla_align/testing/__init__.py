@@ -7,6 +7,7 @@ from .tiny import (
     TinyVLAConfig,
     build_tiny_vla,
     build_tokenizer,
+    save_tiny_checkpoint,
     tiny_teacher,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "TinyVLAConfig",
     "build_tiny_vla",
     "build_tokenizer",
+    "save_tiny_checkpoint",
     "tiny_teacher",
 ]

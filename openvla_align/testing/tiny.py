@@ -301,3 +301,16 @@ def tiny_teacher(name: str, seed: int = 0, grid=(16, 16), **kwargs):
     arch = getattr(module, "TINY_ARCH", None)
     torch.manual_seed(seed)
     return create_teacher(name, allow_random=True, arch=arch, grid=grid, **kwargs)
+
+
+def save_tiny_checkpoint(directory, model: "TinyOpenVLA", tokenizer) -> None:
+    """Write a tiny model + tokenizer so that ``openvla_align.probe.load_vla`` loads it like a real checkpoint."""
+    import json
+    from pathlib import Path
+
+    from ..probe._model import TINY_MARKER
+
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / TINY_MARKER).write_text(json.dumps({"image_size": model.config.image_size}))

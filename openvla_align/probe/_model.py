@@ -1,0 +1,168 @@
+"""Load any OpenVLA checkpoint (or a tiny test model) for diagnostics, and turn (prompt, image) into a batch.
+
+A checkpoint is a directory: a merged/base OpenVLA model loaded with the stock AutoClasses and
+``trust_remote_code=True`` (its processor comes along), optionally with a PEFT LoRA adapter on top. A directory
+written by ``save_tiny_checkpoint`` (``openvla_align.testing``) loads the same way, through our tiny classes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+TINY_MARKER = "openvla_align_tiny.json"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} is not one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def vqa_prompt(question: str) -> str:
+    """OpenVLA's (PurePromptBuilder) single-turn format."""
+    return f"In: {question}\nOut:"
+
+
+@dataclass
+class LoadedVLA:
+    """A VLA ready for diagnostics plus what it needs to build batches."""
+
+    model: nn.Module
+    tokenizer: Any
+    image_size: int
+    path: str
+    adapter: Optional[str] = None
+    _processor: Any = None  # the checkpoint's own PrismaticProcessor, when it has one
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def name(self) -> str:
+        return self.adapter or self.path
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Fused 6-channel pixel values, exactly as the checkpoint's processor would make them."""
+        if self._processor is not None:
+            return torch.as_tensor(self._processor.image_processor(list(images), return_tensors="pt")["pixel_values"])
+        from ..openvla.pixels import normalize_fused
+
+        rgb = [
+            torch.from_numpy(np.asarray(im.convert("RGB").resize((self.image_size,) * 2, Image.BILINEAR)).copy())
+            for im in images
+        ]
+        return normalize_fused(torch.stack(rgb).permute(0, 3, 1, 2).float() / 255.0)
+
+    def batch(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> Dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``/``attention_mask`` plus ``pixel_values``, on the model's device and dtype."""
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images.")
+        rows = [self.tokenizer(p).input_ids for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "pixel_values": self.pixel_values(images).to(self.device, self.dtype),
+        }
+
+    def attn_implementation(self) -> str:
+        from ..hooks import language_model
+
+        cfg = language_model(self.model).config
+        return getattr(cfg, "_attn_implementation", None) or "eager"
+
+
+def load_image(path: Union[str, Path]) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"Image {p} does not exist.")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except Exception as exc:
+        raise ValueError(f"Cannot read image {p}: {exc}") from exc
+
+
+def load_vla(
+    path: Union[str, Path],
+    adapter: Optional[Union[str, Path]] = None,
+    *,
+    device: str = "cpu",
+    dtype: Union[str, torch.dtype] = "float32",
+    attn_implementation: Optional[str] = "eager",
+) -> LoadedVLA:
+    """Load a base/merged OpenVLA checkpoint (``trust_remote_code=True``) or a tiny test checkpoint, plus an optional
+    LoRA adapter. ``attn_implementation="eager"`` keeps attention weights available (needed for attention maps)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Model {path} is not a checkpoint directory.")
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if (path / TINY_MARKER).is_file():
+        from ..testing.tiny import TinyOpenVLA
+        from transformers import AutoTokenizer
+
+        meta = json.loads((path / TINY_MARKER).read_text())
+        model = TinyOpenVLA.from_pretrained(path)
+        if attn_implementation:
+            model.language_model.config._attn_implementation = attn_implementation
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        processor, image_size = None, int(meta.get("image_size", 224))
+    else:
+        from transformers import AutoProcessor
+
+        try:
+            from transformers import AutoModelForVision2Seq as AutoVLA
+        except ImportError:  # transformers >= 5 renamed the auto class
+            from transformers import AutoModelForImageTextToText as AutoVLA
+        kwargs = dict(torch_dtype=torch_dtype, trust_remote_code=True, low_cpu_mem_usage=True)
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoVLA.from_pretrained(str(path), **kwargs)
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
+        tokenizer = processor.tokenizer
+        image_size = int(getattr(model.config, "image_sizes", [224])[0])
+    if adapter is not None:
+        from peft import PeftModel
+
+        adapter_path = Path(adapter)
+        if not (adapter_path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"Adapter {adapter_path} has no adapter_config.json (not a PEFT adapter).")
+        model = PeftModel.from_pretrained(model, str(adapter_path))
+    model = model.to(device=device, dtype=torch_dtype).eval()
+    return LoadedVLA(model, tokenizer, image_size, str(path), str(adapter) if adapter else None, processor)
+
+
+def token_spans(tokenizer, prompt: str, word: str) -> List[int]:
+    """Positions (in the tokenised ``prompt``, BOS included) of the tokens that spell ``word``'s last occurrence."""
+    enc = tokenizer(prompt, return_offsets_mapping=True)
+    start = prompt.rfind(word)
+    if start < 0:
+        raise ValueError(f"{word!r} does not occur in the prompt {prompt!r}.")
+    end = start + len(word)
+    hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
+    if not hits:
+        toks = tokenizer.convert_ids_to_tokens(enc["input_ids"])
+        raise ValueError(f"Cannot locate {word!r} among the prompt's tokens {toks}.")
+    return hits
