@@ -27,13 +27,13 @@ def _init_linear(linear: nn.Linear, gen: torch.Generator) -> None:
 
 
 class MLPProjector(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, dropout: float = 0.0):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, dropout: float = 0.1):
         super().__init__()
         self.net = nn.Sequential(
             nn.LayerNorm(in_dim),  # 0
             nn.Linear(in_dim, hidden_dim),  # 1: (B, N, d) -> (B, N, h)
             nn.SiLU(),  # 2
-            nn.Dropout(dropout),  # 3: only active for a trainable projector in train mode
+            nn.Dropout(dropout),  # 3: p=0.1 as the reference; only a trainable projector in train mode drops
             nn.Linear(hidden_dim, hidden_dim),  # 4
             nn.SiLU(),  # 5
             nn.Dropout(dropout),  # 6
