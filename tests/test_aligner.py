@@ -120,3 +120,33 @@ def test_encoder_target_aligns_vision_output(vla, batch, teacher):
         out = aligner(pixel_values=batch["pixel_values"])
     assert set(out.metrics) == {"align/cos_encoder", "align/loss_encoder", "align/loss"}
     assert aligner.projectors["0"].net[1].in_features == vla.vision_backbone.embed_dim
+
+
+def test_matches_the_reference_implementation_step(vla, batch):
+    """Re-derive the reference's (BlindVLA finetune_align.py) alignment term step by step, as it computes it:
+    all hidden states, the slice after BOS, resize the DINOv2 channels to 256 px *then* de-normalise with the
+    bf16-rounded constants, the RADIO teacher's patch features, normalise / dot / negate / mean per layer, summed,
+    times 0.2. Our hook-based Aligner must give the same number."""
+    import torch.nn.functional as F
+
+    from openvla_align.testing import tiny_teacher
+
+    with pytest.warns(UserWarning):
+        teacher = tiny_teacher("c-radio-v3-l")
+    aligner = Aligner(AlignConfig(enabled=True, layers=(8, 16), projector_dim=32), teacher).attach(vla)
+    with torch.no_grad():
+        out = vla(**batch, output_hidden_states=True)
+        ours = aligner(pixel_values=batch["pixel_values"]).loss
+
+        x = F.interpolate(batch["pixel_values"][:, :3], size=(256, 256), mode="bilinear")
+        mean = torch.tensor([0.484375, 0.455078125, 0.40625]).view(1, 3, 1, 1)
+        std = torch.tensor([0.228515625, 0.2236328125, 0.224609375]).view(1, 3, 1, 1)
+        target = teacher.model(x * std + mean)  # RADIO normalises [0,1] input itself and drops its 8 prefix tokens
+        n = out.projector_features.shape[1]
+        ref = 0.0
+        for layer in (8, 16):
+            student = aligner.projectors[str(layer)](out.hidden_states[layer][:, 1 : 1 + n])
+            cos = (F.normalize(target, dim=-1) * F.normalize(student, dim=-1)).sum(-1)
+            ref += (-cos).mean()
+        ref = 0.2 * ref
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
