@@ -95,3 +95,22 @@ def collate(
         mask[j, : len(ids)] = 1
     pixel_values = normalize_fused(scenes.images[torch.as_tensor(index)])
     return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "pixel_values": pixel_values}
+
+
+def write_image_folder(root, n_train: int = 24, n_val: int = 12, label: str = "shape", seed: int = 0, size: int = 224):
+    """Generated scenes as an ImageFolder (``root/{train,val}/<class>/*.png``), classes = shapes or colours."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    names = SHAPES if label == "shape" else tuple(COLORS)
+    root = Path(root)
+    for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 1)):
+        scenes = generate_scenes(n, seed=split_seed, size=size)
+        labels = getattr(scenes, f"{label}_label")
+        for i in range(n):
+            folder = root / split / names[labels[i]]
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (scenes.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{split}_{i:04d}.png")
+    return root
