@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=DemoConfig.lr, help="LoRA learning rate")
     p.set_defaults(func=_cmd_demo)
+
+    probe = sub.add_parser("probe", help="Diagnostics: linear probe, attention maps, t-SNE, VL-Think questions.")
+    probe_sub = probe.add_subparsers(dest="probe_command", required=True)
+    from .probe import attention, linear, tsne, vlthink
+
+    for module in (linear, attention, tsne, vlthink):
+        module.add_parser(probe_sub)
     return parser
 
 

@@ -19,8 +19,14 @@ from PIL import Image
 
 TINY_MARKER = "openvla_align_tiny.json"
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -120,8 +126,9 @@ def load_vla(
         raise FileNotFoundError(f"Model {path} is not a checkpoint directory.")
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if (path / TINY_MARKER).is_file():
-        from ..testing.tiny import TinyOpenVLA
         from transformers import AutoTokenizer
+
+        from ..testing.tiny import TinyOpenVLA
 
         meta = json.loads((path / TINY_MARKER).read_text())
         model = TinyOpenVLA.from_pretrained(path)

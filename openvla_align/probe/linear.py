@@ -1,0 +1,900 @@
+"""`openvla-align probe linear`: how linearly decodable is the object class from frozen visual features?
+
+The representation-learning protocol the paper follows for its Table 3: features are extracted once from a frozen
+model, one linear classifier is trained on the train split, and top-1 accuracy is reported on the val split
+(ImageNet-100: C-RADIOv3 teacher 87.31%, OpenVLA 79.88%, OpenVLA SFT 77.48%, OpenVLA Align 82.13%).
+
+Features
+  * VLA (``--model DIR`` or ``DIR::LORA_ADAPTER_DIR``): the hidden states of the 256 visual tokens at LLM layer
+    ``--layer`` (default 16, the paper's; layer L = ``output_hidden_states[L]``), averaged over the tokens. The
+    image goes through the checkpoint's own processor, with the fixed prompt ``DEFAULT_PROMPT``. The prompt cannot
+    change these features: the visual tokens come right after BOS and attention is causal, so they never see the
+    text; it is there only to make a well-formed batch. The forward pass stops after layer L.
+  * Teacher (``--model teacher:NAME[::WEIGHTS]`` or ``--teacher NAME [--teacher-path WEIGHTS]``): the teacher's
+    final patch features (on the 16x16 student grid), averaged over patches. The image is resized straight to the
+    teacher's input size.
+
+Data
+  Any ImageFolder layout: ``DATA/train/<class>/*.jpg`` and ``DATA/val/<class>/*.jpg`` (also png, bmp, webp, ...,
+  found recursively, symlinks followed). The classes are the sorted train class folders; every val class must be
+  one of them. The paper's dataset is ImageNet-100: the 100-class ImageNet-1k subset of the CMC paper (Tian,
+  Krishnan, Isola 2019; the class list is ``imagenet100.txt`` in github.com/HobbitLong/CMC). Build it yourself from
+  ImageNet-1k by copying or symlinking those 100 synset folders of ``train/`` and ``val/`` (sort ImageNet's flat
+  val images into synset folders first, e.g. with the usual ``valprep.sh``). ImageNet may not be redistributed,
+  so nothing here downloads it.
+
+Cache
+  Features are stored per (model, layer or teacher, dtype, split) under ``--cache-dir`` (default: ``feature_cache``
+  next to ``--out``) as ``<name>.npy`` plus a ``<name>.json`` key: model path, adapter, layer or teacher,
+  dtype, the model's files and every image file with its size and mtime, and the features' sha256. Any change to
+  the dataset or the model files re-extracts that split; a features file whose checksum or shape does not match is
+  reported and re-extracted, never used. Changing only classifier settings reuses the features, so such a re-run
+  costs only the classifier's training.
+
+Classifier
+  One ``nn.Linear`` on features standardised with the train split's mean and std, cross-entropy, AdamW with a
+  cosine schedule, a fixed seed, no augmentation; the reported top-1 is that of the final epoch. The defaults suit
+  ImageNet-100-sized data; with a few hundred images use e.g. ``--batch-size 0 --epochs 300 --lr 0.05`` (the run
+  warns when the defaults get too few optimiser steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from ._model import DTYPES, load_image, load_vla, parse_dtype, vqa_prompt
+
+__all__ = [
+    "DEFAULT_PROMPT",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderData",
+    "ImageFolderSplit",
+    "ModelSpec",
+    "add_parser",
+    "comparison_table",
+    "extract_features",
+    "linear_probe",
+    "run_linear_probe",
+    "scan_imagefolder",
+    "summary_lines",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = vqa_prompt("What is in the image?")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+CACHE_FORMAT = 1  # bump when the meaning of cached features changes, so old caches are re-extracted
+# Tuned for ImageNet-100-sized data (~500 steps an epoch); on a synthetic 100-class problem a 10x larger lr lost
+# about a point of val top-1 to overfitting.
+DEFAULTS = dict(epochs=100, lr=1e-3, weight_decay=0.0, batch_size=256, seed=0)
+MIN_STEPS = 1000  # below this, the default lr has not converged even on separable data
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageFolderSplit:
+    name: str  # "train" or "val"
+    root: Path  # DATA/<name>
+    paths: Tuple[Path, ...]
+    labels: np.ndarray  # (N,) int64 indices into the dataset's classes
+
+
+@dataclass(frozen=True)
+class ImageFolderData:
+    root: Path
+    classes: Tuple[str, ...]
+    train: ImageFolderSplit
+    val: ImageFolderSplit
+
+
+def _layout_hint(root: Path) -> str:
+    return f"expected an ImageFolder layout: {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg"
+
+
+def _images_under(folder: Path) -> List[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            # Dot-files include macOS "._x.jpg" resource forks, which carry an image suffix but are not images.
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def _scan_split(root: Path, split: str) -> Dict[str, List[Path]]:
+    folder = root / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist; {_layout_hint(root)}.")
+    per_class = {
+        d.name: _images_under(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
+    }
+    if not any(per_class.values()):
+        raise ValueError(
+            f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders; {_layout_hint(root)}."
+        )
+    return per_class
+
+
+def scan_imagefolder(root: Union[str, Path]) -> ImageFolderData:
+    """Index ``root/train`` and ``root/val``; classes are the sorted train class folders."""
+    root = Path(root).expanduser().absolute()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Dataset {root} does not exist; {_layout_hint(root)}.")
+    train, val = _scan_split(root, "train"), _scan_split(root, "val")
+    empty = [c for c, paths in train.items() if not paths]
+    if empty:
+        raise ValueError(
+            f"Train class folder(s) {empty[:5]} in {root / 'train'} hold no images; every train folder is a class, "
+            "so add images or remove the folder."
+        )
+    classes = tuple(sorted(train))
+    if len(classes) < 2:
+        raise ValueError(
+            f"{root / 'train'} has only one class ({classes[0]!r}); a linear probe needs at least two class folders."
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(c for c, paths in val.items() if paths and c not in index)
+    if unknown:
+        raise ValueError(
+            f"Val class(es) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} in {root / 'val'} are not train "
+            f"classes; the class list comes from {root / 'train'}, so each val class needs a train folder of the "
+            "same name."
+        )
+
+    def split(name: str, per_class: Mapping[str, List[Path]]) -> ImageFolderSplit:
+        pairs = [(p, index[c]) for c in sorted(per_class) for p in per_class[c]]
+        labels = np.array([y for _, y in pairs], dtype=np.int64)
+        return ImageFolderSplit(name, root / name, tuple(p for p, _ in pairs), labels)
+
+    return ImageFolderData(root, classes, split("train", train), split("val", val))
+
+
+# --- what to probe -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A VLA checkpoint (optionally with a LoRA adapter) or a registered teacher."""
+
+    path: Optional[str] = None
+    adapter: Optional[str] = None
+    teacher: Optional[str] = None
+    teacher_path: Optional[str] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """``DIR``, ``DIR::ADAPTER_DIR``, ``teacher:NAME`` or ``teacher:NAME::WEIGHTS``."""
+        if text.startswith("teacher:"):
+            name, _, weights = text[len("teacher:") :].partition("::")
+            if not name:
+                raise ValueError(
+                    f"--model {text!r} names no teacher; write teacher:NAME, e.g. teacher:c-radio-v3-l "
+                    "(`openvla-align teachers` lists them)."
+                )
+            return cls(teacher=name, teacher_path=weights or None)
+        path, _, adapter = text.partition("::")
+        if not path:
+            raise ValueError(f"--model {text!r} has no checkpoint directory before '::'; write DIR or DIR::ADAPTER.")
+        return cls(path=path, adapter=adapter or None)
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.teacher is not None
+
+    @property
+    def label(self) -> str:
+        if self.is_teacher:
+            return f"teacher:{self.teacher}" + (f"::{self.teacher_path}" if self.teacher_path else "")
+        return self.path + (f"::{self.adapter}" if self.adapter else "")
+
+
+def _as_spec(model: Union[str, ModelSpec]) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else ModelSpec.parse(str(model))
+
+
+def _layer_error(layer: int, n: int, name: str) -> ValueError:
+    return ValueError(
+        f"--layer {layer} is out of range for {name}: its LLM has {n} decoder blocks, so layers run from 1 to {n} "
+        "(layer L = output_hidden_states[L]; the paper probes 16 of 32)."
+    )
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the probed layer has run: the layers above it and the LM head are not needed."""
+
+
+def _stop(module, args, output):
+    raise _StopForward
+
+
+class _VLAEncoder:
+    """PIL images -> (B, d) mean visual-token hidden states at one LLM layer."""
+
+    def __init__(self, spec: ModelSpec, layer: int, prompt: str, device: str, dtype: str):
+        from ..hooks import decoder_layers, final_norm
+
+        self.vla = load_vla(spec.path, spec.adapter, device=device, dtype=dtype, attn_implementation=None)
+        blocks = decoder_layers(self.vla.model)
+        if not 1 <= layer <= len(blocks):
+            raise _layer_error(layer, len(blocks), spec.label)
+        self.layer, self.prompt = layer, prompt
+        # The capture hook sits on the final norm for the last layer (hooks.py); stop right after the same module.
+        self._last = final_norm(self.vla.model) if layer == len(blocks) else blocks[layer - 1]
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        from ..hooks import VisualTokenHook
+
+        batch = self.vla.batch([self.prompt] * len(images), images)
+        with VisualTokenHook(self.vla.model, (self.layer,)) as hook:
+            handle = self._last.register_forward_hook(_stop)  # after the capture hook, so it runs second
+            try:
+                self.vla.model(**batch)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+            hidden = hook.pop()[self.layer]
+        return hidden.float().mean(1).cpu()
+
+
+class _TeacherEncoder:
+    """PIL images -> (B, D) mean final patch features of a registered teacher."""
+
+    def __init__(self, spec: ModelSpec, device: str, dtype: str, teacher_kwargs: Mapping[str, Any]):
+        from ..teachers import create_teacher
+
+        kwargs = dict(teacher_kwargs)
+        if spec.teacher_path:
+            kwargs["path"] = spec.teacher_path
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random-weight smoke-test teachers must give the same features on every run
+            teacher = create_teacher(spec.teacher, **kwargs)
+        self.teacher = teacher.to(device=device, dtype=parse_dtype(dtype))
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        side = self.teacher.resolution
+        rgb = [np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR)) for im in images]
+        x = torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float().div(255.0)
+        return self.teacher(x.to(self.device)).float().mean(1).cpu()
+
+
+class _LazyEncoder:
+    """Builds the model on first use, so a run served from the cache never loads it."""
+
+    def __init__(self, build: Callable[[], Callable]):
+        self._build, self._encode = build, None
+
+    def __call__(self, images):
+        if self._encode is None:
+            self._encode = self._build()
+        return self._encode(images)
+
+    def close(self) -> None:
+        if self._encode is not None:
+            self._encode = None
+            gc.collect()  # free one model's memory before the next model of the comparison loads
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _encoder(spec: ModelSpec, layer: int, prompt: str, device: str, dtype: str, teacher_kwargs) -> _LazyEncoder:
+    if spec.is_teacher:
+        return _LazyEncoder(lambda: _TeacherEncoder(spec, device, dtype, teacher_kwargs or {}))
+    return _LazyEncoder(lambda: _VLAEncoder(spec, layer, prompt, device, dtype))
+
+
+def _prefetched(paths: Sequence[Path], batch_size: int, workers: int) -> Iterator[List[Image.Image]]:
+    """Batches of decoded images; up to two batches are decoded ahead on threads (PIL releases the GIL)."""
+    pending: deque = deque()
+    todo = iter(paths)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+
+        def fill():
+            while len(pending) < 2 * batch_size:
+                path = next(todo, None)
+                if path is None:
+                    return
+                pending.append(pool.submit(load_image, path))
+
+        fill()
+        while pending:
+            batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+            fill()
+            yield batch
+
+
+def extract_features(
+    model: Union[str, ModelSpec],
+    paths: Sequence[Union[str, Path]],
+    *,
+    layer: int = 16,
+    prompt: str = DEFAULT_PROMPT,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 16,
+    workers: int = 4,
+    teacher_kwargs: Optional[Mapping[str, Any]] = None,
+    encoder: Optional[Callable[[List[Image.Image]], torch.Tensor]] = None,
+    desc: str = "features",
+) -> np.ndarray:
+    """(N, D) float32 mean-pooled features of ``paths`` (see the module docstring), in order.
+
+    ``encoder`` reuses an already built model across calls (``run_linear_probe`` does for train and val).
+    """
+    if batch_size < 1:
+        raise ValueError(f"Extraction batch size must be >= 1, got {batch_size}.")
+    spec = _as_spec(model)
+    encode = encoder or _encoder(spec, layer, prompt, device, dtype, teacher_kwargs)
+    out: Optional[np.ndarray] = None
+    done = 0
+    with tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True) as bar:
+        for images in _prefetched([Path(p) for p in paths], batch_size, workers):
+            feats = encode(images).numpy()
+            if not np.isfinite(feats).all():
+                raise FloatingPointError(
+                    f"{spec.label} produced NaN/inf features (dtype {dtype}); float16 overflows in large models, "
+                    "so use --dtype bfloat16 or float32."
+                )
+            if out is None:
+                out = np.empty((len(paths), feats.shape[1]), dtype=np.float32)
+            out[done : done + len(feats)] = feats
+            done += len(feats)
+            bar.update(len(feats))
+    if out is None:
+        raise ValueError("extract_features got no image paths.")
+    return out
+
+
+# --- cache ---------------------------------------------------------------------------------------------------
+
+
+def _file_stats(paths: Sequence[Path], base: Path) -> List[list]:
+    stats = []
+    for p in paths:
+        st = p.stat()
+        stats.append([p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p), st.st_size, st.st_mtime_ns])
+    return stats
+
+
+def _dir_stats(path: Optional[str]) -> Optional[List[list]]:
+    """Sizes and mtimes of a checkpoint's top-level files (a file itself for single-file weights)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_file():
+        return _file_stats([p], p.parent)
+    return _file_stats(sorted(f for f in p.iterdir() if f.is_file()), p)
+
+
+def _canonical_dtype(dtype: str) -> str:
+    return str(parse_dtype(dtype)).replace("torch.", "")
+
+
+def _check_model(spec: ModelSpec) -> None:
+    """Fail before any work on inputs the cache key cannot describe (and that loading would reject anyway)."""
+    if spec.is_teacher:
+        from ..teachers import get_teacher_factory
+
+        get_teacher_factory(spec.teacher)  # unknown names raise, listing the known ones
+        if spec.teacher_path and not Path(spec.teacher_path).expanduser().exists():
+            raise FileNotFoundError(f"Teacher weights {spec.teacher_path} for {spec.label} do not exist.")
+        return
+    if not Path(spec.path).is_dir():
+        raise FileNotFoundError(f"Model {spec.path} is not a checkpoint directory (give --model DIR[::ADAPTER]).")
+    if spec.adapter and not (Path(spec.adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"Adapter {spec.adapter} has no adapter_config.json (not a PEFT adapter).")
+
+
+def _model_key(spec: ModelSpec, layer: int, prompt: str, dtype: str, teacher_kwargs) -> Dict[str, Any]:
+    """What the features depend on, model side. Paths are absolute so a changed working directory still hits."""
+    absolute = lambda p: str(Path(p).expanduser().absolute()) if p else None  # noqa: E731
+    if spec.is_teacher:
+        key = {
+            "teacher": spec.teacher,
+            "teacher_path": absolute(spec.teacher_path),
+            "teacher_kwargs": json.loads(json.dumps(dict(teacher_kwargs or {}), sort_keys=True, default=str)),
+            "feature": "mean of the final patch features (16x16 grid)",
+        }
+    else:
+        key = {
+            "model": absolute(spec.path),
+            "adapter": absolute(spec.adapter),
+            "layer": layer,
+            "prompt": prompt,
+            "feature": f"mean of the visual-token hidden states at layer {layer}",
+        }
+    return {"format": CACHE_FORMAT, "dtype": _canonical_dtype(dtype), **key}
+
+
+def _data_key(split: ImageFolderSplit, classes: Sequence[str]) -> Dict[str, Any]:
+    """What the features depend on, data side: every image (size, mtime) and the class list (it fixes the labels)."""
+    return {
+        "root": str(split.root),
+        "split": split.name,
+        "classes": list(classes),
+        "files": _file_stats(split.paths, split.root),
+    }
+
+
+def _full_key(model_key: Mapping[str, Any], spec: ModelSpec, data_key: Mapping[str, Any]) -> Dict[str, Any]:
+    key = {
+        **model_key,
+        "model_files": _dir_stats(spec.teacher_path if spec.is_teacher else spec.path),
+        "adapter_files": _dir_stats(spec.adapter),
+        "data": data_key,
+    }
+    return json.loads(json.dumps(key))  # lists, not tuples, so it compares equal to the JSON read back
+
+
+def _cache_stem(spec: ModelSpec, model_key: Mapping[str, Any], split: ImageFolderSplit) -> str:
+    identity = json.dumps({**model_key, "data": str(split.root)}, sort_keys=True)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    if spec.is_teacher:
+        name = f"teacher-{spec.teacher}"
+    else:
+        name = Path(spec.path).name + (f"+{Path(spec.adapter).name}" if spec.adapter else "")
+        name += f"-layer{model_key['layer']}"
+    return f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', name)[-80:]}-{digest}-{split.name}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary sibling and ``os.replace`` so a crash never leaves a half-written cache file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _what_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    changes = []
+    for field in sorted(set(old) | set(new)):
+        if field == "data" and isinstance(old.get("data"), dict):
+            before = {f[0]: f[1:] for f in old["data"].get("files", [])}
+            after = {f[0]: f[1:] for f in new["data"]["files"]}
+            added, removed = len(after.keys() - before.keys()), len(before.keys() - after.keys())
+            modified = sum(1 for f in after.keys() & before.keys() if after[f] != before[f])
+            if added or removed or modified:
+                changes.append(f"images: {added} added, {removed} removed, {modified} modified")
+            if old["data"].get("classes") != new["data"]["classes"]:
+                changes.append("class list changed")
+        elif old.get(field) != new.get(field):
+            changes.append(f"{field.replace('_', ' ')} changed")
+    return "; ".join(changes) or "key differs"
+
+
+def _load_cached(stem: Path, key: Mapping[str, Any], split: ImageFolderSplit) -> Tuple[Optional[np.ndarray], str]:
+    """(features, status) with status hit | miss | stale | corrupt; anything doubtful returns no features.
+
+    Labels are not stored: the key pins the ordered file list and the class list, and so the labels.
+    """
+    meta_path, data_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
+    if not meta_path.is_file():
+        return None, "miss"
+    try:
+        meta = json.loads(meta_path.read_text())
+        stored_key = meta["key"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("Cache key %s is corrupt (%s); re-extracting.", meta_path, exc)
+        return None, "corrupt"
+    if stored_key != key:
+        why = _what_changed(stored_key, key) if isinstance(stored_key, dict) else "unreadable key"
+        logger.info("Cached features %s are stale (%s); re-extracting.", data_path.name, why)
+        return None, "stale"
+    try:
+        if _sha256(data_path) != meta.get("sha256"):
+            raise ValueError("its sha256 does not match the one recorded in the key")
+        feats = np.load(data_path, allow_pickle=False)
+        if feats.dtype != np.float32 or feats.ndim != 2 or len(feats) != len(split.paths):
+            raise ValueError(f"{feats.dtype} array of shape {feats.shape} for {len(split.paths)} images")
+        if not np.isfinite(feats).all():
+            raise ValueError("non-finite values")
+    except Exception as exc:  # whatever is wrong with the file, the answer is the same: do not use it
+        logger.warning("Cached features %s are corrupt (%s); re-extracting.", data_path, exc)
+        return None, "corrupt"
+    logger.info("Features for the %s split: cache hit (%s).", split.name, data_path)
+    return feats, "hit"
+
+
+def _store(stem: Path, key: Mapping[str, Any], feats: np.ndarray) -> None:
+    data_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+
+    def write_npy(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append its own ".npy" to the temporary name
+            np.save(f, np.ascontiguousarray(feats, dtype=np.float32), allow_pickle=False)
+
+    _atomic_write(data_path, write_npy)
+    meta = {
+        "key": key,
+        "sha256": _sha256(data_path),
+        "shape": list(feats.shape),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    # The key goes last: it is what marks the entry valid.
+    _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
+
+
+# --- classifier ----------------------------------------------------------------------------------------------
+
+
+def _check_settings(epochs: int, lr: float, weight_decay: float, batch_size: int) -> None:
+    for flag, value, ok in (
+        ("--epochs", epochs, epochs >= 1),
+        ("--lr", lr, lr > 0),
+        ("--weight-decay", weight_decay, weight_decay >= 0),
+        ("--batch-size", batch_size, batch_size >= 0),
+    ):
+        if not ok:
+            raise ValueError(
+                f"{flag} {value} is invalid: epochs >= 1, lr > 0, weight decay >= 0, batch size >= 0 (0 = full batch)."
+            )
+
+
+def _fit(train_x, train_y, test_x, test_y, num_classes, epochs, lr, weight_decay, batch_size, seed, device, verbose):
+    """(train top-1, test top-1) of a linear classifier on standardised features."""
+    _check_settings(epochs, lr, weight_decay, batch_size)
+    device = torch.device(device or "cpu")
+    train_x = torch.as_tensor(np.asarray(train_x), dtype=torch.float32, device=device)
+    test_x = torch.as_tensor(np.asarray(test_x), dtype=torch.float32, device=device)
+    train_y = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
+    test_y = torch.as_tensor(np.asarray(test_y), dtype=torch.long, device=device)
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise ValueError("The linear probe needs at least one train and one test example.")
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    # Standardising with train statistics stands in for MAE's affine-free BatchNorm before the head: LLM hidden
+    # states have a few huge-magnitude channels that would otherwise dominate the optimisation.
+    mean, std = train_x.mean(0), train_x.std(0).nan_to_num(1.0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+
+    probe = nn.Linear(train_x.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nn.init.normal_(probe.weight, std=0.01)  # small init as in MAE/MoCo v3: the answer comes from training
+    nn.init.zeros_(probe.bias)
+    probe.to(device)
+    n = len(train_x)
+    step = n if batch_size == 0 else min(batch_size, n)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(n / step)
+    if verbose and steps < MIN_STEPS:
+        logger.warning(
+            "The probe gets only %d optimiser steps (%d epochs x %d batches): too few for the default lr, so it may "
+            "underfit (compare train top-1). Small datasets want e.g. --batch-size 0 --epochs 300 --lr 0.05.",
+            steps,
+            epochs,
+            math.ceil(n / step),
+        )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    shuffle = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not verbose, leave=False):
+        order = torch.randperm(n, generator=shuffle).to(device) if step < n else None
+        for start in range(0, n, step):
+            idx = order[start : start + step] if order is not None else slice(None)
+            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        train_top1 = (probe(train_x).argmax(1) == train_y).float().mean().item()
+        test_top1 = (probe(test_x).argmax(1) == test_y).float().mean().item()
+    return train_top1, test_top1
+
+
+def linear_probe(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    epochs: int = DEFAULTS["epochs"],
+    seed: int = DEFAULTS["seed"],
+    *,
+    lr: float = DEFAULTS["lr"],
+    weight_decay: float = DEFAULTS["weight_decay"],
+    batch_size: int = DEFAULTS["batch_size"],
+    num_classes: Optional[int] = None,
+    device: Optional[str] = None,
+) -> float:
+    """Top-1 on (``test_x``, ``test_y``) of a linear classifier trained on standardised frozen features.
+
+    ``batch_size=0`` trains full batch. Arrays or tensors; labels are class indices.
+    """
+    return _fit(
+        train_x, train_y, test_x, test_y, num_classes, epochs, lr, weight_decay, batch_size, seed, device, False
+    )[1]
+
+
+# --- run -----------------------------------------------------------------------------------------------------
+
+
+PROTOCOL = (
+    "Frozen features (mean-pooled), one linear classifier trained on the train split (standardised features, "
+    "cross-entropy, AdamW, cosine schedule, fixed seed), top-1 of the final epoch on the val split."
+)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _split_features(spec, split, data_key, cache: Path, model_key, encode, **extract) -> Tuple[np.ndarray, str]:
+    """Features of one split from the cache, or extracted (and cached); plus what happened."""
+    stem = cache / _cache_stem(spec, model_key, split)
+    key = _full_key(model_key, spec, data_key)
+    feats, status = _load_cached(stem, key, split)
+    if feats is not None:
+        return feats, status
+    feats = extract_features(spec, split.paths, encoder=encode, desc=f"{spec.label} [{split.name}]", **extract)
+    _store(stem, key, feats)
+    return feats, "extracted" if status == "miss" else f"re-extracted ({status})"
+
+
+def run_linear_probe(
+    data: Union[str, Path],
+    models: Sequence[Union[str, ModelSpec]],
+    *,
+    out: Optional[Union[str, Path]] = None,
+    cache_dir: Optional[Union[str, Path]] = None,
+    layer: int = 16,
+    prompt: str = DEFAULT_PROMPT,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    extract_batch_size: int = 16,
+    workers: int = 4,
+    teacher_kwargs: Optional[Mapping[str, Any]] = None,
+    epochs: int = DEFAULTS["epochs"],
+    lr: float = DEFAULTS["lr"],
+    weight_decay: float = DEFAULTS["weight_decay"],
+    batch_size: int = DEFAULTS["batch_size"],
+    seed: int = DEFAULTS["seed"],
+) -> Dict[str, Any]:
+    """Linear-probe each of ``models`` on the ImageFolder ``data``; returns (and writes to ``out``) the report.
+
+    ``models``: ``ModelSpec`` objects or strings ``DIR``, ``DIR::ADAPTER``, ``teacher:NAME[::WEIGHTS]``.
+    ``teacher_kwargs`` go to every teacher's factory (e.g. ``allow_random=True`` for smoke tests).
+    ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, else float32.
+    Features are cached in ``cache_dir`` (default: ``feature_cache`` next to ``out``, or in the working directory).
+    The report is ``{"dataset", "protocol", "results": {model label: {"top1", "n_train", "n_val", ...}}}``.
+    """
+    specs = [_as_spec(m) for m in models]
+    if not specs:
+        raise ValueError("Nothing to probe: give at least one --model (DIR, DIR::ADAPTER, teacher:NAME) or --teacher.")
+    names = [s.label for s in specs]
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        raise ValueError(f"--model {twice} is given more than once.")
+    if layer < 1:
+        raise ValueError(f"--layer {layer} is out of range: layers start at 1 (layer L = output_hidden_states[L]).")
+    _check_settings(epochs, lr, weight_decay, batch_size)  # before any time goes into features
+    if extract_batch_size < 1 or workers < 0:
+        raise ValueError(
+            f"--extract-batch-size {extract_batch_size} / --workers {workers}: need a batch size >= 1 and workers >= 0."
+        )
+    for spec in specs:
+        _check_model(spec)
+    dataset = scan_imagefolder(data)
+    device = device or _default_device()
+    dtype = _canonical_dtype(dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
+    if cache_dir is None:
+        cache_dir = (Path(out).parent if out else Path(".")) / "feature_cache"
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "Linear probe on %s: %d classes, %d train / %d val images; features cached in %s.",
+        dataset.root,
+        len(dataset.classes),
+        len(dataset.train.paths),
+        len(dataset.val.paths),
+        cache,
+    )
+    settings = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+    extract = dict(
+        layer=layer,
+        prompt=prompt,
+        device=device,
+        dtype=dtype,
+        batch_size=extract_batch_size,
+        workers=workers,
+        teacher_kwargs=teacher_kwargs,
+    )
+    data_keys = {split.name: _data_key(split, dataset.classes) for split in (dataset.train, dataset.val)}
+    results: Dict[str, Any] = {}
+    for spec in specs:
+        t0 = time.time()
+        model_key = _model_key(spec, layer, prompt, dtype, teacher_kwargs)
+        encode = _encoder(spec, layer, prompt, device, dtype, teacher_kwargs)
+        feats, status = {}, {}
+        try:
+            for split in (dataset.train, dataset.val):
+                feats[split.name], status[split.name] = _split_features(
+                    spec, split, data_keys[split.name], cache, model_key, encode, **extract
+                )
+        finally:
+            encode.close()
+        train_top1, top1 = _fit(
+            feats["train"],
+            dataset.train.labels,
+            feats["val"],
+            dataset.val.labels,
+            len(dataset.classes),
+            device=device,
+            verbose=True,
+            **settings,
+        )
+        if spec.is_teacher:
+            what = {"kind": "teacher", "teacher": spec.teacher, "teacher_path": spec.teacher_path}
+        else:
+            what = {"kind": "vla", "model": spec.path, "adapter": spec.adapter, "layer": layer, "prompt": prompt}
+        results[spec.label] = {
+            **what,
+            "feature": model_key["feature"],
+            "feature_dim": int(feats["train"].shape[1]),
+            "top1": top1,
+            "train_top1": train_top1,
+            "n_train": len(dataset.train.paths),
+            "n_val": len(dataset.val.paths),
+            "classes": list(dataset.classes),
+            "settings": {**settings, "dtype": dtype, "device": str(device)},
+            "cache": status,
+            "seconds": round(time.time() - t0, 1),
+        }
+        logger.info("%s", _summary(spec.label, results[spec.label]))
+
+    report = {"dataset": str(dataset.root), "protocol": PROTOCOL, "results": results}
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    return report
+
+
+# --- reporting and CLI ---------------------------------------------------------------------------------------
+
+
+def _summary(label: str, r: Mapping[str, Any]) -> str:
+    where = f"layer {r['layer']}" if r["kind"] == "vla" else "final patches"
+    return (
+        f"{label}: top-1 {100 * r['top1']:.2f}% (train {100 * r['train_top1']:.2f}%) on {r['n_val']} val images, "
+        f"{len(r['classes'])} classes, {r['n_train']} train; {r['feature_dim']}-d features ({where})"
+    )
+
+
+def summary_lines(report: Mapping[str, Any]) -> List[str]:
+    """One line per model."""
+    return [_summary(label, r) for label, r in report["results"].items()]
+
+
+def comparison_table(report: Mapping[str, Any]) -> str:
+    """Markdown table of all models in ``report``."""
+    lines = [
+        "| model | features | dim | top-1 (%) | train top-1 (%) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for label, r in report["results"].items():
+        where = f"layer {r['layer']}" if r["kind"] == "vla" else "teacher"
+        name = label.replace("|", "\\|")  # a path may contain the cell separator
+        lines.append(f"| {name} | {where} | {r['feature_dim']} | {100 * r['top1']:.2f} | {100 * r['train_top1']:.2f} |")
+    first = next(iter(report["results"].values()))
+    lines.append(f"\n{first['n_train']} train / {first['n_val']} val images, {len(first['classes'])} classes.")
+    return "\n".join(lines)
+
+
+def _cmd_linear(args: argparse.Namespace) -> int:
+    models: List[Union[str, ModelSpec]] = list(args.model or [])
+    if args.teacher:
+        models.append(ModelSpec(teacher=args.teacher, teacher_path=args.teacher_path))
+    elif args.teacher_path:
+        raise SystemExit("--teacher-path needs --teacher NAME (or write --model teacher:NAME::WEIGHTS).")
+    if not models:
+        raise SystemExit("Nothing to probe: give --model DIR (or DIR::ADAPTER, teacher:NAME) or --teacher NAME.")
+    try:
+        report = run_linear_probe(
+            args.data,
+            models,
+            out=args.out,
+            cache_dir=args.cache_dir,
+            layer=args.layer,
+            device=args.device,
+            dtype=args.dtype,
+            extract_batch_size=args.extract_batch_size,
+            workers=args.workers,
+            teacher_kwargs={"allow_random": True} if args.allow_random_teacher else None,
+            epochs=args.epochs,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    except (FileNotFoundError, ValueError) as exc:  # bad input: the message says what to fix, a traceback would not
+        raise SystemExit(f"openvla-align probe linear: {exc}") from exc
+    for line in summary_lines(report):
+        print(line)
+    if len(report["results"]) > 1:
+        print()
+        print(comparison_table(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``linear`` subcommand (``openvla-align probe linear``) to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "linear",
+        help="Linear probe of frozen visual features on an ImageFolder dataset (paper: ImageNet-100 top-1).",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root with train/<class>/ and val/<class>/")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="SPEC",
+        help="checkpoint DIR, DIR::LORA_ADAPTER_DIR or teacher:NAME[::WEIGHTS]; repeat to compare models",
+    )
+    p.add_argument("--teacher", metavar="NAME", help="also probe this teacher (`openvla-align teachers` lists them)")
+    p.add_argument("--teacher-path", metavar="P", help="weights for --teacher (default: its usual location)")
+    p.add_argument(
+        "--allow-random-teacher",
+        action="store_true",
+        help="build teachers with random weights: smoke tests only, the numbers mean nothing",
+    )
+    p.add_argument("--layer", type=int, default=16, help="LLM layer of the VLA's visual tokens (default: 16)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on cuda, else float32")
+    p.add_argument("--extract-batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: 4)")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="classifier epochs (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="classifier AdamW lr (default: %(default)s)")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=DEFAULTS["weight_decay"],
+        help="classifier AdamW weight decay (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["batch_size"],
+        help="classifier batch size, 0 = full batch (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="classifier init and shuffling seed")
+    p.add_argument("--out", default="linear_probe/results.json", help="results JSON (default: %(default)s)")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default: feature_cache/ next to --out)")
+    p.set_defaults(func=_cmd_linear)
+    return p
