@@ -28,10 +28,12 @@ setup(
         "numpy",
         "tqdm",
         "packaging",
+        "pillow",
     ],
     extras_require={
         "demo": ["matplotlib>=3.7"],
-        "test": ["pytest>=7.4", "matplotlib>=3.7"],
+        "probe": ["matplotlib>=3.7", "scikit-learn>=1.3"],
+        "test": ["pytest>=7.4", "matplotlib>=3.7", "scikit-learn>=1.3"],
     },
     entry_points={
         "console_scripts": ["openvla-align=openvla_align.cli:main"],
