@@ -22,7 +22,8 @@ from .aligner import Aligner
 from .config import AlignConfig
 from .hooks import VisualTokenHook
 from .probe import linear as probe_linear
-from .testing import build_tiny_vla, build_tokenizer, tiny_teacher
+from .probe import load_vla
+from .testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint, tiny_teacher
 from .testing.data import COLORS, SHAPES, collate, generate_scenes
 from .testing.tiny import ActionTokenizer
 
@@ -91,8 +92,8 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs: int = 300, seed: int 
 def _run(name, cfg: DemoConfig, tok, action_tok, scenes, heldout, teacher, align: bool, out_dir: Path):
     vla = build_tiny_vla(seed=cfg.seed, vocab_size=len(tok))
     base_dir = out_dir / "base"
-    if not base_dir.exists():
-        vla.save_pretrained(base_dir)
+    if not base_dir.exists():  # loadable by `openvla-align probe ... --model DIR/base --adapter DIR/align/adapter`
+        save_tiny_checkpoint(base_dir, vla, tok)
     model = _lora(vla, cfg.lora_rank, cfg.seed)
     align_cfg = AlignConfig(
         enabled=True,
@@ -218,12 +219,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
 
 
 def _check_reload(model, out_dir: Path, tok, action_tok, heldout, teacher) -> float:
-    from peft import PeftModel
-
-    from .testing.tiny import TinyOpenVLA
-
-    base = TinyOpenVLA.from_pretrained(out_dir / "base")
-    reloaded = PeftModel.from_pretrained(base, out_dir / "align" / "adapter").eval()
+    reloaded = load_vla(out_dir / "base", out_dir / "align" / "adapter").model
     Aligner.load(out_dir / "align" / "adapter" / "align", teacher=teacher)  # the sidecar must load too
     batch = collate(heldout, np.arange(8), tok, action_tok)
     with torch.no_grad():
