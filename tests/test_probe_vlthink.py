@@ -320,10 +320,11 @@ def test_cli_side_by_side_with_lora_adapter(ckpt, tmp_path, capsys):
     assert _cli(argv + ["--out", str(out), "--max-new-tokens", "3", "--dtype", "float32", "--device", "cpu"]) == 0
     report = json.loads((out / "vlthink.json").read_text())
     a, b = report["models"]
-    assert (a["label"], b["label"]) == ("tiny", "tiny+adapter") and b["adapter"] == str(tmp_path / "adapter")
+    # an adapter directory named `adapter` is labelled by its run directory
+    assert (a["label"], b["label"]) == ("tiny", f"tiny+{tmp_path.name}") and b["adapter"] == str(tmp_path / "adapter")
     assert [r["answer"] for r in a["answers"]] == [r["answer"] for r in b["answers"]]
     md = (out / "vlthink.md").read_text()
-    assert "| Domain | n | tiny | tiny+adapter |" in md and "## tiny+adapter" in md
+    assert f"| Domain | n | tiny | {b['label']} |" in md and f"## {b['label']}" in md
 
 
 # --- data validation ------------------------------------------------------------------------------------------

@@ -450,7 +450,9 @@ def _labels(specs: Sequence[Tuple[str, Optional[str]]]) -> List[str]:
     for path, adapter in specs:
         label = Path(path).name or path
         if adapter:
-            label += f"+{Path(adapter).name or adapter}"
+            a = Path(adapter)
+            # `RUN/adapter` (as the demo and PEFT runs lay them out) is better told apart by its run name
+            label += f"+{a.parent.name if a.name == 'adapter' and a.parent.name else a.name or adapter}"
         seen[label] = seen.get(label, 0) + 1
         labels.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
     return labels
