@@ -12,11 +12,10 @@ from openvla_align.testing.data import write_image_folder
 write_image_folder(sys.argv[1] + "/scenes", n_train=48, n_val=24, label="shape")
 PY
 IMG=$(ls "$WORK"/scenes/val/circle/*.png | head -n 1)
-cp "$IMG" "$OUT/scene.png"
 
 openvla-align probe linear --data "$WORK/scenes" --model "$DEMO/base" --model "$DEMO/base::$DEMO/sft/adapter" \
   --model "$DEMO/base::$DEMO/align/adapter" --layer 16 --batch-size 0 --epochs 300 --lr 0.05 \
-  --out "$OUT/linear_probe.json" | tee "$OUT/linear_probe.md"
+  --out "$OUT/linear_probe.json" --plot "$OUT/linear_probe.png" | tee "$OUT/linear_probe.md"
 openvla-align probe attention --model "$DEMO/base" --adapter "$DEMO/align/adapter" --image "$IMG" \
   --prompt "Do you see the circle?" --tokens circle --layers 10-18 --out "$OUT/attention_align.png"
 openvla-align probe tsne --model "$DEMO/base" --adapter "$DEMO/align/adapter" --data "$WORK/scenes/train" \

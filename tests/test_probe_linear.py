@@ -299,8 +299,11 @@ def test_cli_compares_base_and_adapter(ckpt, adapter, data, tmp_path, capsys):
     out = tmp_path / "probe" / "results.json"
     spec = f"{ckpt}::{adapter}"
     argv = ["--data", str(data), "--model", str(ckpt), "--model", spec, "--layer", "3", "--out", str(out)]
-    assert cli([*argv, "--epochs", "60", "--lr", "0.05", "--batch-size", "0", "--device", "cpu"]) == 0
+    plot = tmp_path / "probe" / "top1.png"
+    fast = ["--epochs", "60", "--lr", "0.05", "--batch-size", "0", "--device", "cpu", "--plot", str(plot)]
+    assert cli([*argv, *fast]) == 0
     printed = capsys.readouterr().out
+    assert plot.stat().st_size > 5_000 and f"wrote {plot}" in printed
     assert f"{ckpt}: top-1 100.00% (train 100.00%) on 6 val images, 3 classes, 12 train; 64-d features" in printed
     assert f"| {spec} | layer 3 | 64 |" in printed and "|---|---|---:|---:|---:|" in printed
     report = json.loads(out.read_text())

@@ -815,6 +815,33 @@ def comparison_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def save_bar_chart(report: Mapping[str, Any], path: Union[str, Path]) -> Path:
+    """Bar chart of val (and train) top-1 per model, the picture of a comparison."""
+    from matplotlib.figure import Figure
+
+    labels = list(report["results"])
+    val = [100 * report["results"][k]["top1"] for k in labels]
+    train = [100 * report["results"][k]["train_top1"] for k in labels]
+    fig = Figure(figsize=(max(4.0, 1.6 * len(labels) + 1.5), 3.6))
+    ax = fig.subplots()
+    xs = np.arange(len(labels))
+    ax.bar(xs - 0.2, val, width=0.4, label="val top-1")
+    ax.bar(xs + 0.2, train, width=0.4, alpha=0.5, label="train top-1")
+    for x, v in zip(xs, val):
+        ax.text(x - 0.2, v + 1, f"{v:.1f}", ha="center", fontsize=8)
+    short = [Path(k.split("::")[-1]).parent.name if "::" in k else Path(k).name or k for k in labels]
+    ax.set_xticks(xs, short, fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"linear probe on {Path(str(report['dataset'])).name}", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _cmd_linear(args: argparse.Namespace) -> int:
     models: List[Union[str, ModelSpec]] = list(args.model or [])
     if args.teacher:
@@ -849,6 +876,8 @@ def _cmd_linear(args: argparse.Namespace) -> int:
         print()
         print(comparison_table(report))
     print(f"wrote {args.out}")
+    if args.plot:
+        print(f"wrote {save_bar_chart(report, args.plot)}")
     return 0
 
 
@@ -861,6 +890,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root with train/<class>/ and val/<class>/")
+    p.add_argument("--plot", metavar="PNG", default=None, help="also draw a bar chart of top-1 per model")
     p.add_argument(
         "--model",
         action="append",
