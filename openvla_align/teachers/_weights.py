@@ -102,8 +102,8 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     """Tensors of a .safetensors or torch checkpoint, loaded without unpickling arbitrary objects.
 
     RADIO's ``.pth.tar`` files also carry an ``argparse.Namespace`` of training args; it is admitted as the only
-    non-tensor global (on torch >= 2.4). On older torch such a file cannot be read safely: convert it once with
-    ``openvla-align convert-weights`` on a newer torch, or use the HF snapshot's safetensors.
+    non-tensor global (on torch >= 2.4). On older torch such a file cannot be read safely: use the same weights
+    as the HF snapshot's ``model.safetensors`` instead.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
