@@ -43,5 +43,7 @@ setup(
             "siglip=openvla_align.teachers.siglip",
             "theia=openvla_align.teachers.theia",
         ],
+        # The generic plugin group the patched vla-scripts/finetune.py discovers (see patches/).
+        "openvla.finetune_plugins": ["align=openvla_align.openvla.plugin:AlignPlugin"],
     },
 )

@@ -62,3 +62,32 @@ def test_two_ranks_identical(tmp_path):
     assert fp0 == fp1 and len(fp0) == 64
     assert loss0 == loss1
     assert g0 == g1 and g0 != 0  # DDP averaged the alignment gradient of block 4 across both ranks
+
+
+def _mismatch_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from conftest import PatchTeacher
+        from openvla_align import AlignConfig
+        from openvla_align.openvla.plugin import AlignPlugin
+        from openvla_align.testing import build_tiny_vla, build_tokenizer
+
+        vla = build_tiny_vla(seed=0, vocab_size=len(build_tokenizer()))
+        # A misconfigured job: rank 1 runs with another projector seed.
+        plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=16, projector_seed=rank), PatchTeacher())
+        try:
+            plugin.on_model_ready(vla)
+            message = "no error"
+        except RuntimeError as exc:
+            message = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plugin_refuses_ranks_with_different_projectors(tmp_path):
+    mp.spawn(_mismatch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert "Alignment projectors differ across ranks" in (tmp_path / f"rank{rank}.txt").read_text()

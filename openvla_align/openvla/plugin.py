@@ -1,0 +1,170 @@
+"""The finetune-plugin protocol the patched ``vla-scripts/finetune.py`` drives, and openvla-align's plugin.
+
+The patch (``patches/``) adds a generic mechanism to the stock script, not an openvla-align import:
+
+1. Discover entry points of group ``openvla.finetune_plugins``; each loads a plugin *class* with a class attribute
+   ``name`` (the config field, e.g. ``align``) and ``config_cls`` (a draccus-compatible dataclass). Each becomes a
+   field of ``FinetuneConfig``, so ``--align.<field>`` flags and ``--config_path`` YAML work and ``--help`` lists them.
+2. ``plugin = cls(cfg.<name>)`` after parsing; then, in order:
+   - ``setup(cfg, is_main_process)`` before the model loads (check datasets, prepare weights on rank 0);
+   - ``on_model_ready(vla, cfg) -> list of extra trainable parameters`` after the LoRA wrap, before DDP;
+   - ``loss(vla, batch, output, step) -> (term or None, metrics)`` inside the autocast block, after the forward;
+     the script adds the term to its loss and logs the metrics with its own logger;
+   - ``on_save(save_dir, is_main_process)`` beside every adapter the script saves; ``on_resume(save_dir)``;
+   - ``on_end()`` when training stops.
+A disabled plugin does nothing at every point, so the script computes what the stock one computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..aligner import CONFIG_NAME, Aligner
+from ..config import AlignConfig
+from .env import warn_if_broken
+
+logger = logging.getLogger(__name__)
+
+# This module is what the patched finetune.py imports: warn there, where a broken stack costs a training run.
+warn_if_broken()
+
+ENTRY_POINT_GROUP = "openvla.finetune_plugins"
+SIDECAR_DIR = "align"
+
+
+class FinetunePlugin:
+    """Base class with no-op lifecycle points; subclasses set ``name`` and ``config_cls``."""
+
+    name: str = ""
+    config_cls: type = object
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    @property
+    def enabled(self) -> bool:
+        return bool(getattr(self.config, "enabled", False))
+
+    def setup(self, cfg: Any, is_main_process: bool = True) -> None:
+        return None
+
+    def on_model_ready(self, vla: nn.Module, cfg: Any) -> List[nn.Parameter]:
+        return []
+
+    def loss(self, vla: nn.Module, batch: Dict[str, Any], output: Any, step: int) -> Tuple[Optional[Tensor], dict]:
+        return None, {}
+
+    def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
+        return None
+
+    def on_resume(self, save_dir: Path) -> None:
+        return None
+
+    def on_end(self) -> None:
+        return None
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed
+    return None
+
+
+class AlignPlugin(FinetunePlugin):
+    """Visual Representation Alignment inside the stock finetune loop."""
+
+    name = "align"
+    config_cls = AlignConfig
+
+    def __init__(self, config: AlignConfig, teacher: Optional[nn.Module] = None):
+        super().__init__(config)
+        self.teacher = teacher  # given: use it; None: build the configured one from the registry
+        self.aligner: Optional[Aligner] = None
+
+    def on_model_ready(self, vla: nn.Module, cfg: Any = None) -> List[nn.Parameter]:
+        if not self.enabled:
+            return []
+        dist = _dist()
+        rank = dist.get_rank() if dist else 0
+        # Rank 0 resolves (and would convert/cache) teacher weights first, so the other ranks only read them.
+        if dist and rank != 0:
+            dist.barrier()
+        aligner = Aligner(self.config, self.teacher) if self.teacher is not None else Aligner.from_config(self.config)
+        self.aligner = aligner.attach(vla)
+        if dist and rank == 0:
+            dist.barrier()
+        self.check_identical_projectors()
+        return self.aligner.trainable_parameters()
+
+    def check_identical_projectors(self) -> str:
+        """Every rank must hold byte-identical projectors; a mismatch stops the job before step 0."""
+        fp = self.aligner.fingerprint()
+        dist = _dist()
+        if dist:
+            all_fps: List[Optional[str]] = [None] * dist.get_world_size()
+            dist.all_gather_object(all_fps, fp)
+            if len(set(all_fps)) != 1:
+                raise RuntimeError(
+                    f"Alignment projectors differ across ranks (hashes {all_fps}); every rank must build them from "
+                    f"the same projector_seed ({self.config.projector_seed}) and openvla-align version."
+                )
+        logger.info("alignment projector sha256 %s", fp)
+        return fp
+
+    def loss(self, vla: nn.Module, batch: Dict[str, Any], output: Any, step: int) -> Tuple[Optional[Tensor], dict]:
+        if self.aligner is None:
+            return None, {}
+        device = next(self.aligner.projectors.parameters()).device
+        out = self.aligner(pixel_values=batch["pixel_values"].to(device))
+        return out.loss, out.metrics
+
+    def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
+        if self.aligner is not None and is_main_process:
+            self.aligner.save(Path(save_dir) / SIDECAR_DIR)
+
+    def on_resume(self, save_dir: Path) -> None:
+        """Restore the projector(s) saved beside an adapter; a sidecar for another setup is refused unchanged."""
+        if self.aligner is None:
+            return
+        sidecar = Path(save_dir) / SIDECAR_DIR
+        saved = Aligner.load(sidecar, teacher=self.aligner.teacher)  # validates files and the teacher width
+        mismatched = [
+            f"{name}: saved {getattr(saved.config, name)!r}, now {getattr(self.config, name)!r}"
+            for name in ("teacher", "layers", "target", "projector", "projector_dim", "loss")
+            if getattr(saved.config, name) != getattr(self.config, name)
+        ]
+        if mismatched:
+            raise ValueError(
+                f"Cannot resume alignment from {sidecar / CONFIG_NAME}: " + "; ".join(mismatched) + ". Resume with the "
+                "settings the run was started with, or start a new run."
+            )
+        device = next(self.aligner.projectors.parameters()).device
+        self.aligner.projectors = saved.projectors.to(device)
+        self.check_identical_projectors()
+
+    def on_end(self) -> None:
+        if self.aligner is not None:
+            self.aligner.remove()
+
+
+def load_reference_projector(path: Path, layer: int = 16) -> Dict[str, torch.Tensor]:
+    """The reference implementation's ``alignment_projector/pytorch_model.bin`` as our projector state (keys
+    ``<layer>.net.<i>.*``). Read with ``weights_only=True``; nothing but tensors is ever unpickled."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_model.bin"
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"Cannot read {path} as a tensor-only state dict ({exc}).") from exc
+    if not isinstance(state, dict) or not state or not all(k.startswith("net.") for k in state):
+        raise ValueError(f"{path} is not a reference alignment projector (expected keys net.0.*, net.1.*, ...).")
+    return {f"{layer}.{k}": v for k, v in state.items()}

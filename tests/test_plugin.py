@@ -1,0 +1,131 @@
+"""openvla-align's finetune plugin driven the way the patched finetune.py drives it, on tiny models."""
+
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from openvla_align import AlignConfig
+from openvla_align.openvla.env import environment_problems, warn_if_broken
+from openvla_align.openvla.plugin import AlignPlugin, FinetunePlugin, load_reference_projector
+from openvla_align.testing import tiny_teacher
+
+from conftest import make_batch
+
+
+def _teacher():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tiny_teacher("c-radio-v3-l")
+
+
+def _lora(vla):
+    torch.manual_seed(0)
+    return get_peft_model(vla, LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="gaussian"))
+
+
+def _steps(model, plugin, tokenizer, n=2, extra=()):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    if extra:
+        opt.add_param_group({"params": list(extra)})
+    model.train()
+    metrics = {}
+    for step in range(n):
+        batch = make_batch(tokenizer, 2, seed=step)
+        out = model(**batch)
+        term, metrics = plugin.loss(model, batch, out, step)
+        loss = out.loss if term is None else out.loss + term
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return metrics
+
+
+def test_disabled_plugin_changes_nothing(vla, tokenizer):
+    plugin = AlignPlugin(AlignConfig(enabled=False))
+    model = _lora(vla)
+    assert plugin.on_model_ready(model) == []
+    batch = make_batch(tokenizer, 2)
+    out = model(**batch)
+    assert plugin.loss(model, batch, out, 0) == (None, {})
+    assert isinstance(plugin, FinetunePlugin) and plugin.name == "align" and plugin.config_cls is AlignConfig
+
+
+def test_train_save_resume(vla, tokenizer, tmp_path):
+    cfg = AlignConfig(enabled=True, layers=(8, 16), projector_dim=32)
+    plugin = AlignPlugin(cfg, teacher=_teacher())
+    model = _lora(vla)
+    assert plugin.on_model_ready(model) == []  # frozen projector: nothing extra for the optimizer
+    metrics = _steps(model, plugin, tokenizer)
+    assert {"align/loss", "align/cos_layer8", "align/cos_layer16"} <= set(metrics)
+    plugin.on_save(tmp_path / "step-2")
+    assert (tmp_path / "step-2" / "align" / "projector.safetensors").is_file()
+    fp = plugin.aligner.fingerprint()
+    plugin.on_end()
+
+    resumed = AlignPlugin(AlignConfig(enabled=True, layers=(8, 16), projector_dim=32, projector_seed=5), _teacher())
+    resumed.on_model_ready(model)
+    assert resumed.aligner.fingerprint() != fp  # another seed builds another projector ...
+    with pytest.raises(ValueError, match=r"layers: saved \(8, 16\), now \(16,\)"):
+        other = AlignPlugin(AlignConfig(enabled=True, layers=(16,), projector_dim=32), _teacher())
+        other.on_model_ready(model)
+        other.on_resume(tmp_path / "step-2")
+    assert other.aligner.fingerprint() != fp  # ... and a refused resume changed nothing
+    resumed.on_resume(tmp_path / "step-2")
+    assert resumed.aligner.fingerprint() == fp  # ... which the resume replaces with the saved one
+
+
+def test_resume_refuses_corrupt_sidecar(vla, tmp_path):
+    plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=32), _teacher())
+    plugin.on_model_ready(vla)
+    plugin.on_save(tmp_path)
+    (tmp_path / "align" / "projector.safetensors").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        plugin.on_resume(tmp_path)
+
+
+def test_trainable_projector_goes_to_the_optimizer(vla, tokenizer):
+    plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=32, freeze_projector=False), _teacher())
+    model = _lora(vla)
+    extra = plugin.on_model_ready(model)
+    assert len(extra) == 8
+    before = plugin.aligner.fingerprint()
+    _steps(model, plugin, tokenizer, n=1, extra=extra)
+    assert plugin.aligner.fingerprint() != before
+
+
+def test_reference_projector_imports(tmp_path, vla):
+    ref = torch.nn.Module()
+    ref.net = torch.nn.Sequential(
+        torch.nn.LayerNorm(64),
+        torch.nn.Linear(64, 32),
+        torch.nn.SiLU(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(32, 32),
+        torch.nn.SiLU(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(32, 32),
+    )  # the reference's AlignmentProjector layout, saved as its state_dict
+    (tmp_path / "alignment_projector").mkdir()
+    torch.save(ref.state_dict(), tmp_path / "alignment_projector" / "pytorch_model.bin")
+    state = load_reference_projector(tmp_path / "alignment_projector")
+    plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=32), _teacher())
+    plugin.on_model_ready(vla)
+    plugin.aligner.load_projectors(state)
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(plugin.aligner.projectors["16"](x), ref.eval().net(x))
+    torch.save({"other.weight": torch.zeros(1)}, tmp_path / "bad.bin")
+    with pytest.raises(ValueError, match="not a reference alignment projector"):
+        load_reference_projector(tmp_path / "bad.bin")
+
+
+def test_environment_warnings():
+    ok = {"transformers": "4.40.1", "timm": "0.9.10", "torch": "2.2.0", "tokenizers": "0.19.1", "peft": "0.11.1"}
+    assert environment_problems(ok) == []
+    bad = dict(ok, transformers="4.50.0", timm="1.0.3")
+    problems = environment_problems(bad)
+    assert any("transformers 4.50.0" in p and "without the image" in p for p in problems)
+    assert any("timm 1.0.3" in p for p in problems)
+    with pytest.warns(UserWarning, match="breaks OpenVLA fine-tuning: transformers 4.50.0"):
+        warn_if_broken(bad)
