@@ -68,10 +68,11 @@ def _mismatch_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from conftest import PatchTeacher
         from openvla_align import AlignConfig
         from openvla_align.openvla.plugin import AlignPlugin
         from openvla_align.testing import build_tiny_vla, build_tokenizer
+
+        from conftest import PatchTeacher
 
         vla = build_tiny_vla(seed=0, vocab_size=len(build_tokenizer()))
         # A misconfigured job: rank 1 runs with another projector seed.
