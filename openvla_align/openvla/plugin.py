@@ -87,6 +87,15 @@ class AlignPlugin(FinetunePlugin):
         self.teacher = teacher  # given: use it; None: build the configured one from the registry
         self.aligner: Optional[Aligner] = None
 
+    def setup(self, cfg: Any, is_main_process: bool = True) -> None:
+        """Register the paper's datasets, then check the requested one exists before the 7B model loads."""
+        from .datasets import check_dataset, register_paper_datasets
+
+        added = register_paper_datasets()
+        if added and is_main_process:
+            logger.info("registered the paper's RLDS datasets %s", added)
+        check_dataset(cfg.data_root_dir, cfg.dataset_name)
+
     def on_model_ready(self, vla: nn.Module, cfg: Any = None) -> List[nn.Parameter]:
         if not self.enabled:
             return []

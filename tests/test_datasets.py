@@ -1,0 +1,91 @@
+"""Registering the paper's datasets into OpenVLA's registries, and the early dataset check."""
+
+import os
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+
+from openvla_align import AlignConfig
+from openvla_align.openvla.datasets import PAPER_DATASETS, check_dataset, register_paper_datasets
+from openvla_align.openvla.plugin import AlignPlugin
+
+STAND_IN = {
+    "configs.py": """
+        from enum import IntEnum
+        class StateEncoding(IntEnum):
+            NONE = -1
+        class ActionEncoding(IntEnum):
+            EEF_POS = 1
+        OXE_DATASET_CONFIGS = {"bridge_orig": {"image_obs_keys": {"primary": "image_0"}}}
+    """,
+    "transforms.py": "OXE_STANDARDIZATION_TRANSFORMS = {'bridge_orig': lambda t: t}\n",
+    "mixtures.py": "OXE_NAMED_MIXTURES = {'bridge_mix': [('bridge_orig', 1.0)]}\n",
+}
+
+
+def _clear_prismatic():
+    for name in [m for m in sys.modules if m == "prismatic" or m.startswith("prismatic.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def prismatic(tmp_path, monkeypatch):
+    """A stand-in with upstream's module paths and registry names (the real one needs tensorflow; see below)."""
+    pkg = tmp_path / "src" / "prismatic" / "vla" / "datasets" / "rlds" / "oxe"
+    pkg.mkdir(parents=True)
+    for part in pkg.relative_to(tmp_path / "src").parents:
+        (tmp_path / "src" / part / "__init__.py").touch()
+    (pkg / "__init__.py").touch()
+    for name, body in STAND_IN.items():
+        (pkg / name).write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    _clear_prismatic()
+    yield
+    _clear_prismatic()
+
+
+def test_registers_once_with_the_papers_settings(prismatic):
+    assert register_paper_datasets() == list(PAPER_DATASETS)
+    assert register_paper_datasets() == []  # idempotent
+    from prismatic.vla.datasets.rlds.oxe import configs, transforms
+
+    for name in PAPER_DATASETS:
+        cfg = configs.OXE_DATASET_CONFIGS[name]
+        assert cfg["image_obs_keys"] == {"primary": "image"} and cfg["depth_obs_keys"] == {}
+        assert cfg["state_obs_keys"] == [] and cfg["action_encoding"] is configs.ActionEncoding.EEF_POS
+        traj = {"action": [1]}
+        assert transforms.OXE_STANDARDIZATION_TRANSFORMS[name](traj) is traj
+
+
+def test_check_dataset(prismatic, tmp_path):
+    register_paper_datasets()
+    root = tmp_path / "rlds"
+    with pytest.raises(ValueError, match="'nope' is neither a registered dataset nor a named mixture"):
+        check_dataset(root, "nope")
+    with pytest.raises(FileNotFoundError, match=r"lacks the RLDS build of \['sft'\].*sft/<version>/dataset_info.json"):
+        check_dataset(root, "sft")
+    (root / "sft" / "1.0.0").mkdir(parents=True)
+    (root / "sft" / "1.0.0" / "dataset_info.json").write_text("{}")
+    assert check_dataset(root, "sft") == root
+    with pytest.raises(FileNotFoundError, match=r"\['bridge_orig'\]"):
+        check_dataset(root, "bridge_mix")
+
+
+def test_plugin_setup_checks_before_the_model_loads(prismatic, tmp_path):
+    plugin = AlignPlugin(AlignConfig(enabled=True))
+    with pytest.raises(FileNotFoundError, match="lacks the RLDS build"):
+        plugin.setup(SimpleNamespace(data_root_dir=tmp_path, dataset_name="warmup"))
+
+
+@pytest.mark.skipif(not os.environ.get("OPENVLA_SRC"), reason="set OPENVLA_SRC to an OpenVLA checkout to run")
+def test_real_registries(monkeypatch):
+    pytest.importorskip("tensorflow", reason="upstream's transforms module imports tensorflow")
+    monkeypatch.syspath_prepend(os.environ["OPENVLA_SRC"])
+    _clear_prismatic()
+    register_paper_datasets()
+    from prismatic.vla.datasets.rlds.oxe.materialize import make_oxe_dataset_kwargs
+
+    kwargs = make_oxe_dataset_kwargs("sft", "/data")
+    assert kwargs["image_obs_keys"] == {"primary": "image"} and kwargs["action_normalization_mask"][-1] is False
