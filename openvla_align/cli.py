@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in (linear, attention, tsne, vlthink):
         module.add_parser(probe_sub)
+
+    from .openvla import merge
+
+    merge.add_parser(sub)
     return parser
 
 
