@@ -59,6 +59,7 @@ class TinyVLAConfig(PretrainedConfig):
         self.vocab_size = vocab_size
         self.attn_implementation_llm = attn_implementation_llm
         self.lm_head_std = lm_head_std
+        kwargs.setdefault("tie_word_embeddings", False)  # Llama-2, like OpenVLA's LLM, has an untied output head
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
     def llama_config(self) -> LlamaConfig:
@@ -176,6 +177,10 @@ class TinyOpenVLA(PreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
+
+    def tie_weights(self, *args, **kwargs) -> None:
+        # As upstream's Prismatic model: defer to the LLM (a no-op for Llama-2's untied head).
+        self.language_model.tie_weights()
 
     def forward(
         self,
