@@ -1,0 +1,358 @@
+"""Tiny assets for end-to-end tests against a real OpenVLA checkout (``OPENVLA_SRC``).
+
+* :func:`build_tiny_openvla_checkpoint` writes a random-weight OpenVLA built from upstream's own HF classes
+  (``prismatic/extern/hf``), loadable with ``AutoModelForVision2Seq`` / ``AutoProcessor`` and
+  ``trust_remote_code=True``.
+* :func:`write_tiny_rlds` writes a tensorflow-datasets RLDS build in the paper's schema.
+
+Everything upstream is imported at call time; nothing from OpenVLA is vendored into this repository (the three
+``prismatic/extern/hf/*.py`` files are copied next to the weights only, at runtime).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+HF_FILES = ("configuration_prismatic.py", "modeling_prismatic.py", "processing_prismatic.py")
+# The same shape as the released openvla/openvla-7b files.
+MODEL_AUTO_MAP = {
+    "AutoConfig": "configuration_prismatic.OpenVLAConfig",
+    "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
+}
+PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
+    "AutoProcessor": "processing_prismatic.PrismaticProcessor",
+}
+TINY_TIMM_IDS = ["vit_small_patch14_reg4_dinov2.lvd142m", "vit_small_patch14_reg4_dinov2.lvd142m"]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+ACTION_DIM = 7
+RARE_CHAR_START, N_RARE_CHARS = 0x4E00, 320  # CJK unified ideographs
+
+
+def openvla_src(src: Optional[os.PathLike] = None) -> Path:
+    """The OpenVLA checkout (argument, else ``$OPENVLA_SRC``), put on ``sys.path`` so ``prismatic`` imports."""
+    src = src if src is not None else os.environ.get("OPENVLA_SRC")
+    if not src:
+        raise RuntimeError("Set OPENVLA_SRC to an OpenVLA checkout (the directory holding `prismatic/`).")
+    path = Path(src).resolve()
+    if not (path / "prismatic" / "extern" / "hf").is_dir():
+        raise FileNotFoundError(f"{path} is not an OpenVLA checkout: prismatic/extern/hf is missing")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    return path
+
+
+def _hf_module(name: str):
+    return importlib.import_module(f"prismatic.extern.hf.{name}")
+
+
+# --------------------------------------------------------------------------------------------------- tokenizer
+def _corpus(rng: np.random.Generator, n_lines: int = 4000):
+    words = (
+        "pick place put the red blue green block cube bowl on in to open close drawer robot action should take "
+        "what move left right In: Out: ? up down grasp push pull a of and with"
+    ).split()
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    for _ in range(n_lines):
+        parts = []
+        for _ in range(int(rng.integers(4, 14))):
+            if rng.random() < 0.6:
+                parts.append(words[int(rng.integers(len(words)))])
+            else:
+                parts.append("".join(rng.choice(letters, size=int(rng.integers(2, 9)))))
+        yield " ".join(parts)
+    # Rare single characters, each seen twice: sentencepiece appends characters after the merges, least frequent
+    # last, so these fill the top of the vocabulary -- like the CJK tail of Llama-2's -- and stay atomic when the
+    # action string is re-tokenized inside a prompt.
+    rare = [chr(RARE_CHAR_START + i) for i in range(N_RARE_CHARS)]
+    for _ in range(2):
+        yield " ".join(rare)
+
+
+def build_tiny_llama_tokenizer(out_dir: os.PathLike, vocab_size: int = 1024, seed: int = 0):
+    """Train a Llama-style sentencepiece BPE offline (unk=0, bos=1, eos=2, byte fallback) and add ``<PAD>``."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_corpus(np.random.default_rng(seed)),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        add_dummy_prefix=True,
+        normalization_rule_name="identity",
+        split_digits=True,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    spm_path = out_dir / "tokenizer.model"
+    spm_path.write_bytes(model.getvalue())
+    tokenizer = LlamaTokenizerFast(vocab_file=str(spm_path), legacy=True, add_bos_token=True, add_eos_token=False)
+    tokenizer.add_special_tokens({"pad_token": "<PAD>"})  # as OpenVLA: pad id == base vocab size
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = 2048
+    _check_action_tail(tokenizer)
+    return tokenizer
+
+
+def _check_action_tail(tokenizer, n_bins: int = 256) -> None:
+    """The top ``n_bins`` base ids must survive decode -> re-encode inside a prompt (as RLDSBatchTransform does)."""
+    top = tokenizer.vocab_size
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = rng.integers(top - n_bins, top, ACTION_DIM).tolist()
+        text = "In: What action should the robot take to pick up the block?\nOut: " + tokenizer.decode(ids)
+        encoded = tokenizer(text, add_special_tokens=False).input_ids
+        if encoded[-ACTION_DIM:] != ids:
+            raise RuntimeError(f"tiny tokenizer: action ids {ids} re-tokenize as {encoded[-ACTION_DIM:]}")
+
+
+# --------------------------------------------------------------------------------------------------- checkpoint
+def _norm_stats(dataset: str, rng: np.random.Generator) -> Dict:
+    low = -np.abs(rng.normal(0.5, 0.1, ACTION_DIM))
+    high = np.abs(rng.normal(0.5, 0.1, ACTION_DIM))
+    action = {
+        "mean": ((low + high) / 2).tolist(),
+        "std": ((high - low) / 4).tolist(),
+        "max": (high * 1.1).tolist(),
+        "min": (low * 1.1).tolist(),
+        "q01": low.tolist(),
+        "q99": high.tolist(),
+        "mask": [True] * (ACTION_DIM - 1) + [False],
+    }
+    proprio = {k: [0.0] * ACTION_DIM for k in ("mean", "std", "max", "min", "q01", "q99")}
+    return {dataset: {"action": action, "proprio": proprio, "num_transitions": 30, "num_trajectories": 6}}
+
+
+def build_tiny_openvla_checkpoint(
+    out_dir: os.PathLike,
+    seed: int = 0,
+    *,
+    src: Optional[os.PathLike] = None,
+    dataset: str = "sft",
+    hidden_size: int = 64,
+    num_layers: int = 18,
+    vocab_size: int = 1024,
+) -> Path:
+    """Save a tiny random OpenVLA (upstream classes) + processor to ``out_dir``; returns ``out_dir``.
+
+    Fused DINOv2/SigLIP-style backbone shape (two ViT-S/14 towers at 224 px => 256 patches), an 18-layer Llama of
+    width ``hidden_size``, 256 action bins, norm stats under ``dataset``. Loads with the stock AutoClasses and
+    ``trust_remote_code=True``.
+    """
+    import torch
+    from transformers import LlamaConfig
+
+    src_path = openvla_src(src)
+    cfg_mod, model_mod, proc_mod = (_hf_module(n.removesuffix(".py")) for n in HF_FILES)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    tokenizer = build_tiny_llama_tokenizer(out_dir / "_spm", vocab_size=vocab_size, seed=seed)
+    pad_id = tokenizer.pad_token_id
+    pad_multiple = 64
+    padded_vocab = ((len(tokenizer) + pad_multiple - 1) // pad_multiple) * pad_multiple
+
+    text_config = LlamaConfig(
+        vocab_size=padded_vocab,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        pad_token_id=pad_id,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float32",
+    ).to_dict()
+    config = cfg_mod.OpenVLAConfig(
+        vision_backbone_id="dinosiglip-vit-so-224px",
+        llm_backbone_id="llama2-7b-pure",
+        arch_specifier="no-align+fused-gelu-mlp",
+        use_fused_vision_backbone=True,
+        image_resize_strategy="resize-naive",
+        text_config=text_config,
+        llm_max_length=2048,
+        pad_token_id=pad_id,
+        pad_to_multiple_of=pad_multiple,
+        norm_stats=_norm_stats(dataset, rng),
+        n_action_bins=256,
+        # Extra kwargs land as attributes after the backbone-id lookup, so these override the 7B towers.
+        timm_model_ids=list(TINY_TIMM_IDS),
+        timm_override_act_layers=[None, None],
+        image_sizes=[224, 224],
+        torch_dtype="float32",
+    )
+    assert config.timm_model_ids == TINY_TIMM_IDS, config.timm_model_ids
+    config.auto_map = dict(MODEL_AUTO_MAP)
+
+    torch.manual_seed(seed)
+    model = model_mod.OpenVLAForActionPrediction(config).float().eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+    image_processor = proc_mod.PrismaticImageProcessor(
+        use_fused_vision_backbone=True,
+        image_resize_strategy="resize-naive",
+        input_sizes=[(3, 224, 224), (3, 224, 224)],
+        interpolations=["bicubic", "bicubic"],
+        means=[IMAGENET_MEAN, (0.5, 0.5, 0.5)],
+        stds=[IMAGENET_STD, (0.5, 0.5, 0.5)],
+    )
+    processor = proc_mod.PrismaticProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    # auto_map makes AutoProcessor/AutoImageProcessor resolve the remote code; register_for_auto_class writes it.
+    image_processor.auto_map = dict(PROCESSOR_AUTO_MAP)
+    processor.save_pretrained(out_dir)
+    _patch_json(out_dir / "preprocessor_config.json", {"auto_map": dict(PROCESSOR_AUTO_MAP)})
+    _patch_json(
+        out_dir / "processor_config.json",
+        {"auto_map": {"AutoProcessor": PROCESSOR_AUTO_MAP["AutoProcessor"]}, "processor_class": "PrismaticProcessor"},
+        create=True,
+    )
+    _patch_json(
+        out_dir / "tokenizer_config.json",
+        {"processor_class": "PrismaticProcessor", "auto_map": {"AutoProcessor": PROCESSOR_AUTO_MAP["AutoProcessor"]}},
+    )
+    shutil.rmtree(out_dir / "_spm", ignore_errors=True)
+
+    hf_dir = src_path / "prismatic" / "extern" / "hf"
+    for name in HF_FILES:
+        shutil.copyfile(hf_dir / name, out_dir / name)
+    return out_dir
+
+
+def _patch_json(path: Path, update: Dict, create: bool = False) -> None:
+    import json
+
+    if not path.exists() and not create:
+        return
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(update)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------- RLDS
+def _scene(rng: np.random.Generator, size: int) -> np.ndarray:
+    img = np.full((size, size, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+    for _ in range(3):
+        y, x = rng.integers(0, size - size // 4, 2)
+        h, w = rng.integers(size // 8, size // 4, 2)
+        img[y : y + h, x : x + w] = rng.integers(0, 256, 3)
+    return img
+
+
+def write_tiny_rlds(
+    root: os.PathLike, name: str = "sft", episodes: int = 6, steps: int = 5, seed: int = 0, image_size: int = 64
+) -> Path:
+    """Build ``root/name/1.0.0/`` with tensorflow-datasets in the paper's RLDS schema; returns that directory."""
+    import tensorflow_datasets as tfds
+
+    root = Path(root)
+    instructions = ["pick up the red block", "put the cube in the bowl", "open the drawer", "push the blue cube left"]
+
+    def make_episodes():
+        rng = np.random.default_rng(seed)
+        for ep in range(episodes):
+            text = instructions[ep % len(instructions)]
+            traj = []
+            for t in range(steps):
+                action = rng.uniform(-0.4, 0.4, ACTION_DIM).astype(np.float32)
+                action[-1] = float(rng.random() < 0.5)
+                traj.append(
+                    {
+                        "observation": {"image": _scene(rng, image_size)},
+                        "language_instruction": text,
+                        "action": action,
+                        "reward": np.float32(t == steps - 1),
+                        "discount": np.float32(1.0),
+                        "is_first": t == 0,
+                        "is_last": t == steps - 1,
+                        "is_terminal": t == steps - 1,
+                    }
+                )
+            path = f"/tiny/{name}/episode_{ep}.npy"
+            yield path, {"steps": traj, "episode_metadata": {"file_path": path}}
+
+    features = tfds.features.FeaturesDict(
+        {
+            "steps": tfds.features.Dataset(
+                {
+                    "observation": tfds.features.FeaturesDict(
+                        {
+                            "image": tfds.features.Image(
+                                shape=(image_size, image_size, 3), dtype=np.uint8, encoding_format="jpeg"
+                            )
+                        }
+                    ),
+                    "language_instruction": tfds.features.Text(),
+                    "action": tfds.features.Tensor(shape=(ACTION_DIM,), dtype=np.float32),
+                    "reward": tfds.features.Scalar(dtype=np.float32),
+                    "discount": tfds.features.Scalar(dtype=np.float32),
+                    "is_first": tfds.features.Scalar(dtype=np.bool_),
+                    "is_last": tfds.features.Scalar(dtype=np.bool_),
+                    "is_terminal": tfds.features.Scalar(dtype=np.bool_),
+                }
+            ),
+            "episode_metadata": tfds.features.FeaturesDict({"file_path": tfds.features.Text()}),
+        }
+    )
+
+    with tfds.core.registered.skip_registration():
+        builder_cls = type(
+            f"TinyRlds_{name}_{seed}",
+            (tfds.core.GeneratorBasedBuilder,),
+            {
+                "name": name,
+                "VERSION": tfds.core.Version("1.0.0"),
+                "RELEASE_NOTES": {"1.0.0": "tiny generated episodes"},
+                "_info": lambda self: tfds.core.DatasetInfo(builder=self, features=features),
+                "_split_generators": lambda self, dl_manager: {"train": make_episodes()},
+                "_generate_examples": lambda self: make_episodes(),
+            },
+        )
+    builder = builder_cls(data_dir=str(root))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return root / name / "1.0.0"
+
+
+def tiny_rlds_dataset(root: os.PathLike, processor, name: str = "sft", shuffle_buffer_size: int = 100):
+    """Upstream's ``RLDSDataset`` over :func:`write_tiny_rlds`'s build, with the batch transform finetune.py uses."""
+    from prismatic.models.backbones.llm.prompting import PurePromptBuilder
+    from prismatic.vla.action_tokenizer import ActionTokenizer
+    from prismatic.vla.datasets import RLDSBatchTransform, RLDSDataset
+
+    from openvla_align.openvla.datasets import register_paper_datasets
+
+    register_paper_datasets()
+    transform = RLDSBatchTransform(
+        ActionTokenizer(processor.tokenizer),
+        processor.tokenizer,
+        image_transform=processor.image_processor.apply_transform,
+        prompt_builder_fn=PurePromptBuilder,
+    )
+    return RLDSDataset(
+        Path(root),
+        name,
+        transform,
+        resize_resolution=(224, 224),
+        shuffle_buffer_size=shuffle_buffer_size,
+        image_aug=False,
+    )
