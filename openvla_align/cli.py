@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (linear, attention, tsne, vlthink):
         module.add_parser(probe_sub)
 
-    from .openvla import merge
+    from .openvla import merge, patch
 
     merge.add_parser(sub)
+    patch.add_parser(sub)
     return parser
 
 

@@ -17,8 +17,9 @@ PROJECTORS = ("mlp", "linear")
 TARGETS = ("backbone", "encoder")
 
 
-def _help(text: str) -> Dict[str, str]:
-    return {"help": text}
+def _help(text: str) -> Dict[str, Any]:
+    # draccus reads `custom_args`; `help` is the conventional key other tools (and readers) look for.
+    return {"help": text, "custom_args": {"help": text}}
 
 
 @dataclass

@@ -46,3 +46,12 @@ def test_draccus_parses_cli_flags(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["x", "--enabled", "true", "--layers", "[8,16]", "--teacher", "dinov2-vit-l"])
     cfg = draccus.parse(AlignConfig)
     assert cfg.enabled and cfg.layers == (8, 16) and cfg.teacher == "dinov2-vit-l"
+
+
+def test_draccus_help_lists_field_help(monkeypatch, capsys):
+    import draccus
+
+    monkeypatch.setattr(sys, "argv", ["x", "--help"])
+    with pytest.raises(SystemExit):
+        draccus.parse(AlignConfig)
+    assert "Weight of the alignment loss" in capsys.readouterr().out

@@ -89,3 +89,11 @@ def test_real_registries(monkeypatch):
 
     kwargs = make_oxe_dataset_kwargs("sft", "/data")
     assert kwargs["image_obs_keys"] == {"primary": "image"} and kwargs["action_normalization_mask"][-1] is False
+
+
+def test_disabled_plugin_registers_but_never_checks(prismatic, tmp_path):
+    plugin = AlignPlugin(AlignConfig(enabled=False))
+    plugin.setup(SimpleNamespace(data_root_dir=tmp_path, dataset_name="anything_upstream_knows"))
+    from prismatic.vla.datasets.rlds.oxe import configs
+
+    assert set(PAPER_DATASETS) <= set(configs.OXE_DATASET_CONFIGS)

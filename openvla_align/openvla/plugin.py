@@ -10,7 +10,8 @@ The patch (``patches/``) adds a generic mechanism to the stock script, not an op
    - ``on_model_ready(vla, cfg) -> list of extra trainable parameters`` after the LoRA wrap, before DDP;
    - ``loss(vla, batch, output, step) -> (term or None, metrics)`` inside the autocast block, after the forward;
      the script adds the term to its loss and logs the metrics with its own logger;
-   - ``on_save(save_dir, is_main_process)`` beside every adapter the script saves; ``on_resume(save_dir)``;
+   - ``on_save(save_dir, is_main_process)`` beside every adapter the script saves (``save_dir`` is the staging
+     directory of an atomic save; only the main process writes); ``on_resume(save_dir)``;
    - ``on_end()`` when training stops.
 A disabled plugin does nothing at every point, so the script computes what the stock one computes.
 """
@@ -88,13 +89,15 @@ class AlignPlugin(FinetunePlugin):
         self.aligner: Optional[Aligner] = None
 
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
-        """Register the paper's datasets, then check the requested one exists before the 7B model loads."""
+        """Register the paper's datasets (also for plain-SFT runs on them; names upstream lacks, nothing else
+        changes), and, when alignment is on, check the requested dataset exists before the 7B model loads."""
         from .datasets import check_dataset, register_paper_datasets
 
         added = register_paper_datasets()
         if added and is_main_process:
             logger.info("registered the paper's RLDS datasets %s", added)
-        check_dataset(cfg.data_root_dir, cfg.dataset_name)
+        if self.enabled:
+            check_dataset(cfg.data_root_dir, cfg.dataset_name)
 
     def on_model_ready(self, vla: nn.Module, cfg: Any = None) -> List[nn.Parameter]:
         if not self.enabled:

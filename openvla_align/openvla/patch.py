@@ -1,0 +1,369 @@
+"""`openvla-align patch PATH [--check | --revert]`: add the finetune-plugin mechanism to OpenVLA's finetune.py.
+
+PATH is an OpenVLA checkout (its ``vla-scripts/finetune.py`` is patched) or a finetune.py file. The patch
+(``patches/finetune.patch``) was written for one upstream revision of that file; ``patches/finetune.json`` records
+the SHA-256 of the file before and after patching. Only a file with one of those two hashes is ever touched:
+
+    unpatched  the upstream file: patching applies every hunk in Python (no ``patch``/``git`` binary), checks the
+               result's hash, keeps the original as ``finetune.py.orig`` and replaces the file atomically;
+    patched    nothing to do ("already patched");
+    unknown    a locally edited or different finetune.py (or not finetune.py at all): refused, nothing changes.
+
+``--revert`` restores the original bytes (from ``finetune.py.orig`` when its hash is upstream's, otherwise by
+reversing the hunks) and checks the hash again. Exit codes: 0 success / nothing to do; 1 refused or error.
+``--check`` prints the state (first word: unpatched, patched or unknown) and exits 0 for unpatched or patched,
+1 for unknown (or a missing file), so ``openvla-align patch --check PATH`` tells whether PATH is safe to patch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+MANIFEST = "finetune.json"
+BACKUP_SUFFIX = ".orig"
+UNPATCHED, PATCHED, UNKNOWN = "unpatched", "patched", "unknown"
+
+_HUNK_HEADER = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+
+
+class PatchError(RuntimeError):
+    """The patch does not fit the file (or the patch files are missing); nothing was changed."""
+
+
+@dataclass
+class Hunk:
+    old_start: int
+    old_len: int
+    new_start: int
+    new_len: int
+    lines: List[Tuple[str, str]] = field(default_factory=list)  # (" ", "-" or "+", line text with its newline)
+
+    @property
+    def added(self) -> int:
+        return sum(tag == "+" for tag, _ in self.lines)
+
+    @property
+    def removed(self) -> int:
+        return sum(tag == "-" for tag, _ in self.lines)
+
+    def header(self) -> str:
+        return f"@@ -{self.old_start},{self.old_len} +{self.new_start},{self.new_len} @@"
+
+    def summary(self, width: int = 64) -> str:
+        """The hunk's first added comment (else its first added line), to say what it does."""
+        added = [" ".join(s.split()) for t, s in self.lines if t == "+" and s.strip()]
+        text = next((s for s in added if s.startswith("#")), added[0] if added else "(removes lines)")
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    def reversed(self) -> "Hunk":
+        swap = {"+": "-", "-": "+", " ": " "}
+        return Hunk(self.new_start, self.new_len, self.old_start, self.old_len, [(swap[t], s) for t, s in self.lines])
+
+
+@dataclass
+class Patch:
+    target: str  # path inside an OpenVLA checkout, e.g. vla-scripts/finetune.py
+    upstream_sha256: str
+    patched_sha256: str
+    upstream_commit: str
+    hunks: List[Hunk]
+    source: Path
+
+
+def split_lines(text: str) -> List[str]:
+    """Lines with their ``\\n`` (only ``\\n`` separates lines, unlike ``str.splitlines``)."""
+    parts = text.split("\n")
+    lines = [p + "\n" for p in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+def parse_unified_diff(text: str) -> List[Hunk]:
+    """Hunks of a single-file unified diff; text before the first hunk (description, ---/+++ lines) is skipped."""
+    hunks: List[Hunk] = []
+    lines = split_lines(text)
+    i = 0
+    while i < len(lines):
+        m = _HUNK_HEADER.match(lines[i])
+        i += 1
+        if not m:
+            continue
+        old_start, old_len, new_start, new_len = (int(g) if g is not None else 1 for g in m.groups())
+        hunk = Hunk(old_start, old_len, new_start, new_len)
+        old_seen = new_seen = 0
+        while old_seen < old_len or new_seen < new_len:
+            if i >= len(lines):
+                raise PatchError(f"patch ends inside hunk {hunk.header()}")
+            line = lines[i]
+            i += 1
+            tag, body = (line[0], line[1:]) if line not in ("\n", "") else (" ", "\n")
+            if tag == "\\":  # "\ No newline at end of file" refers to the previous line
+                if hunk.lines:
+                    t, s = hunk.lines[-1]
+                    hunk.lines[-1] = (t, s[:-1] if s.endswith("\n") else s)
+                continue
+            if tag not in " -+":
+                raise PatchError(f"unexpected line in hunk {hunk.header()}: {line!r}")
+            hunk.lines.append((tag, body))
+            old_seen += tag in " -"
+            new_seen += tag in " +"
+        if i < len(lines) and lines[i].startswith("\\"):
+            t, s = hunk.lines[-1]
+            hunk.lines[-1] = (t, s[:-1] if s.endswith("\n") else s)
+            i += 1
+        hunks.append(hunk)
+    if not hunks:
+        raise PatchError("no hunks in the patch")
+    return hunks
+
+
+def apply_hunks(text: str, hunks: Sequence[Hunk]) -> str:
+    """Apply hunks at exactly their recorded line numbers; every context and removed line must match."""
+    src = split_lines(text)
+    out: List[str] = []
+    pos = 0
+    for n, hunk in enumerate(hunks, 1):
+        start = hunk.old_start - 1 if hunk.old_len else hunk.old_start
+        old = [s for t, s in hunk.lines if t in " -"]
+        if start < pos or src[start : start + len(old)] != old:
+            raise PatchError(f"hunk {n} ({hunk.header()}) does not match the file")
+        out.extend(src[pos:start])
+        out.extend(s for t, s in hunk.lines if t in " +")
+        pos = start + len(old)
+    out.extend(src[pos:])
+    return "".join(out)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def patch_dir() -> Path:
+    """``patches/`` next to the package (installed) or at the repository root (source checkout)."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parent / "patches", here.parents[2] / "patches"):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    raise PatchError(f"cannot find patches/{MANIFEST} beside the openvla_align package; reinstall openvla-align")
+
+
+def load_patch(directory: Optional[Path] = None) -> Patch:
+    directory = Path(directory) if directory is not None else patch_dir()
+    meta = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    source = directory / meta["patch"]
+    return Patch(
+        target=meta["target"],
+        upstream_sha256=meta["upstream"]["sha256"],
+        patched_sha256=meta["patched_sha256"],
+        upstream_commit=meta["upstream"]["commit"],
+        hunks=parse_unified_diff(source.read_text(encoding="utf-8")),
+        source=source,
+    )
+
+
+def resolve_target(path, patch: Patch) -> Path:
+    """PATH as given: a file is used as is; a directory is an OpenVLA checkout (or its vla-scripts/ folder)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for candidate in (path / patch.target, path / Path(patch.target).name):
+            if candidate.is_file():
+                return candidate
+        raise PatchError(f"{path} is not an OpenVLA checkout: it has no {patch.target}")
+    if not path.is_file():
+        raise PatchError(f"{path} does not exist")
+    return path
+
+
+def status(data: bytes, patch: Patch) -> str:
+    digest = sha256(data)
+    if digest == patch.upstream_sha256:
+        return UNPATCHED
+    if digest == patch.patched_sha256:
+        return PATCHED
+    return UNKNOWN
+
+
+def _backup_path(target: Path) -> Path:
+    return target.with_name(target.name + BACKUP_SUFFIX)
+
+
+def write_atomic(path: Path, data: bytes, mode: Optional[int] = None) -> None:
+    """Write a temporary file beside ``path`` and rename it into place (``path`` is never half-written)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _unknown_message(target: Path, data: bytes, patch: Patch) -> str:
+    digest = sha256(data)
+    lines = [
+        f"unknown: {target} (sha256 {digest[:16]}) is neither the finetune.py this patch was written for "
+        f"(openvla/openvla@{patch.upstream_commit[:12]}, sha256 {patch.upstream_sha256[:16]}) nor its patched version.",
+    ]
+    normalised = data.replace(b"\r\n", b"\n")
+    if normalised != data and status(normalised, patch) != UNKNOWN:
+        lines.append("  It differs only in CRLF line endings; check the file out with LF endings.")
+    else:
+        lines.append(
+            "  Local edits or another OpenVLA revision: restore the upstream file (`git checkout "
+            f"{patch.upstream_commit[:12]} -- {patch.target}` in the checkout) or port {patch.source.name} by hand."
+        )
+    backup = _backup_path(target)
+    if backup.is_file() and status(backup.read_bytes(), patch) == UNPATCHED:
+        lines.append(f"  The original upstream file is kept in {backup}.")
+    return "\n".join(lines)
+
+
+def _describe(hunks: Sequence[Hunk], verb: str) -> List[str]:
+    """One line per hunk of the patch (its header, lines added/removed, what it does) and a total."""
+    lines = []
+    for n, hunk in enumerate(hunks, 1):
+        lines.append(f"  hunk {n:2d} {hunk.header():<26} {f'+{hunk.added} -{hunk.removed}':<9} {hunk.summary()}")
+    added, removed = sum(h.added for h in hunks), sum(h.removed for h in hunks)
+    lines.append(f"  {verb} {len(hunks)} hunks of the patch (+{added} -{removed} lines)")
+    return lines
+
+
+def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
+    """Patch PATH (see the module docstring); returns the exit code."""
+    out = out or sys.stdout
+    patch = patch or load_patch()
+    target = resolve_target(path, patch)
+    data = target.read_bytes()
+    state = status(data, patch)
+    if state == PATCHED:
+        print(f"already patched: {target}", file=out)
+        return 0
+    if state == UNKNOWN:
+        print(_unknown_message(target, data, patch) + "\n  Nothing was changed.", file=out)
+        return 1
+    new = apply_hunks(data.decode("utf-8"), patch.hunks).encode("utf-8")
+    if sha256(new) != patch.patched_sha256:
+        raise PatchError("the patched file does not have the recorded hash; nothing was changed")
+    backup = _backup_path(target)
+    if backup.exists() and backup.read_bytes() != data:
+        print(
+            f"refused: {backup} exists and is not the upstream file; move it away and retry. Nothing was changed.",
+            file=out,
+        )
+        return 1
+    mode = target.stat().st_mode & 0o7777
+    if not backup.exists():
+        write_atomic(backup, data, mode)
+    write_atomic(target, new, mode)
+    print(f"patched: {target} (openvla/openvla@{patch.upstream_commit[:12]})", file=out)
+    print("\n".join(_describe(patch.hunks, "applied")), file=out)
+    print(f"  original kept as {backup}; undo with `openvla-align patch --revert {path}`", file=out)
+    return 0
+
+
+def revert_file(path, patch: Optional[Patch] = None, out=None) -> int:
+    """Restore the upstream file; returns the exit code."""
+    out = out or sys.stdout
+    patch = patch or load_patch()
+    target = resolve_target(path, patch)
+    data = target.read_bytes()
+    state = status(data, patch)
+    backup = _backup_path(target)
+    if state == UNPATCHED:
+        print(f"not patched, nothing to revert: {target}", file=out)
+        return 0
+    if state == UNKNOWN:
+        print(_unknown_message(target, data, patch) + "\n  Refusing to revert; nothing was changed.", file=out)
+        return 1
+    source = "reversed hunks"
+    original = None
+    if backup.is_file():
+        candidate = backup.read_bytes()
+        if status(candidate, patch) == UNPATCHED:
+            original, source = candidate, backup.name
+        else:
+            print(f"note: {backup} is not the upstream file; left alone, reversing the hunks instead", file=out)
+    if original is None:
+        original = apply_hunks(data.decode("utf-8"), [h.reversed() for h in patch.hunks]).encode("utf-8")
+        if status(original, patch) != UNPATCHED:
+            raise PatchError("reversing the hunks did not give the upstream file; nothing was changed")
+    write_atomic(target, original, target.stat().st_mode & 0o7777)
+    if source == backup.name:
+        backup.unlink()
+    print(f"reverted: {target} (from {source}; sha256 {patch.upstream_sha256[:16]} checked)", file=out)
+    print("\n".join(_describe(patch.hunks, "reverted")), file=out)
+    return 0
+
+
+def check_file(path, patch: Optional[Patch] = None, out=None) -> int:
+    """Print the state of PATH; returns 0 for unpatched/patched, 1 for unknown."""
+    out = out or sys.stdout
+    patch = patch or load_patch()
+    target = resolve_target(path, patch)
+    data = target.read_bytes()
+    state = status(data, patch)
+    if state == UNPATCHED:
+        print(f"unpatched: {target} is the upstream file (openvla/openvla@{patch.upstream_commit[:12]})", file=out)
+        print(f"  `openvla-align patch {path}` would apply {len(patch.hunks)} hunks", file=out)
+    elif state == PATCHED:
+        backup = _backup_path(target)
+        note = f"; original kept as {backup}" if backup.is_file() else ""
+        print(f"patched: {target}{note}", file=out)
+    else:
+        print(_unknown_message(target, data, patch), file=out)
+    return 1 if state == UNKNOWN else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.check:
+            return check_file(args.path)
+        if args.revert:
+            return revert_file(args.path)
+        return patch_file(args.path)
+    except (PatchError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``patch`` subcommand (``openvla-align patch``) to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "patch",
+        help="Add the finetune-plugin mechanism to an OpenVLA checkout's vla-scripts/finetune.py (once).",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", metavar="PATH", help="OpenVLA checkout, or its vla-scripts/finetune.py")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="report unpatched / patched / unknown; change nothing")
+    mode.add_argument("--revert", action="store_true", help="restore the original finetune.py")
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="openvla-align")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["patch", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

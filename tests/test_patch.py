@@ -1,0 +1,789 @@
+"""patches/finetune.patch and `openvla-align patch`.
+
+Always run: the patch files parse, the plugin helpers (the self-contained block between the patch's
+``>>> finetune-plugins`` / ``<<< finetune-plugins`` markers, taken from the patch's added lines) discover entry points
+of a throwaway distribution and extend a config that draccus parses from flags and YAML and shows in ``--help``.
+
+With ``OPENVLA_SRC`` (an OpenVLA checkout; the upstream file is not vendored) also: check / patch / re-patch / revert
+on a copy of it, refusal of edited or foreign files, and the patched script itself run on CPU under a shim (fake
+prismatic, wandb and HF auto classes around a tiny model; the shim lives here, never in the patch): no plugin gives
+the stock script's losses and files, a plugin's lifecycle and adapter-only checkpoints, and exact resume.
+"""
+
+import dataclasses
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from openvla_align.openvla import patch as P
+
+PATCH_DIR = P.patch_dir()  # patches/ at the repository root (or inside the package)
+TESTS_DIR = Path(__file__).resolve().parent
+OPENVLA_SRC = os.environ.get("OPENVLA_SRC")
+GROUP = "openvla.finetune_plugins"
+
+needs_upstream = pytest.mark.skipif(
+    not OPENVLA_SRC,
+    reason="needs upstream finetune.py: `mkdir -p /tmp/openvla_src && git -C /work/.mirror/openvla+openvla/repo "
+    "archive HEAD | tar -x -C /tmp/openvla_src`, then run with OPENVLA_SRC=/tmp/openvla_src",
+)
+
+
+# --- the patch's own text ---------------------------------------------------------------------------------------
+
+
+def added_text(patch_text: str) -> str:
+    """Every line the patch adds, without the leading ``+``."""
+    lines = P.split_lines(patch_text)
+    return "".join(line[1:] for line in lines if line.startswith("+") and not line.startswith("+++"))
+
+
+def plugin_block(source: str) -> str:
+    """The self-contained helper block, through the two module-level lines that use it."""
+    start = source.index("# >>> finetune-plugins")
+    tail = source.index("FinetuneConfig = extend_config(FinetuneConfig, FINETUNE_PLUGINS)\n", start)
+    return source[start : source.index("\n", tail) + 1]
+
+
+def block_functions(source: str) -> str:
+    return source[source.index("# >>> finetune-plugins") : source.index("# <<< finetune-plugins")]
+
+
+def exec_block(os_module=os) -> dict:
+    """Run only the helper functions of the patch, with the imports the patched script gives them."""
+    ns = {"__name__": "finetune_plugins_block", "dataclasses": dataclasses, "importlib": importlib}
+    ns.update(os=os_module, shutil=shutil, Path=Path)
+    exec(block_functions(added_text((PATCH_DIR / "finetune.patch").read_text())), ns)
+    return ns
+
+
+def test_patch_files_parse_and_agree():
+    patch = P.load_patch(PATCH_DIR)
+    assert patch.target == "vla-scripts/finetune.py"
+    assert len(patch.upstream_sha256) == len(patch.patched_sha256) == 64
+    assert len(patch.hunks) >= 5
+    for hunk in patch.hunks:  # the header counts match the body (parse_unified_diff enforces it too)
+        assert sum(t in " -" for t, _ in hunk.lines) == hunk.old_len
+        assert sum(t in " +" for t, _ in hunk.lines) == hunk.new_len
+    added = added_text(patch.source.read_text())
+    assert "openvla_align" not in added and "import openvla" not in added  # generic: no plugin package imported
+    assert P.patch_dir() == PATCH_DIR
+
+
+def test_apply_hunks_exact_and_reversible():
+    old = "a\nb\nc\nd\ne\nf\n"
+    diff = textwrap.dedent(
+        """\
+        header text is ignored
+        --- a/x.py
+        +++ b/x.py
+        @@ -1,3 +1,4 @@
+         a
+        +a2
+         b
+         c
+        @@ -5,2 +6,2 @@
+         e
+        -f
+        +F
+        \\ No newline at end of file
+        """
+    )
+    hunks = P.parse_unified_diff(diff)
+    new = P.apply_hunks(old, hunks)
+    assert new == "a\na2\nb\nc\nd\ne\nF"
+    assert P.apply_hunks(new, [h.reversed() for h in hunks]) == old
+    with pytest.raises(P.PatchError, match="hunk 2"):
+        P.apply_hunks(old.replace("e\n", "E\n"), hunks)
+
+
+# --- plugin discovery and config extension, for real (throwaway distributions on sys.path) ---------------------
+
+
+def make_dist(root: Path, entry_points: dict, module_name: str, module_src: str, group: str = GROUP) -> Path:
+    """A module and an installed-looking distribution (dist-info) declaring ``entry_points`` in ``group``."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{module_name}.py").write_text(textwrap.dedent(module_src))
+    info = root / f"{module_name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module_name}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{group}]\n{lines}")
+    return root
+
+
+TOY_PLUGIN = """
+    from dataclasses import dataclass
+    from typing import Tuple
+
+
+    @dataclass
+    class ToyConfig:
+        enabled: bool = False  # Toy switch
+        layers: Tuple[int, ...] = (16,)  # Toy layers
+        mode: str = "fast"  # Toy mode
+
+
+    class ToyPlugin:
+        name = "toy"
+        config_cls = ToyConfig
+
+        def __init__(self, config):
+            self.config = config
+
+
+    class SameNamePlugin:
+        name = "toy"
+        config_cls = ToyConfig
+
+
+    class NoConfigPlugin:
+        name = "noconf"
+
+
+    class NotDataclassPlugin:
+        name = "notdc"
+        config_cls = dict
+
+
+    class FieldNamePlugin:
+        name = "vla_path"
+        config_cls = ToyConfig
+"""
+
+
+@pytest.fixture
+def block():
+    return exec_block()
+
+
+@pytest.fixture
+def dist(tmp_path, monkeypatch):
+    """Write a throwaway distribution under a test-only entry-point group; returns (group, module name)."""
+
+    def make(entry_points):
+        module = f"toyplug_{uuid.uuid4().hex[:8]}"
+        group = f"openvla_align_tests.{module}"
+        eps = {name: value.format(m=module) for name, value in entry_points.items()}
+        monkeypatch.syspath_prepend(str(make_dist(tmp_path / "site", eps, module, TOY_PLUGIN, group)))
+        return group, module
+
+    return make
+
+
+def test_discovery_loads_plugin_classes(block, dist):
+    group, module = dist({"toy": "{m}:ToyPlugin", "toy-again": "{m}:ToyPlugin"})
+    plugins = block["discover_finetune_plugins"](group)
+    assert [(p.__module__, p.name) for p in plugins] == [(module, "toy")]  # one class behind two entry points
+    assert block["discover_finetune_plugins"]("openvla_align_tests.nothing_here") == []
+
+
+@pytest.mark.parametrize(
+    "entry, error, match",
+    [
+        ({"x": "{m}:NoConfigPlugin"}, TypeError, "needs a `name` and a dataclass `config_cls`"),
+        ({"x": "{m}:NotDataclassPlugin"}, TypeError, "is not a dataclass"),
+        ({"a": "{m}:ToyPlugin", "b": "{m}:SameNamePlugin"}, ValueError, "both claim the name `toy`"),
+        ({"broken": "{m}_missing:Plugin"}, RuntimeError, r"plugin `broken = .*_missing:Plugin` .* failed to load"),
+    ],
+)
+def test_discovery_refuses_bad_plugins(block, dist, entry, error, match):
+    group, _ = dist(entry)
+    with pytest.raises(error, match=match):
+        block["discover_finetune_plugins"](group)
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    vla_path: str = "openvla/openvla-7b"
+    batch_size: int = 16
+
+
+def test_extend_config(block, dist):
+    extend = block["extend_config"]
+    assert extend(BaseConfig, []) is BaseConfig  # no plugin: the stock class itself
+    group, module = dist({"toy": "{m}:ToyPlugin", "clash": "{m}:FieldNamePlugin"})
+    toy, clash = (getattr(importlib.import_module(module), name) for name in ("ToyPlugin", "FieldNamePlugin"))
+    extended = extend(BaseConfig, [toy])
+    assert issubclass(extended, BaseConfig)
+    assert (extended.__name__, extended.__qualname__, extended.__module__) == (
+        "BaseConfig",
+        "BaseConfig",
+        __name__,
+    )
+    cfg = extended(batch_size=2)
+    assert cfg.batch_size == 2 and cfg.toy == toy.config_cls() and cfg.toy is not extended().toy
+    with pytest.raises(ValueError, match="uses the name `vla_path` of an existing field"):
+        extend(BaseConfig, [clash])
+
+
+def test_commit_dir_replaces_and_survives_a_crash(tmp_path):
+    block = exec_block()
+    final = tmp_path / "run"
+    staging = block["staging_dir"](final, create=True)
+    assert staging == tmp_path / ".run.tmp" and staging.is_dir()
+    (staging / "w").write_text("1")
+    block["commit_dir"](staging, final)
+    assert (final / "w").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    staging = block["staging_dir"](final)  # a path only (other ranks); create=True empties leftovers
+    staging.mkdir()
+    (staging / "stale").write_text("x")
+    staging = block["staging_dir"](final, create=True)
+    assert list(staging.iterdir()) == []
+    (staging / "w").write_text("2")
+    block["commit_dir"](staging, final)
+    assert (final / "w").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    class CrashingOs:  # the process dies right after moving the previous checkpoint aside
+        def __init__(self):
+            self.calls = 0
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def replace(self, src, dst):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt("killed")
+            os.replace(src, dst)
+
+    crashing = exec_block(os_module=CrashingOs())
+    staging = crashing["staging_dir"](final, create=True)
+    (staging / "w").write_text("3")
+    with pytest.raises(KeyboardInterrupt):
+        crashing["commit_dir"](staging, final)
+    assert (tmp_path / ".run.old" / "w").read_text() == "2"  # previous checkpoint intact
+    assert (tmp_path / ".run.tmp" / "w").read_text() == "3"  # complete new one, not yet renamed
+
+
+# --- draccus: flags, YAML and --help of the extended config (subprocess: the script is __main__) ------------------
+
+STAND_IN_CONFIG = """
+@dataclass
+class FinetuneConfig:
+    vla_path: str = "openvla/openvla-7b"            # Path to the model
+    run_root_dir: Path = Path("runs")                # Where runs go
+    merge_on_save: bool = True                       # If False, save LoRA adapters only (no merging)
+    resume_from: Optional[Path] = None               # Resume LoRA, optimizer & step from a checkpoint
+"""
+
+
+def upstream_config_source(patched: str) -> str:
+    """``FinetuneConfig`` (with its decorator) as the patched script defines it."""
+    start = patched.index("@dataclass\nclass FinetuneConfig:")
+    return patched[start : patched.index("    # fmt: on\n", start) + len("    # fmt: on\n")]
+
+
+def write_stub(path: Path, config_source: str, block_source: str) -> Path:
+    path.write_text(
+        "import dataclasses\nimport importlib.metadata\nimport json\nimport os\nimport shutil\n"
+        "from dataclasses import dataclass\nfrom pathlib import Path\nfrom typing import Optional\n\nimport draccus\n\n"
+        f"{config_source}\n\n{block_source}\n\n"
+        "@draccus.wrap()\ndef finetune(cfg: FinetuneConfig) -> None:\n"
+        '    print("CONFIG=" + json.dumps(dataclasses.asdict(cfg), default=str))\n\n\n'
+        'if __name__ == "__main__":\n    finetune()\n'
+    )
+    return path
+
+
+def config_sources():
+    sources = [pytest.param(STAND_IN_CONFIG, id="stand-in-config")]
+    if OPENVLA_SRC:
+        patch = P.load_patch(PATCH_DIR)
+        upstream = (Path(OPENVLA_SRC) / patch.target).read_text()
+        patched = P.apply_hunks(upstream, patch.hunks)
+        sources.append(pytest.param(upstream_config_source(patched), id="upstream-config"))
+    return sources
+
+
+@pytest.mark.parametrize("config_source", config_sources())
+def test_draccus_parses_plugin_fields(tmp_path, config_source):
+    module = f"toyplug_{uuid.uuid4().hex[:8]}"
+    site = make_dist(
+        tmp_path / "site",
+        {"toy": f"{module}:ToyPlugin", "align": "openvla_align.openvla.plugin:AlignPlugin"},
+        module,
+        TOY_PLUGIN,
+    )
+    block = plugin_block(added_text((PATCH_DIR / "finetune.patch").read_text()))
+    stub = write_stub(tmp_path / "finetune_stub.py", config_source, block)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+    def run(*args):
+        proc = subprocess.run(
+            [sys.executable, "-W", "ignore", str(stub), *args], capture_output=True, text=True, env=env, cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    def parsed(*args):
+        line = next(x for x in run(*args).splitlines() if x.startswith("CONFIG="))
+        return json.loads(line[len("CONFIG=") :])
+
+    cfg = parsed(
+        "--align.enabled", "true", "--align.layers", "[8,16]", "--toy.mode", "slow", "--merge_on_save", "false"
+    )
+    assert cfg["align"]["enabled"] is True and cfg["align"]["layers"] == [8, 16]
+    assert cfg["toy"] == {"enabled": False, "layers": [16], "mode": "slow"}
+    assert cfg["merge_on_save"] is False and cfg["resume_from"] is None
+    assert parsed()["align"]["enabled"] is False  # stock defaults when no plugin flag is given
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "merge_on_save: false\nresume_from: runs/ckpt\nalign:\n  enabled: true\n  layers: [8, 16]\n  coeff: 0.5\n"
+        "toy:\n  layers: [1, 2]\n"
+    )
+    cfg = parsed("--config_path", str(recipe), "--align.coeff", "0.3")
+    assert cfg["align"]["enabled"] is True and cfg["align"]["layers"] == [8, 16] and cfg["align"]["coeff"] == 0.3
+    assert cfg["toy"]["layers"] == [1, 2] and cfg["merge_on_save"] is False and cfg["resume_from"] == "runs/ckpt"
+
+    help_text = run("--help")
+    for flag in ("--align.enabled", "--align.layers", "--align.teacher", "--toy.mode", "--merge_on_save"):
+        assert flag in help_text
+    assert "Toy mode" in help_text  # the plugin's field comments
+    assert "If False, save LoRA adapters only" in help_text  # the script's own comments survive the extension
+
+
+# --- `openvla-align patch` on a copy of upstream (OPENVLA_SRC) --------------------------------------------------
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    dst = tmp_path / "openvla"
+    shutil.copytree(OPENVLA_SRC, dst, ignore=shutil.ignore_patterns(".git"))
+    return dst
+
+
+def cli(capsys, *args):
+    code = P.main(list(args))
+    return code, capsys.readouterr()
+
+
+@needs_upstream
+def test_check_patch_repatch_revert(checkout, capsys):
+    target = checkout / "vla-scripts" / "finetune.py"
+    original = target.read_bytes()
+    mode = target.stat().st_mode
+
+    code, out = cli(capsys, "--check", str(checkout))
+    assert code == 0 and out.out.startswith("unpatched:")
+
+    code, out = cli(capsys, str(checkout))
+    assert code == 0 and out.out.startswith("patched:") and "applied 10 hunks" in out.out
+    patched = target.read_text()
+    compile(patched, str(target), "exec")  # parses
+    assert (checkout / "vla-scripts" / "finetune.py.orig").read_bytes() == original
+    assert target.stat().st_mode == mode
+    assert plugin_block(patched) == plugin_block(added_text((PATCH_DIR / "finetune.patch").read_text()))
+    assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(".")) == []  # no temp files left
+
+    code, out = cli(capsys, str(target))  # the file itself works as PATH too
+    assert code == 0 and out.out.startswith("already patched:") and target.read_text() == patched
+
+    code, out = cli(capsys, "--check", str(checkout))
+    assert code == 0 and out.out.startswith("patched:")
+
+    code, out = cli(capsys, "--revert", str(checkout))
+    assert code == 0 and out.out.startswith("reverted:")
+    assert target.read_bytes() == original and not (checkout / "vla-scripts" / "finetune.py.orig").exists()
+
+    code, out = cli(capsys, "--revert", str(checkout))
+    assert code == 0 and out.out.startswith("not patched")
+
+
+@needs_upstream
+def test_revert_without_backup_reverses_hunks(checkout, capsys):
+    target = checkout / "vla-scripts" / "finetune.py"
+    original = target.read_bytes()
+    assert cli(capsys, str(checkout))[0] == 0
+    (checkout / "vla-scripts" / "finetune.py.orig").unlink()
+    code, out = cli(capsys, "--revert", str(checkout))
+    assert code == 0 and "from reversed hunks" in out.out and target.read_bytes() == original
+
+
+@needs_upstream
+def test_refuses_edited_and_foreign_files(checkout, capsys):
+    target = checkout / "vla-scripts" / "finetune.py"
+    edited = target.read_bytes().replace(b"batch_size: int = 16", b"batch_size: int = 8")
+    target.write_bytes(edited)
+    for args in ((str(checkout),), ("--revert", str(checkout)), ("--check", str(checkout))):
+        code, out = cli(capsys, *args)
+        assert code == 1 and out.out.startswith("unknown:") and target.read_bytes() == edited
+    assert not (checkout / "vla-scripts" / "finetune.py.orig").exists()
+
+    foreign = checkout / "vla-scripts" / "train.py"
+    before = foreign.read_bytes()
+    code, out = cli(capsys, str(foreign))
+    assert code == 1 and out.out.startswith("unknown:") and "Nothing was changed" in out.out
+    assert foreign.read_bytes() == before
+
+    code, out = cli(capsys, str(checkout / "prismatic"))
+    assert code == 1 and "is not an OpenVLA checkout" in out.err
+
+
+@needs_upstream
+def test_refuses_to_revert_an_edited_patched_file(checkout, capsys):
+    target = checkout / "vla-scripts" / "finetune.py"
+    assert cli(capsys, str(checkout))[0] == 0
+    edited = target.read_bytes() + b"# local edit\n"
+    target.write_bytes(edited)
+    code, out = cli(capsys, "--revert", str(checkout))
+    assert code == 1 and "The original upstream file is kept in" in out.out and target.read_bytes() == edited
+
+
+# --- the patched script on CPU under a shim ----------------------------------------------------------------------
+
+
+class ProbePlugin:
+    """A test plugin: one trainable scalar scales a loss term; every call is recorded in ``config.log``."""
+
+    @dataclasses.dataclass
+    class Config:  # evaluated annotations: draccus 0.8 cannot parse string ones (`from __future__ import annotations`)
+        enabled: bool = False  # add the probe's loss term
+        coeff: float = 0.1  # weight of the term
+        log: str = "probe_calls.json"  # where calls are recorded
+
+    name = "probe"
+    config_cls = Config
+
+    def __init__(self, config):
+        self.config, self.calls, self.scale = config, [], None
+
+    def _record(self, *args):
+        self.calls.append(list(args))
+        Path(self.config.log).write_text(json.dumps(self.calls))
+
+    def setup(self, cfg, is_main_process):
+        self._record("setup", is_main_process)
+
+    def on_model_ready(self, vla, cfg):
+        import torch
+
+        self._record("on_model_ready", type(vla).__name__)
+        if not self.config.enabled:
+            return []
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        return [self.scale]
+
+    def loss(self, vla, batch, output, step):
+        if not self.config.enabled:
+            self._record("loss", step, output.loss.item(), None)
+            return None, {}
+        term = self.config.coeff * self.scale * output.logits.float().pow(2).mean()
+        self._record("loss", step, output.loss.item(), term.item(), self.scale.item())
+        return term, {"probe/term": term.detach(), "probe/scale": self.scale.detach()}
+
+    def on_save(self, save_dir, is_main_process):
+        import torch
+
+        save_dir = Path(save_dir)  # other ranks get the path only: the main process writes the checkpoint
+        self._record("on_save", save_dir.name, sorted(p.name for p in save_dir.iterdir()) if is_main_process else None)
+        if is_main_process and self.config.enabled:
+            torch.save({"scale": self.scale.detach()}, save_dir / "probe.pt")
+
+    def on_resume(self, save_dir):
+        import torch
+
+        self._record("on_resume", str(save_dir))
+        if self.config.enabled:
+            self.scale.data.copy_(torch.load(Path(save_dir) / "probe.pt", weights_only=True)["scale"])
+
+    def on_end(self):
+        self._record("on_end")
+
+
+def _shim_main() -> None:
+    """Run finetune.py (stock or patched) on CPU: argv[1] is a JSON spec (script, argv, base, wandb_log, plugins)."""
+    import runpy
+    import types
+
+    import numpy as np
+    import torch
+    import torch.nn.parallel
+    from transformers import PreTrainedTokenizerFast
+
+    from openvla_align.testing.tiny import TinyOpenVLA
+
+    spec = json.loads(sys.argv[1])
+    script, base = str(Path(spec["script"]).resolve()), Path(spec["base"])
+    log = []
+
+    def record(kind, **data):
+        log.append({"kind": kind, **data})
+        Path(spec["wandb_log"]).write_text(json.dumps(log))
+
+    # "GPU" for the script's own assertion only; one CPU process in a gloo group; DDP without device ids
+    real_is_available = torch.cuda.is_available
+    torch.cuda.is_available = lambda: sys._getframe(1).f_code.co_filename == script or real_is_available()
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda: None
+    real_autocast = torch.autocast
+    torch.autocast = lambda device_type, **kw: real_autocast("cpu", **kw)
+    rank, world_size = spec.get("rank", 0), spec.get("world_size", 1)
+    store = Path(spec.get("store", Path(spec["wandb_log"]).with_suffix(".pg"))).resolve()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+
+    class CpuDDP(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module, device_ids=None, **kwargs):
+            super().__init__(module, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = CpuDDP
+
+    class State:
+        is_main_process = rank == 0
+        local_process_index = "cpu"
+
+    import accelerate
+
+    accelerate.PartialState = State
+
+    # HF auto classes: the tiny checkpoint in `base`
+    class Processor:
+        def __init__(self):
+            self.tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+            self.image_processor = types.SimpleNamespace(apply_transform=None)
+
+        def save_pretrained(self, directory):
+            self.tokenizer.save_pretrained(directory)
+
+    class Auto:
+        register = staticmethod(lambda *a, **k: None)
+
+    class AutoProcessor(Auto):
+        from_pretrained = staticmethod(lambda *a, **k: Processor())
+
+    class AutoModel(Auto):
+        @staticmethod
+        def from_pretrained(path, torch_dtype=None, **kwargs):
+            model = TinyOpenVLA.from_pretrained(path, torch_dtype=torch_dtype)
+            model.config.image_sizes = [model.config.image_size] * 2
+            return model
+
+    # prismatic & wandb
+    def module(name, **attrs):
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        sys.modules[name] = mod
+
+    class ActionTokenizer:
+        def __init__(self, tokenizer):
+            self.vocab_size = len(tokenizer)
+            self.action_token_begin_idx = self.vocab_size - 257
+
+        def decode_token_ids_to_actions(self, ids):
+            return (self.vocab_size - np.asarray(ids)) / 256.0
+
+    class Dataset(torch.utils.data.IterableDataset):
+        """The same 4 examples forever (batches of 2 alternate), like a restarted RLDS stream at even steps;
+        with ``rank_data`` every rank draws its own 4."""
+
+        def __init__(self, data_root_dir, dataset_name, batch_transform, resize_resolution, **kwargs):
+            self.size = resize_resolution[0]
+            self.vocab = len(batch_transform.tokenizer)
+            self.dataset_statistics = {"toy": {"action": {"q01": np.zeros(7)}, "num_transitions": np.array(4)}}
+
+        def __iter__(self):
+            gen = torch.Generator().manual_seed(rank if spec.get("rank_data") else 0)
+            items = []
+            for _ in range(4):
+                ids = torch.randint(4, 400, (14,), generator=gen)
+                ids[0] = 1
+                ids[-7:] = self.vocab - 1 - torch.randint(0, 256, (7,), generator=gen)
+                labels = torch.where(torch.arange(14) < 7, torch.full_like(ids, -100), ids)
+                pixels = torch.randn(6, self.size, self.size, generator=gen)
+                items.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+            while True:
+                yield from items
+
+    def collate(examples):
+        batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+        return batch
+
+    def save_dataset_statistics(stats, directory):
+        for s in stats.values():
+            s["action"] = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in s["action"].items()}
+            s["num_transitions"] = int(s["num_transitions"])
+        (Path(directory) / "dataset_statistics.json").write_text(json.dumps(stats))
+
+    module("prismatic")
+    module("prismatic.models.backbones.llm.prompting", PurePromptBuilder=object, VicunaV15ChatPromptBuilder=object)
+    module("prismatic.util.data_utils", PaddedCollatorForActionPrediction=lambda *a, **k: collate)
+    module("prismatic.vla.action_tokenizer", ActionTokenizer=ActionTokenizer)
+    transform = types.SimpleNamespace
+    module(
+        "prismatic.vla.datasets", RLDSBatchTransform=lambda a, tok, **k: transform(tokenizer=tok), RLDSDataset=Dataset
+    )
+    module("prismatic.vla.datasets.rlds.utils.data_utils", save_dataset_statistics=save_dataset_statistics)
+    module("prismatic.extern.hf.configuration_prismatic", OpenVLAConfig=object)
+    module("prismatic.extern.hf.modeling_prismatic", OpenVLAForActionPrediction=object)
+    module("prismatic.extern.hf.processing_prismatic", PrismaticImageProcessor=object, PrismaticProcessor=object)
+    module("wandb", init=lambda **k: record("init", **k), log=lambda d, step: record("log", step=step, **d))
+
+    # exactly the plugins the spec names are installed
+    eps = importlib.metadata.EntryPoints(importlib.metadata.EntryPoint(n, v, GROUP) for n, v in spec["plugins"])
+    importlib.metadata.entry_points = lambda **kwargs: eps.select(**kwargs) if kwargs else eps
+
+    hf = sys.modules["transformers"]  # set late: importing transformers' submodules may replace the module object
+    autos = {"AutoProcessor": AutoProcessor, "AutoModelForVision2Seq": AutoModel, "AutoConfig": Auto}
+    for name, value in {**autos, "AutoImageProcessor": Auto}.items():
+        setattr(hf, name, value)
+    torch.manual_seed(0)
+    sys.argv = [script, *spec["argv"]]
+    runpy.run_path(script, run_name="__main__")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from openvla_align.testing import build_tiny_vla, build_tokenizer
+
+    base = tmp_path_factory.mktemp("tiny_base")
+    tokenizer = build_tokenizer()
+    build_tiny_vla(seed=0, vocab_size=len(tokenizer), image_size=56).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scripts")
+    if not OPENVLA_SRC:
+        pytest.skip("needs OPENVLA_SRC")
+    stock = Path(OPENVLA_SRC) / "vla-scripts" / "finetune.py"
+    patch = P.load_patch(PATCH_DIR)
+    (root / "stock.py").write_bytes(stock.read_bytes())
+    (root / "patched.py").write_text(P.apply_hunks(stock.read_text(), patch.hunks))
+    return root
+
+
+def shim_command(script: Path, base: Path, args, plugins=(), **spec) -> list:
+    spec.update(script=str(script), base=str(base), plugins=[list(p) for p in plugins])
+    spec.setdefault("wandb_log", "wandb.json")
+    spec["argv"] = ["--vla_path", str(base), "--batch_size", "2", "--run_root_dir", "runs", "--adapter_tmp_dir"]
+    spec["argv"] += ["adapters", *args]
+    code = f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import test_patch; test_patch._shim_main()"
+    return [sys.executable, "-W", "ignore", "-c", code, json.dumps(spec)]
+
+
+SHIM_ENV = {"PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def run_script(script: Path, cwd: Path, base: Path, *args, plugins=()):
+    """Run a finetune.py under the shim in ``cwd``; returns (wandb log records, probe calls or None)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **SHIM_ENV}
+    proc = subprocess.run(shim_command(script, base, args, plugins), cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    calls = cwd / "probe_calls.json"
+    return json.loads((cwd / "wandb.json").read_text()), json.loads(calls.read_text()) if calls.exists() else None
+
+
+PROBE = [("probe", "test_patch:ProbePlugin")]
+
+
+def tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@needs_upstream
+@pytest.mark.parametrize("plugins", [(), PROBE], ids=["no-plugin", "plugin-disabled"])
+def test_patched_script_matches_stock(tmp_path, scripts, tiny_base, plugins):
+    args = ("--max_steps", "4", "--save_steps", "2")
+    stock_log, _ = run_script(scripts / "stock.py", tmp_path / "stock", tiny_base, *args)
+    patched_log, calls = run_script(scripts / "patched.py", tmp_path / "patched", tiny_base, *args, plugins=plugins)
+    assert patched_log == stock_log and stock_log[1]["kind"] == "log"  # same losses and metrics
+    assert (calls is None) == (not plugins)
+    for d in ("runs", "adapters"):  # same files, byte for byte
+        assert tree(tmp_path / "patched" / d) == tree(tmp_path / "stock" / d)
+    assert f"{tiny_base.name}+droid_wipe" in next(iter(tree(tmp_path / "stock" / "runs")))
+
+
+@needs_upstream
+def test_plugin_lifecycle_and_default_layout(tmp_path, scripts, tiny_base):
+    run = tmp_path / "run"
+    args = ("--max_steps", "4", "--save_steps", "2", "--probe.enabled", "true")
+    log, calls = run_script(scripts / "patched.py", run, tiny_base, *args, plugins=PROBE)
+    exp = next((run / "runs").iterdir()).name
+    order = "setup on_model_ready loss loss loss on_save loss loss on_save on_end"
+    assert " ".join(c[0] for c in calls) == order
+    assert calls[1] == ["on_model_ready", "PeftModel"] and [c[1] for c in calls if c[0] == "loss"] == [0, 1, 2, 3, 4]
+    assert calls[5][1] == f".{exp}.tmp" and "trainer_state.pt" not in calls[5][2]  # stock mode: no optimizer state
+    step0 = next(r for r in log if r["kind"] == "log")
+    assert step0["train_loss"] == pytest.approx(calls[2][2] + calls[2][3], rel=1e-5)  # the term joins the loss
+    assert step0["probe/term"] == pytest.approx(calls[2][3]) and step0["probe/scale"] == 1.0
+    adapter = sorted(p.name for p in (run / "adapters" / exp).iterdir())
+    assert adapter == ["README.md", "adapter_config.json", "adapter_model.safetensors", "probe.pt"]
+    merged = sorted(p.name for p in (run / "runs" / exp).iterdir())
+    assert "model.safetensors" in merged and "dataset_statistics.json" in merged and "probe.pt" not in merged
+    for root in (run / "runs", run / "adapters"):  # no staging or previous-checkpoint directories left behind
+        assert [p.name for p in root.iterdir()] == [exp]
+
+
+@needs_upstream
+def test_adapter_only_checkpoints_resume_exactly(tmp_path, scripts, tiny_base):
+    import torch
+
+    args = ("--max_steps", "6", "--save_steps", "3", "--merge_on_save", "false", "--save_latest_checkpoint_only")
+    args += ("false", "--probe.enabled", "true")
+    _, full = run_script(scripts / "patched.py", tmp_path / "full", tiny_base, *args, plugins=PROBE)
+    runs = tmp_path / "full" / "runs"
+    exp = sorted(p.name for p in runs.iterdir())[0]
+    assert sorted(p.name for p in runs.iterdir()) == [exp, f"{exp}--3_chkpt", f"{exp}--6_chkpt"]
+    assert not (tmp_path / "full" / "adapters").exists()  # no merge anywhere
+    ckpt3 = runs / f"{exp}--3_chkpt"
+    files = {p.name for p in ckpt3.iterdir()}  # adapter, processor (tokenizer files), statistics, state, sidecar
+    expected = {"adapter_config.json", "adapter_model.safetensors", "dataset_statistics.json", "tokenizer_config.json"}
+    assert expected | {"trainer_state.pt", "probe.pt"} <= files and "model.safetensors" not in files
+    state = torch.load(ckpt3 / "trainer_state.pt", weights_only=True)
+    assert (state["step"], state["batch_idx"], len(state["optimizer"]["param_groups"])) == (3, 3, 2)
+
+    _, resumed = run_script(
+        scripts / "patched.py", tmp_path / "resumed", tiny_base, *args, "--resume_from", str(ckpt3), plugins=PROBE
+    )
+    assert [c[0] for c in resumed[:3]] == ["setup", "on_model_ready", "on_resume"]
+    full_losses = {c[1]: c[2:] for c in full if c[0] == "loss"}
+    resumed_losses = {c[1]: c[2:] for c in resumed if c[0] == "loss"}
+    assert sorted(resumed_losses) == [4, 5, 6] and all(resumed_losses[s] == full_losses[s] for s in (4, 5, 6))
+    ckpt6 = f"{exp}--6_chkpt"
+    for name in ("adapter_model.safetensors", "probe.pt"):
+        assert (tmp_path / "resumed" / "runs" / ckpt6 / name).read_bytes() == (runs / ckpt6 / name).read_bytes()
+
+
+@needs_upstream
+def test_two_ranks_share_checkpoints_and_plugin_parameters(tmp_path, scripts, tiny_base):
+    """Two gloo processes, different data per rank: the plugin's parameter (outside DDP) stays identical."""
+    args = ("--max_steps", "4", "--save_steps", "2", "--merge_on_save", "false", "--probe.enabled", "true")
+    env = {**os.environ, **SHIM_ENV}
+    procs = []
+    for rank in (0, 1):
+        cwd = tmp_path / f"rank{rank}"
+        cwd.mkdir()
+        args_r = (*args, "--probe.log", str(cwd / "calls.json"), "--run_root_dir", str(tmp_path / "runs"))
+        spec = dict(rank=rank, world_size=2, store=str(tmp_path / "pg"), rank_data=True, wandb_log=str(cwd / "w.json"))
+        cmd = shim_command(scripts / "patched.py", tiny_base, args_r, PROBE, **spec)
+        procs.append(
+            subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    calls = [json.loads((tmp_path / f"rank{r}" / "calls.json").read_text()) for r in (0, 1)]
+    losses = [[c for c in rank_calls if c[0] == "loss"] for rank_calls in calls]
+    assert losses[0][0][2] != losses[1][0][2]  # each rank trains on its own data ...
+    assert [c[4] for c in losses[0]] == [c[4] for c in losses[1]] and losses[0][-1][4] != 1.0  # ... one shared scale
+    saves = [[c for c in rank_calls if c[0] == "on_save"] for rank_calls in calls]
+    assert all(c[2] is not None for c in saves[0]) and all(c[2] is None for c in saves[1])
+    (exp,) = [p.name for p in (tmp_path / "runs").iterdir()]  # written once, by rank 0, nothing left over
+    assert {"adapter_model.safetensors", "trainer_state.pt", "probe.pt"} <= {
+        p.name for p in (tmp_path / "runs" / exp).iterdir()
+    }
