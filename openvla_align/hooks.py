@@ -79,8 +79,8 @@ def check_layers(vla: nn.Module, layers: Sequence[int]) -> int:
     bad = [layer for layer in layers if not 1 <= layer <= n]
     if bad:
         raise ValueError(
-            f"Alignment layer(s) {bad} out of range: this LLM has {n} decoder blocks, so layers run from 1 to {n} "
-            f"(layer L = output_hidden_states[L]; the paper uses 16 of 32)."
+            f"Layer(s) {bad} out of range: this LLM has {n} decoder blocks, so layers run from 1 to {n} "
+            f"(layer L = output_hidden_states[L], the output of the L-th decoder block; the paper aligns 16 of 32)."
         )
     return n
 

@@ -83,18 +83,10 @@ def layers_arg(text: str) -> List[int]:
 
 
 def check_probe_layers(model: torch.nn.Module, layers: Sequence[int]) -> int:
-    """1 <= L <= number of decoder blocks; returns that number. (hooks.check_layers words its error for the
-    aligner's config; here the user typed ``--layers``.)"""
-    from ..hooks import decoder_layers
+    """1 <= L <= number of decoder blocks; returns that number."""
+    from ..hooks import check_layers
 
-    n = len(decoder_layers(model))
-    bad = [layer for layer in layers if not 1 <= layer <= n]
-    if bad:
-        raise ValueError(
-            f"Layer(s) {bad} out of range: this LLM has {n} decoder blocks, so layers run from 1 to {n} "
-            f"(layer L = decoder block L, whose output is output_hidden_states[L])."
-        )
-    return n
+    return check_layers(model, layers)
 
 
 def query_positions(tokenizer, prompt: str, tokens: str = LAST) -> List[int]:
