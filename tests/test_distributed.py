@@ -51,6 +51,7 @@ def _worker(rank, world, port, out_dir):
         gathered = [None] * world
         dist.all_gather_object(gathered, (fp, loss.item(), grad.sum().item()))
         torch.save(gathered, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -84,6 +85,7 @@ def _mismatch_worker(rank, world, port, out_dir):
             message = str(exc)
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(message)
+        dist.barrier()  # both ranks are done with collectives before either tears the group down
     finally:
         dist.destroy_process_group()
 
