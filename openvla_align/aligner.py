@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -24,6 +22,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ._io import atomic_write
 from .config import AlignConfig
 from .hooks import VisualTokenHook, llm_hidden_size, unwrap
 from .losses import get_loss
@@ -42,19 +41,6 @@ class AlignOutput:
     loss: torch.Tensor  # coeff * sum of per-layer losses: add it to the action loss
     layer_losses: Dict[int, torch.Tensor] = field(default_factory=dict)  # unweighted, with grad
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # detached; `.item()` only when logging
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: a crash leaves the old file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def student_grid(vla: nn.Module) -> Optional[Tuple[int, int]]:
@@ -226,8 +212,8 @@ class Aligner(nn.Module):
             "teacher_width": str(self.teacher.width) if self.teacher is not None else "",
             "format": "openvla-align/1",
         }
-        _atomic_write(directory / PROJECTOR_NAME, lambda tmp: save_file(state, tmp, metadata=meta))
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config.to_json()))
+        atomic_write(directory / PROJECTOR_NAME, lambda tmp: save_file(state, str(tmp), metadata=meta))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(self.config.to_json()))
         return directory
 
     @classmethod

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
+
+from .._io import atomic_write_bytes
 
 MANIFEST = "finetune.json"
 BACKUP_SUFFIX = ".orig"
@@ -197,23 +197,6 @@ def _backup_path(target: Path) -> Path:
     return target.with_name(target.name + BACKUP_SUFFIX)
 
 
-def write_atomic(path: Path, data: bytes, mode: Optional[int] = None) -> None:
-    """Write a temporary file beside ``path`` and rename it into place (``path`` is never half-written)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _unknown_message(target: Path, data: bytes, patch: Patch) -> str:
     digest = sha256(data)
     lines = [
@@ -244,13 +227,18 @@ def _describe(hunks: Sequence[Hunk], verb: str) -> List[str]:
     return lines
 
 
-def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
-    """Patch PATH (see the module docstring); returns the exit code."""
-    out = out or sys.stdout
+def _inspect(path, patch: Optional[Patch]) -> Tuple[Patch, Path, bytes, str]:
+    """The patch, the resolved finetune.py, its bytes and its state (unpatched / patched / unknown)."""
     patch = patch or load_patch()
     target = resolve_target(path, patch)
     data = target.read_bytes()
-    state = status(data, patch)
+    return patch, target, data, status(data, patch)
+
+
+def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
+    """Patch PATH (see the module docstring); returns the exit code."""
+    out = out or sys.stdout
+    patch, target, data, state = _inspect(path, patch)
     if state == PATCHED:
         print(f"already patched: {target}", file=out)
         return 0
@@ -269,8 +257,8 @@ def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
         return 1
     mode = target.stat().st_mode & 0o7777
     if not backup.exists():
-        write_atomic(backup, data, mode)
-    write_atomic(target, new, mode)
+        atomic_write_bytes(backup, data, mode)
+    atomic_write_bytes(target, new, mode)
     print(f"patched: {target} (openvla/openvla@{patch.upstream_commit[:12]})", file=out)
     print("\n".join(_describe(patch.hunks, "applied")), file=out)
     print(f"  original kept as {backup}; undo with `openvla-align patch --revert {path}`", file=out)
@@ -280,10 +268,7 @@ def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
 def revert_file(path, patch: Optional[Patch] = None, out=None) -> int:
     """Restore the upstream file; returns the exit code."""
     out = out or sys.stdout
-    patch = patch or load_patch()
-    target = resolve_target(path, patch)
-    data = target.read_bytes()
-    state = status(data, patch)
+    patch, target, data, state = _inspect(path, patch)
     backup = _backup_path(target)
     if state == UNPATCHED:
         print(f"not patched, nothing to revert: {target}", file=out)
@@ -303,7 +288,7 @@ def revert_file(path, patch: Optional[Patch] = None, out=None) -> int:
         original = apply_hunks(data.decode("utf-8"), [h.reversed() for h in patch.hunks]).encode("utf-8")
         if status(original, patch) != UNPATCHED:
             raise PatchError("reversing the hunks did not give the upstream file; nothing was changed")
-    write_atomic(target, original, target.stat().st_mode & 0o7777)
+    atomic_write_bytes(target, original, target.stat().st_mode & 0o7777)
     if source == backup.name:
         backup.unlink()
     print(f"reverted: {target} (from {source}; sha256 {patch.upstream_sha256[:16]} checked)", file=out)
@@ -314,10 +299,7 @@ def revert_file(path, patch: Optional[Patch] = None, out=None) -> int:
 def check_file(path, patch: Optional[Patch] = None, out=None) -> int:
     """Print the state of PATH; returns 0 for unpatched/patched, 1 for unknown."""
     out = out or sys.stdout
-    patch = patch or load_patch()
-    target = resolve_target(path, patch)
-    data = target.read_bytes()
-    state = status(data, patch)
+    patch, target, data, state = _inspect(path, patch)
     if state == UNPATCHED:
         print(f"unpatched: {target} is the upstream file (openvla/openvla@{patch.upstream_commit[:12]})", file=out)
         print(f"  `openvla-align patch {path}` would apply {len(patch.hunks)} hunks", file=out)

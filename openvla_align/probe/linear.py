@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from .._io import atomic_write
 from ._model import DTYPES, load_image, load_vla, parse_dtype, vqa_prompt
 
 __all__ = [
@@ -471,17 +472,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary sibling and ``os.replace`` so a crash never leaves a half-written cache file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _what_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     changes = []
     for field in sorted(set(old) | set(new)):
@@ -539,7 +529,7 @@ def _store(stem: Path, key: Mapping[str, Any], feats: np.ndarray) -> None:
         with open(tmp, "wb") as f:  # a file object, so numpy does not append its own ".npy" to the temporary name
             np.save(f, np.ascontiguousarray(feats, dtype=np.float32), allow_pickle=False)
 
-    _atomic_write(data_path, write_npy)
+    atomic_write(data_path, write_npy)
     meta = {
         "key": key,
         "sha256": _sha256(data_path),
@@ -547,7 +537,7 @@ def _store(stem: Path, key: Mapping[str, Any], feats: np.ndarray) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # The key goes last: it is what marks the entry valid.
-    _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
 
 
 # --- classifier ----------------------------------------------------------------------------------------------
@@ -780,7 +770,7 @@ def run_linear_probe(
     if out:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     return report
 
 
