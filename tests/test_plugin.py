@@ -95,6 +95,72 @@ def test_trainable_projector_goes_to_the_optimizer(vla, tokenizer):
     assert plugin.aligner.fingerprint() != before
 
 
+def test_resume_restores_a_trainable_projector_in_place(vla, tmp_path):
+    cfg = AlignConfig(enabled=True, projector_dim=32, freeze_projector=False)
+    saved = AlignPlugin(cfg, _teacher())
+    saved.on_model_ready(vla)
+    with torch.no_grad():
+        for p in saved.aligner.projectors.parameters():
+            p.add_(1.0)
+    saved.on_save(tmp_path)
+    saved.on_end()
+    resumed = AlignPlugin(cfg, _teacher())
+    extra = resumed.on_model_ready(vla)  # these objects are what the optimizer holds
+    resumed.on_resume(tmp_path)
+    assert all(a is b for a, b in zip(extra, resumed.aligner.projectors.parameters()))
+    assert resumed.aligner.fingerprint() == saved.aligner.fingerprint()
+
+
+class _Cfg:
+    data_root_dir, dataset_name = "unused", "sft"
+
+
+@pytest.fixture
+def no_prismatic(monkeypatch):
+    """`setup` registers datasets in OpenVLA's registries; without OpenVLA here, record the calls instead."""
+    calls = []
+    monkeypatch.setattr("openvla_align.openvla.datasets.register_paper_datasets", lambda: calls.append("register"))
+    monkeypatch.setattr("openvla_align.openvla.datasets.check_dataset", lambda *a: calls.append(("check", *a)))
+    return calls
+
+
+def test_merged_model_gets_norm_stats_and_the_unnorm_key_is_printed(vla, tmp_path, capsys, no_prismatic):
+    import json
+
+    plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=32), _teacher())
+    plugin.setup(_Cfg(), is_main_process=True)
+    assert no_prismatic == ["register", ("check", "unused", "sft")]
+    plugin.on_model_ready(vla)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text(json.dumps({"norm_stats": {"bridge_orig": {"action": {}}}, "x": 1}))
+    plugin.on_merged(merged)  # no statistics beside the model: nothing to fold, nothing changed
+    assert json.loads((merged / "config.json").read_text())["norm_stats"] == {"bridge_orig": {"action": {}}}
+    stats = {"sft": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}, "num_transitions": 5}}
+    (merged / "dataset_statistics.json").write_text(json.dumps(stats))
+    plugin.on_merged(merged)
+    config = json.loads((merged / "config.json").read_text())
+    assert config["x"] == 1 and set(config["norm_stats"]) == {"bridge_orig", "sft"}
+    assert config["norm_stats"]["sft"] == stats["sft"]
+    plugin.on_end()
+    assert "use unnorm_key='sft' (available: sft)" in capsys.readouterr().out
+
+    (merged / "dataset_statistics.json").write_text("{not json")
+    before = (merged / "config.json").read_bytes()
+    with pytest.raises(ValueError, match="Cannot fold"):
+        plugin.on_merged(merged)
+    assert (merged / "config.json").read_bytes() == before
+
+
+def test_adapter_only_run_says_how_to_merge(vla, tmp_path, capsys, no_prismatic):
+    plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=32), _teacher())
+    plugin.setup(_Cfg(), is_main_process=True)
+    plugin.on_model_ready(vla)
+    plugin.on_save(tmp_path)
+    plugin.on_end()
+    assert "openvla-align merge" in capsys.readouterr().out
+
+
 def test_reference_projector_imports(tmp_path, vla):
     ref = torch.nn.Module()
     ref.net = torch.nn.Sequential(

@@ -15,7 +15,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
+
+from .._io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,24 @@ def _find_stats(adapter: Path) -> Optional[Path]:
         if (d / STATS_NAME).is_file():
             return d / STATS_NAME
     return None
+
+
+def fold_norm_stats(model_dir, stats: Optional[Path] = None) -> List[str]:
+    """Fold ``dataset_statistics.json`` (default: the one in ``model_dir``) into ``model_dir/config.json`` as
+    ``norm_stats`` (existing keys kept, same names replaced); returns the unnorm keys it added. ``config.json`` is
+    rewritten atomically; a missing or unreadable statistics file raises and changes nothing."""
+    model_dir = Path(model_dir)
+    stats = Path(stats) if stats is not None else model_dir / STATS_NAME
+    try:
+        norm_stats = json.loads(stats.read_text())
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"Cannot fold {stats} into {model_dir / 'config.json'}: {exc}") from exc
+    if not isinstance(norm_stats, dict) or not all(isinstance(v, dict) and "action" in v for v in norm_stats.values()):
+        raise ValueError(f"{stats} is not OpenVLA dataset statistics ({{dataset: {{'action': ...}}}}).")
+    config["norm_stats"] = {**config.get("norm_stats", {}), **norm_stats}
+    atomic_write_bytes(model_dir / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return sorted(norm_stats)
 
 
 def _checkpoint_keys(model_dir: Path) -> set:
@@ -96,12 +116,8 @@ def merge_adapter(adapter, out, base=None, *, dtype: str = "bfloat16") -> Dict[s
         unnorm_keys = []
         stats = _find_stats(adapter)
         if stats is not None:
-            norm_stats = json.loads(stats.read_text())
-            config = json.loads((tmp / "config.json").read_text())
-            config["norm_stats"] = {**config.get("norm_stats", {}), **norm_stats}
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
             shutil.copy2(stats, tmp / STATS_NAME)
-            unnorm_keys = sorted(norm_stats)
+            unnorm_keys = fold_norm_stats(tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -12,6 +12,8 @@ The patch (``patches/``) adds a generic mechanism to the stock script, not an op
      the script adds the term to its loss and logs the metrics with its own logger;
    - ``on_save(save_dir, is_main_process)`` beside every adapter the script saves (``save_dir`` is the staging
      directory of an atomic save; only the main process writes); ``on_resume(save_dir)``;
+   - ``on_merged(merged_dir)`` (optional) on the main process after a merged model is written, before it is
+     renamed into place;
    - ``on_end()`` when training stops.
 A disabled plugin does nothing at every point, so the script computes what the stock one computes.
 """
@@ -29,6 +31,7 @@ from torch import Tensor
 from ..aligner import CONFIG_NAME, Aligner
 from ..config import AlignConfig
 from .env import warn_if_broken
+from .merge import STATS_NAME, fold_norm_stats
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,9 @@ class FinetunePlugin:
     def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
         return None
 
+    def on_merged(self, merged_dir: Path) -> None:
+        return None
+
     def on_resume(self, save_dir: Path) -> None:
         return None
 
@@ -87,12 +93,18 @@ class AlignPlugin(FinetunePlugin):
         super().__init__(config)
         self.teacher = teacher  # given: use it; None: build the configured one from the registry
         self.aligner: Optional[Aligner] = None
+        self.unnorm_keys: List[str] = []  # dataset statistics folded into merged models' config.json
+        self.is_main_process = True
+        self.dataset_name: Optional[str] = None
+        self.saved = False
 
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
         """Register the paper's datasets (also for plain-SFT runs on them; names upstream lacks, nothing else
         changes), and, when alignment is on, check the requested dataset exists before the 7B model loads."""
         from .datasets import check_dataset, register_paper_datasets
 
+        self.is_main_process = is_main_process
+        self.dataset_name = getattr(cfg, "dataset_name", None)
         added = register_paper_datasets()
         if added and is_main_process:
             logger.info("registered the paper's RLDS datasets %s", added)
@@ -139,6 +151,14 @@ class AlignPlugin(FinetunePlugin):
     def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
         if self.aligner is not None and is_main_process:
             self.aligner.save(Path(save_dir) / SIDECAR_DIR)
+            self.saved = True
+
+    def on_merged(self, merged_dir: Path) -> None:
+        """Fold the run's ``dataset_statistics.json`` into the merged model's ``config.json`` (``norm_stats``), so
+        ``predict_action(..., unnorm_key=...)`` works on the merged model as saved."""
+        if self.aligner is None or not (Path(merged_dir) / STATS_NAME).is_file():
+            return
+        self.unnorm_keys = fold_norm_stats(merged_dir)
 
     def on_resume(self, save_dir: Path) -> None:
         """Restore the projector(s) saved beside an adapter; a sidecar for another setup is refused unchanged."""
@@ -156,13 +176,27 @@ class AlignPlugin(FinetunePlugin):
                 f"Cannot resume alignment from {sidecar / CONFIG_NAME}: " + "; ".join(mismatched) + ". Resume with the "
                 "settings the run was started with, or start a new run."
             )
-        device = next(self.aligner.projectors.parameters()).device
-        self.aligner.projectors = saved.projectors.to(device)
+        with torch.no_grad():  # in place: a trainable projector's parameters are already in the optimizer
+            self.aligner.projectors.load_state_dict(saved.projectors.state_dict())
         self.check_identical_projectors()
 
     def on_end(self) -> None:
-        if self.aligner is not None:
-            self.aligner.remove()
+        if self.aligner is None:
+            return
+        self.aligner.remove()
+        if not self.is_main_process:
+            return
+        if self.unnorm_keys:
+            keys = ", ".join(self.unnorm_keys)
+            print(
+                f"[align] norm_stats are in the merged model's config.json: use unnorm_key={self.unnorm_keys[0]!r} "
+                f"(available: {keys})"
+            )
+        elif self.saved:
+            print(
+                "[align] adapters only (no merged model): merge one with `openvla-align merge <checkpoint dir>`; "
+                f"it folds the dataset statistics into config.json (unnorm_key={self.dataset_name!r})"
+            )
 
 
 def load_reference_projector(path: Path, layer: int = 16) -> Dict[str, torch.Tensor]:
