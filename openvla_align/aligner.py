@@ -208,10 +208,10 @@ class Aligner(nn.Module):
 
         directory = Path(directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.projectors.state_dict().items()}
-        meta = {
-            "teacher_width": str(self.teacher.width) if self.teacher is not None else "",
-            "format": "openvla-align/1",
-        }
+        # One metadata entry: safetensors stores metadata in a hash map, so several keys would come out in a random
+        # order and identical projectors would not give identical files.
+        info = {"format": 1, "teacher_width": self.teacher.width if self.teacher is not None else None}
+        meta = {"openvla-align": json.dumps(info, sort_keys=True)}
         atomic_write(directory / PROJECTOR_NAME, lambda tmp: save_file(state, str(tmp), metadata=meta))
         atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(self.config.to_json()))
         return directory

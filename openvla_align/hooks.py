@@ -73,9 +73,9 @@ def llm_hidden_size(vla: nn.Module) -> int:
     return language_model(vla).get_input_embeddings().embedding_dim
 
 
-def check_layers(vla: nn.Module, layers: Sequence[int]) -> int:
-    """Validate 1 <= L <= number of decoder blocks for every layer; returns the number of blocks."""
-    n = len(decoder_layers(vla))
+def check_layers(vla: "nn.Module | int", layers: Sequence[int]) -> int:
+    """Validate 1 <= L <= number of decoder blocks (of ``vla``, or given as an int) per layer; returns that number."""
+    n = vla if isinstance(vla, int) else len(decoder_layers(vla))
     bad = [layer for layer in layers if not 1 <= layer <= n]
     if bad:
         raise ValueError(

@@ -82,6 +82,10 @@ def test_save_load_round_trip(tmp_path, vla, batch, teacher):
     assert json.loads((tmp_path / "align" / "config.json").read_text())["layers"] == [8, 16]
     loaded = Aligner.load(tmp_path / "align", teacher=teacher)
     assert loaded.config == cfg and loaded.fingerprint() == aligner.fingerprint()
+    first = (tmp_path / "align" / "projector.safetensors").read_bytes()
+    for i in range(6):  # byte-identical files for identical projectors (safetensors keeps metadata in a hash map)
+        loaded.save(tmp_path / f"again{i}")
+        assert (tmp_path / f"again{i}" / "projector.safetensors").read_bytes() == first
     aligner.remove()
     loaded.attach(vla)
     with torch.no_grad():

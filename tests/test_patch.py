@@ -22,6 +22,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import _cpu_shim
 import pytest
 
 from openvla_align.openvla import patch as P
@@ -522,30 +523,10 @@ def _shim_main() -> None:
         log.append({"kind": kind, **data})
         Path(spec["wandb_log"]).write_text(json.dumps(log))
 
-    # "GPU" for the script's own assertion only; one CPU process in a gloo group; DDP without device ids
-    real_is_available = torch.cuda.is_available
-    torch.cuda.is_available = lambda: sys._getframe(1).f_code.co_filename == script or real_is_available()
-    torch.cuda.set_device = lambda *a, **k: None
-    torch.cuda.empty_cache = lambda: None
-    real_autocast = torch.autocast
-    torch.autocast = lambda device_type, **kw: real_autocast("cpu", **kw)
-    rank, world_size = spec.get("rank", 0), spec.get("world_size", 1)
-    store = Path(spec.get("store", Path(spec["wandb_log"]).with_suffix(".pg"))).resolve()
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-
-    class CpuDDP(torch.nn.parallel.DistributedDataParallel):
-        def __init__(self, module, device_ids=None, **kwargs):
-            super().__init__(module, **kwargs)
-
-    torch.nn.parallel.DistributedDataParallel = CpuDDP
-
-    class State:
-        is_main_process = rank == 0
-        local_process_index = "cpu"
-
-    import accelerate
-
-    accelerate.PartialState = State
+    # CUDA-only calls => CPU in one gloo group (the same stand-ins the real-stack test uses)
+    rank = spec.get("rank", 0)
+    store = spec.get("store", Path(spec["wandb_log"]).with_suffix(".pg"))
+    _cpu_shim.install(script, rank, spec.get("world_size", 1), store)
 
     # HF auto classes: the tiny checkpoint in `base`
     class Processor:

@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from openvla_align import AlignConfig
 from openvla_align.openvla.env import environment_problems, warn_if_broken
 from openvla_align.openvla.plugin import AlignPlugin, FinetunePlugin, load_reference_projector
+from openvla_align.teachers import TeacherWeightsNotFound
 from openvla_align.testing import tiny_teacher
 
 from conftest import make_batch
@@ -195,3 +196,32 @@ def test_environment_warnings():
     assert any("timm 1.0.3" in p for p in problems)
     with pytest.warns(UserWarning, match="breaks OpenVLA fine-tuning: transformers 4.50.0"):
         warn_if_broken(bad)
+
+
+def test_layers_beyond_depth_fail_before_the_model_loads(tmp_path, no_prismatic):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 18}}))
+
+    class Cfg(_Cfg):
+        vla_path = str(tmp_path)
+
+    AlignPlugin(AlignConfig(enabled=True, layers=(16, 18)), _teacher()).setup(Cfg())
+    with pytest.raises(ValueError, match=r"Layer\(s\) \[20\] out of range: this LLM has 18 decoder blocks"):
+        AlignPlugin(AlignConfig(enabled=True, layers=(16, 20)), _teacher()).setup(Cfg())
+    Cfg.vla_path = "openvla/openvla-7b"  # a hub id: checked once the model is loaded (attach)
+    AlignPlugin(AlignConfig(enabled=True, layers=(40,)), _teacher()).setup(Cfg())
+
+
+def test_teacher_is_built_in_setup_before_the_model_loads(tmp_path, no_prismatic, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ValueError, match="Unknown teacher 'c-radio-v9'"):
+        AlignPlugin(AlignConfig(enabled=True, teacher="c-radio-v9")).setup(_Cfg())
+    with pytest.raises(TeacherWeightsNotFound, match="c-radio-v3-l"):
+        AlignPlugin(AlignConfig(enabled=True)).setup(_Cfg())
+    plugin = AlignPlugin(AlignConfig(enabled=True, teacher="dinov2-vit-s", allow_random_teacher=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plugin.setup(_Cfg())
+    assert plugin.teacher is not None and plugin.teacher.width == 384 and plugin.aligner is None

@@ -20,6 +20,7 @@ A disabled plugin does nothing at every point, so the script computes what the s
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from ..aligner import CONFIG_NAME, Aligner
 from ..config import AlignConfig
+from ..hooks import check_layers
 from .env import warn_if_broken
 from .merge import STATS_NAME, fold_norm_stats
 
@@ -83,6 +85,18 @@ def _dist():
     return None
 
 
+def _text_depth(vla_path) -> Optional[int]:
+    """The LLM depth from a local checkpoint's ``config.json`` (None when the path is a hub id or has no config)."""
+    config = Path(str(vla_path)) / "config.json" if vla_path else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        text = json.loads(config.read_text()).get("text_config") or {}
+        return int(text["num_hidden_layers"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # not an OpenVLA config: attach() reports what is wrong once the model is loaded
+
+
 class AlignPlugin(FinetunePlugin):
     """Visual Representation Alignment inside the stock finetune loop."""
 
@@ -108,21 +122,35 @@ class AlignPlugin(FinetunePlugin):
         added = register_paper_datasets()
         if added and is_main_process:
             logger.info("registered the paper's RLDS datasets %s", added)
-        if self.enabled:
-            check_dataset(cfg.data_root_dir, cfg.dataset_name)
+        if not self.enabled:
+            return
+        # Everything that can be checked without the VLA fails here, before the 7B model loads.
+        check_dataset(cfg.data_root_dir, cfg.dataset_name)
+        depth = _text_depth(getattr(cfg, "vla_path", None))
+        if depth is not None:
+            check_layers(depth, self.config.layers)  # attach() checks it again on the loaded model
+        if self.teacher is None:
+            self.teacher = self._build_teacher()
+
+    def _build_teacher(self) -> nn.Module:
+        """Rank 0 resolves (and would convert/cache) the teacher weights first, then the other ranks read them."""
+        dist = _dist()
+        rank = dist.get_rank() if dist else 0
+        if dist and rank != 0:
+            dist.barrier()
+        try:
+            teacher = Aligner.from_config(self.config).teacher
+        finally:
+            if dist and rank == 0:
+                dist.barrier()  # reached on failure too, so the other ranks fail on their own instead of hanging
+        return teacher
 
     def on_model_ready(self, vla: nn.Module, cfg: Any = None) -> List[nn.Parameter]:
         if not self.enabled:
             return []
-        dist = _dist()
-        rank = dist.get_rank() if dist else 0
-        # Rank 0 resolves (and would convert/cache) teacher weights first, so the other ranks only read them.
-        if dist and rank != 0:
-            dist.barrier()
-        aligner = Aligner(self.config, self.teacher) if self.teacher is not None else Aligner.from_config(self.config)
-        self.aligner = aligner.attach(vla)
-        if dist and rank == 0:
-            dist.barrier()
+        if self.teacher is None:  # `setup` builds it; callers driving the plugin by hand may skip that
+            self.teacher = self._build_teacher()
+        self.aligner = Aligner(self.config, self.teacher).attach(vla)
         self.check_identical_projectors()
         return self.aligner.trainable_parameters()
 

@@ -1,0 +1,102 @@
+"""CPU stand-ins for the CUDA-only calls of OpenVLA's ``vla-scripts/finetune.py`` (tests only, never the patch).
+
+The stock script asserts a GPU, pins ``torch.cuda`` devices, autocasts on ``"cuda"`` and wraps the model in DDP
+with ``device_ids``; :func:`install` turns each of those into its CPU equivalent inside one gloo process group and
+leaves everything else (model, data, PEFT, saving) real. :func:`main` runs a script under the shim:
+
+    python tests/_cpu_shim.py SPEC.json          # one process (rank/world size from the spec, file rendezvous)
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/_cpu_shim.py SPEC.json   # torchrun
+
+SPEC holds ``script`` and ``argv``; optional ``metrics`` (a JSON file receiving every ``wandb.log`` call of rank 0),
+``rank``/``world_size``/``store`` (without torchrun) and ``pythonpath`` (prepended to ``sys.path``).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def install(script: str, rank: int = 0, world_size: int = 1, store=None) -> None:
+    """Patch torch/accelerate so that ``script`` trains on CPU as rank ``rank`` of ``world_size`` (gloo)."""
+    import torch
+    import torch.nn.parallel
+
+    script = str(Path(script).resolve())
+    # "GPU available" answers only the script's own assertion; libraries keep seeing the real answer
+    real_is_available = torch.cuda.is_available
+    torch.cuda.is_available = lambda: sys._getframe(1).f_code.co_filename == script or real_is_available()
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda: None
+    real_autocast = torch.autocast
+    torch.autocast = lambda device_type, **kw: real_autocast("cpu", **kw)
+
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:  # launched by torchrun: env:// rendezvous
+        torch.distributed.init_process_group("gloo")
+        rank = torch.distributed.get_rank()
+    else:
+        init = f"file://{Path(store).resolve()}"
+        torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+
+    class CpuDDP(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module, device_ids=None, **kwargs):
+            super().__init__(module, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = CpuDDP
+
+    class State:  # accelerate's PartialState, as much of it as the script reads
+        is_main_process = rank == 0
+        local_process_index = "cpu"  # the script moves tensors `.to(device_id)`
+        process_index = rank
+        num_processes = torch.distributed.get_world_size()
+
+    import accelerate
+
+    accelerate.PartialState = State
+
+
+def record_wandb(path: Path, rank: int) -> None:
+    """Keep wandb real (``WANDB_MODE=disabled``) and also write every ``wandb.log`` of rank 0 to ``path``."""
+    import wandb
+
+    log, real_init = [], wandb.init
+
+    def init(*args, **kwargs):
+        run = real_init(*args, **kwargs)
+        real_log = wandb.log  # `wandb.init` rebinds the module's `log` to the run's
+
+        def logged(data, step=None, **kw):
+            log.append({"step": step, **{k: float(v) for k, v in data.items()}})
+            if rank == 0:
+                Path(path).write_text(json.dumps(log))
+            return real_log(data, step=step, **kw)
+
+        wandb.log = logged
+        return run
+
+    wandb.init = init
+
+
+def main() -> None:
+    import runpy
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    for entry in reversed(spec.get("pythonpath", [])):
+        sys.path.insert(0, entry)
+    rank = int(os.environ.get("RANK", spec.get("rank", 0)))
+    install(spec["script"], rank, spec.get("world_size", 1), spec.get("store", sys.argv[1] + ".pg"))
+    if spec.get("metrics"):
+        record_wandb(Path(spec["metrics"]), rank)
+    import torch
+
+    torch.manual_seed(0)
+    sys.argv = [spec["script"], *spec["argv"]]
+    try:
+        runpy.run_path(spec["script"], run_name="__main__")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

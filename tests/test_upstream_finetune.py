@@ -1,0 +1,304 @@
+"""The real patched ``vla-scripts/finetune.py`` end to end, with ``--align.enabled true``, on CPU.
+
+Opt-in: needs ``OPENVLA_SRC`` (an OpenVLA checkout) and OpenVLA's own stack (tensorflow, tensorflow_datasets, dlimp,
+timm 0.9.x, transformers 4.40.1, peft, wandb) with this package pip-installed (its entry points must be visible).
+Everything is real except the CUDA-only calls, which ``_cpu_shim`` maps to CPU/gloo (the shim lives in tests,
+never in the patch): upstream's ``OpenVLAForActionPrediction`` at tiny size, upstream's RLDS pipeline over a
+generated 6-episode tfds build, PEFT LoRA, upstream's merge, and a teacher installed by a third-party entry point
+(the C-RADIOv3 architecture at tiny width, loaded from a file in RADIO's HF layout). Then the stock loaders read
+what the script wrote.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_upstream_assets import _stack_available
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _installed() -> bool:
+    """Is the `align` finetune plugin visible to a fresh interpreter outside the source tree (as the script sees it)?"""
+    code = "import importlib.metadata as m; print([e.name for e in m.entry_points(group='openvla.finetune_plugins')])"
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True).stdout
+    return "'align'" in out
+
+
+_OK, _WHY = _stack_available()
+if _OK and not _installed():
+    _OK, _WHY = False, "openvla-align is not pip-installed here (its `openvla.finetune_plugins` entry point is missing)"
+pytestmark = pytest.mark.skipif(not _OK, reason=_WHY)
+
+TEACHER_PLUGIN = '''
+"""A third-party teacher: C-RADIOv3-L's architecture at tiny width, weights from `teacher_path`."""
+from openvla_align.teachers.radio import TINY_ARCH, build_radio_teacher
+
+
+def tiny_c_radio(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):
+    return build_radio_teacher("c-radio-v3-l", path, resolution, grid, allow_random, trust_remote_code, TINY_ARCH)
+'''
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A patched copy of the checkout, a tiny OpenVLA, a tiny RLDS build and a teacher plugin with its weights."""
+    from test_teacher_radio import save_hf_snapshot, tiny_radio_parts
+
+    from openvla_align.cli import main as cli
+    from openvla_align.testing.upstream import build_tiny_openvla_checkpoint, write_tiny_rlds
+
+    root = tmp_path_factory.mktemp("e2e")
+    checkout = root / "openvla"
+    shutil.copytree(os.environ["OPENVLA_SRC"], checkout, ignore=shutil.ignore_patterns(".git", "*.orig"))
+    assert cli(["patch", str(checkout)]) == 0
+    ckpt = build_tiny_openvla_checkpoint(root / "tiny-openvla", seed=0)
+    write_tiny_rlds(root / "data", name="sft", episodes=6, steps=5, seed=0)
+
+    plugins = root / "site"
+    (plugins / "tiny_teacher_plugin").mkdir(parents=True)
+    (plugins / "tiny_teacher_plugin" / "__init__.py").write_text(TEACHER_PLUGIN)
+    info = plugins / "tiny_teacher_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-teacher-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[openvla_align.teachers]\ntiny-c-radio = tiny_teacher_plugin:tiny_c_radio\n"
+    )
+    weights = save_hf_snapshot(tiny_radio_parts(seed=3), root / "teacher") / "model.safetensors"
+    return dict(root=root, checkout=checkout, ckpt=ckpt, data=root / "data", site=plugins, teacher=weights)
+
+
+def _env(world) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
+    home = world["root"] / "home"
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(world["site"]), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        HF_HOME=str(home / "hf"),  # remote-code module cache and an empty hub cache
+        TORCH_HOME=str(home / "torch"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONHASHSEED="0",
+    )
+    return env
+
+
+ALIGN = ("--align.enabled", "true", "--align.teacher", "tiny-c-radio")  # + --align.teacher_path (see `finetune`)
+
+
+def finetune(world, cwd: Path, *args, nproc: int = 1, check: bool = True):
+    """Run the patched script in ``cwd`` (under torchrun when ``nproc`` > 1); returns (process, logged metrics)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    argv = ["--vla_path", str(world["ckpt"]), "--data_root_dir", str(world["data"]), "--dataset_name", "sft"]
+    argv += ["--run_root_dir", "runs", "--adapter_tmp_dir", "adapters", "--batch_size", "2"]
+    argv += ["--shuffle_buffer_size", "64", *args]
+    if "tiny-c-radio" in args:
+        argv += ["--align.teacher_path", str(world["teacher"])]
+    spec = {"script": str(world["checkout"] / "vla-scripts" / "finetune.py"), "argv": argv, "metrics": "metrics.json"}
+    spec["pythonpath"] = [str(world["checkout"])]
+    (cwd / "spec.json").write_text(json.dumps(spec))
+    shim = str(TESTS_DIR / "_cpu_shim.py")
+    cmd = [sys.executable, "-W", "ignore", shim, "spec.json"]
+    if nproc > 1:
+        launcher = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone"]
+        cmd = [*launcher, "--nnodes", "1", "--nproc-per-node", str(nproc), shim, "spec.json"]
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(world), capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    metrics = cwd / "metrics.json"
+    return proc, json.loads(metrics.read_text()) if metrics.exists() else []
+
+
+def files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def written(cwd: Path) -> list:
+    """Files the script wrote in ``cwd`` (not the run spec, the shim's rendezvous file or its metrics record)."""
+    return [p for p in cwd.rglob("*") if p.is_file() and not p.name.startswith(("spec.json", "metrics.json"))]
+
+
+def safetensors_keys(model_dir: Path) -> set:
+    from safetensors import safe_open
+
+    keys = set()
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+@pytest.fixture(scope="module")
+def default_run(world):
+    """Stock save mode (merge on every save) with alignment on: 4 steps, saves at 2 and 4."""
+    cwd = world["root"] / "default"
+    proc, metrics = finetune(world, cwd, "--max_steps", "4", "--save_steps", "2", *ALIGN)
+    (exp,) = [p.name for p in (cwd / "runs").iterdir()]
+    return dict(cwd=cwd, proc=proc, metrics=metrics, exp=exp)
+
+
+def test_align_metrics_join_the_script_log(default_run):
+    (step0,) = [m for m in default_run["metrics"] if m["step"] == 0]  # the script logs every 10th step
+    assert {"train_loss", "action_accuracy", "l1_loss", "align/loss", "align/cos_layer16"} <= set(step0)
+    assert -1.0 <= step0["align/cos_layer16"] <= 1.0
+    assert step0["align/loss"] == pytest.approx(-0.2 * step0["align/cos_layer16"], abs=1e-3)  # coeff x negative cosine
+    assert "Max step 4 reached" in default_run["proc"].stdout
+
+
+def test_sidecar_beside_the_adapter_and_stock_keys_in_the_merged_model(world, default_run):
+    cwd, exp = default_run["cwd"], default_run["exp"]
+    adapter, merged = cwd / "adapters" / exp, cwd / "runs" / exp
+    assert {"adapter_config.json", "adapter_model.safetensors", "align"} <= {p.name for p in adapter.iterdir()}
+    assert sorted(p.name for p in (adapter / "align").iterdir()) == ["config.json", "projector.safetensors"]
+    sidecar = json.loads((adapter / "align" / "config.json").read_text())
+    assert (sidecar["teacher"], sidecar["layers"], sidecar["coeff"]) == ("tiny-c-radio", [16], 0.2)
+    assert "align" not in {p.name for p in merged.iterdir()}
+    assert safetensors_keys(merged) == safetensors_keys(world["ckpt"])  # no LoRA, no alignment weights
+    stats = json.loads((merged / "dataset_statistics.json").read_text())
+    config = json.loads((merged / "config.json").read_text())
+    assert config["norm_stats"]["sft"] == stats["sft"]
+    assert "use unnorm_key='sft'" in default_run["proc"].stdout
+    for root in (cwd / "runs", cwd / "adapters"):  # no staging or previous-checkpoint directories left
+        assert [p.name for p in root.iterdir()] == [exp]
+
+
+def test_stock_loaders_read_the_checkpoints(world, default_run):
+    """`PeftModel.from_pretrained` on the adapter and `AutoModelForVision2Seq` on the merged model agree, and the
+    merged model un-normalises actions for `unnorm_key="sft"` from its own config.
+
+    (`predict_action` itself appends Llama-2's token id 29871 to every prompt, which a 1k-token tiny vocabulary
+    lacks, so the test calls what it uses for un-normalisation: `get_action_dim` / `get_action_stats`.)"""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import AutoModelForVision2Seq, AutoProcessor
+
+    cwd, exp = default_run["cwd"], default_run["exp"]
+    merged_dir = cwd / "runs" / exp
+    processor = AutoProcessor.from_pretrained(merged_dir, trust_remote_code=True)
+    merged = AutoModelForVision2Seq.from_pretrained(merged_dir, torch_dtype=torch.float32, trust_remote_code=True)
+    base = AutoModelForVision2Seq.from_pretrained(world["ckpt"], torch_dtype=torch.float32, trust_remote_code=True)
+    adapted = PeftModel.from_pretrained(base, cwd / "adapters" / exp)
+    assert type(merged).__name__ == "OpenVLAForActionPrediction" and isinstance(adapted, PeftModel)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    inputs = processor("In: What action should the robot take to open the drawer?\nOut:", image)
+    inputs["pixel_values"] = inputs["pixel_values"].float()
+    with torch.no_grad():
+        a = merged(**inputs).logits
+        b = adapted(**inputs).logits
+    assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()  # merged in bf16 by the script
+
+    stats = json.loads((merged_dir / "dataset_statistics.json").read_text())["sft"]["action"]
+    assert merged.get_action_dim("sft") == 7
+    assert (
+        merged.get_action_stats("sft")["q01"] == stats["q01"] and merged.get_action_stats("sft")["q99"] == stats["q99"]
+    )
+
+
+@pytest.fixture(scope="module")
+def adapter_run(world):
+    """Adapter-only checkpoints at steps 2 and 4 (`--merge_on_save false`), every checkpoint kept."""
+    cwd = world["root"] / "adapters_only"
+    args = ("--max_steps", "4", "--save_steps", "2", "--merge_on_save", "false", "--save_latest_checkpoint_only")
+    proc, _ = finetune(world, cwd, *args, "false", *ALIGN)
+    exp = min(p.name for p in (cwd / "runs").iterdir())
+    return dict(cwd=cwd, proc=proc, exp=exp, args=(*args, "false"))
+
+
+def test_adapter_only_checkpoints_resume_with_their_sidecar(world, adapter_run):
+    cwd, exp = adapter_run["cwd"], adapter_run["exp"]
+    ckpt2 = cwd / "runs" / f"{exp}--2_chkpt"
+    assert {"trainer_state.pt", "adapter_model.safetensors", "dataset_statistics.json", "align"} <= {
+        p.name for p in ckpt2.iterdir()
+    }
+    assert not (cwd / "adapters").exists() and "openvla-align merge" in adapter_run["proc"].stdout
+    resumed = world["root"] / "resumed"
+    proc, _ = finetune(world, resumed, *adapter_run["args"], *ALIGN, "--resume_from", str(ckpt2))
+    assert "Resumed from" in proc.stdout and "after gradient step 2" in proc.stdout
+    ckpt4 = resumed / "runs" / f"{exp}--4_chkpt"
+    assert (ckpt4 / "align" / "projector.safetensors").read_bytes() == (
+        ckpt2 / "align" / "projector.safetensors"
+    ).read_bytes()  # the frozen projector is the one the run started with
+    assert not (resumed / "runs" / f"{exp}--2_chkpt").exists()  # steps 3 and 4 only
+
+
+def test_offline_merge_of_an_adapter_checkpoint(world, adapter_run, capsys):
+    from openvla_align.cli import main as cli
+
+    ckpt4 = adapter_run["cwd"] / "runs" / f"{adapter_run['exp']}--4_chkpt"
+    out = world["root"] / "merged-offline"
+    assert cli(["merge", str(ckpt4), "--base", str(world["ckpt"]), "--out", str(out)]) == 0
+    assert "use unnorm_key='sft'" in capsys.readouterr().out
+    assert safetensors_keys(out) == safetensors_keys(world["ckpt"])
+    assert "sft" in json.loads((out / "config.json").read_text())["norm_stats"]
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda d: (d / "align" / "projector.safetensors").write_bytes(b"\0" * 64), "corrupt or truncated"),
+        (lambda d: None, r"layers: saved \(16,\), now \(8,\)"),
+    ],
+    ids=["corrupt-sidecar", "other-layers"],
+)
+def test_bad_resume_stops_before_training_and_keeps_the_checkpoint(world, adapter_run, tmp_path, corrupt, message):
+    import re
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(adapter_run["cwd"] / "runs" / f"{adapter_run['exp']}--2_chkpt", ckpt)
+    corrupt(ckpt)
+    before = files(ckpt)
+    layers = ("--align.layers", "[8]") if "layers" in message else ()
+    proc, metrics = finetune(
+        world, tmp_path / "run", *adapter_run["args"], *ALIGN, *layers, "--resume_from", str(ckpt), check=False
+    )
+    assert proc.returncode != 0 and re.search(message, proc.stderr), proc.stderr[-3000:]
+    assert files(ckpt) == before and metrics == []  # nothing trained, the checkpoint untouched
+    assert not written(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--align.enabeld", "true"), "enabeld"),
+        (("--align.enabled", "true", "--align.layers", "[16,19]"), r"Layer\(s\) \[19\] out of range"),
+        (("--align.enabled", "true", "--dataset_name", "sft_v2"), "neither a registered dataset"),
+        (("--align.enabled", "true", "--align.teacher", "c-radio-v3-x"), "Known teachers: .*tiny-c-radio"),
+    ],
+    ids=["unknown-field", "layer-beyond-depth", "unknown-dataset", "unknown-teacher"],
+)
+def test_bad_input_fails_before_the_model_loads(world, tmp_path, args, message):
+    import re
+
+    proc, _ = finetune(world, tmp_path, "--max_steps", "2", *args, check=False)
+    assert proc.returncode != 0 and re.search(message, proc.stderr), proc.stderr[-3000:]
+    assert "trainable params" not in proc.stdout  # stopped before the model was loaded and wrapped
+    assert not written(tmp_path)
+
+
+def test_missing_teacher_weights_name_where_to_put_them(world, tmp_path):
+    """The default teacher (C-RADIOv3-L) with no weights anywhere: the message names the file and the places."""
+    proc, _ = finetune(world, tmp_path, "--max_steps", "2", "--align.enabled", "true", check=False)
+    assert proc.returncode != 0 and "Teacher 'c-radio-v3-l' needs weights" in proc.stderr, proc.stderr[-3000:]
+    assert "--align.teacher_path" in proc.stderr and "the HF cache" in proc.stderr
+    assert "trainable params" not in proc.stdout and not written(tmp_path)
+
+
+def test_torchrun_two_ranks(world):
+    """`torchrun --nproc-per-node 2` (gloo): identical projectors are checked across ranks; rank 0 alone writes."""
+    cwd = world["root"] / "torchrun"
+    args = ("--max_steps", "2", "--save_steps", "2", "--merge_on_save", "false", *ALIGN)
+    proc, metrics = finetune(world, cwd, *args, nproc=2)
+    (exp,) = [p.name for p in (cwd / "runs").iterdir()]
+    ckpt = cwd / "runs" / exp
+    assert {"adapter_model.safetensors", "trainer_state.pt", "align"} <= {p.name for p in ckpt.iterdir()}
+    assert [m["step"] for m in metrics] == [0] and "align/loss" in metrics[0]
+    assert proc.stdout.count("Saving Model Checkpoint for Step 2") == 1  # printed (and written) by rank 0 only
