@@ -34,8 +34,8 @@ GROUP = "openvla.finetune_plugins"
 
 needs_upstream = pytest.mark.skipif(
     not OPENVLA_SRC,
-    reason="needs upstream finetune.py: `mkdir -p /tmp/openvla_src && git -C /work/.mirror/openvla+openvla/repo "
-    "archive HEAD | tar -x -C /tmp/openvla_src`, then run with OPENVLA_SRC=/tmp/openvla_src",
+    reason="needs upstream finetune.py: set OPENVLA_SRC to a checkout of https://github.com/openvla/openvla "
+    "(the revision named in patches/finetune.json)",
 )
 
 

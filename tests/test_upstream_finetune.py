@@ -292,13 +292,27 @@ def test_missing_teacher_weights_name_where_to_put_them(world, tmp_path):
     assert "trainable params" not in proc.stdout and not written(tmp_path)
 
 
-def test_torchrun_two_ranks(world):
-    """`torchrun --nproc-per-node 2` (gloo): identical projectors are checked across ranks; rank 0 alone writes."""
+def test_help_lists_the_align_flags(world, tmp_path):
+    proc, _ = finetune(world, tmp_path, "--help")
+    assert "--align.teacher_path" in proc.stdout and "--merge_on_save" in proc.stdout
+    assert "Weight of the alignment loss" in proc.stdout  # field help reaches draccus
+
+
+def test_torchrun_two_ranks_from_a_yaml_recipe(world):
+    """`torchrun --nproc-per-node 2` (gloo) with the align settings in a `--config_path` YAML: identical projectors
+    are checked across ranks; rank 0 alone writes."""
     cwd = world["root"] / "torchrun"
-    args = ("--max_steps", "2", "--save_steps", "2", "--merge_on_save", "false", *ALIGN)
-    proc, metrics = finetune(world, cwd, *args, nproc=2)
+    cwd.mkdir()
+    recipe = cwd / "align.yaml"
+    recipe.write_text(
+        "max_steps: 2\nsave_steps: 2\nmerge_on_save: false\n"
+        f"align:\n  enabled: true\n  teacher: tiny-c-radio\n  teacher_path: {world['teacher']}\n  coeff: 0.5\n"
+    )
+    proc, metrics = finetune(world, cwd, "--config_path", str(recipe), nproc=2)
     (exp,) = [p.name for p in (cwd / "runs").iterdir()]
     ckpt = cwd / "runs" / exp
     assert {"adapter_model.safetensors", "trainer_state.pt", "align"} <= {p.name for p in ckpt.iterdir()}
     assert [m["step"] for m in metrics] == [0] and "align/loss" in metrics[0]
+    assert json.loads((ckpt / "align" / "config.json").read_text())["coeff"] == 0.5
+    assert metrics[0]["align/loss"] == pytest.approx(-0.5 * metrics[0]["align/cos_layer16"], abs=1e-3)
     assert proc.stdout.count("Saving Model Checkpoint for Step 2") == 1  # printed (and written) by rank 0 only
