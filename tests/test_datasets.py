@@ -97,3 +97,13 @@ def test_disabled_plugin_registers_but_never_checks(prismatic, tmp_path):
     from prismatic.vla.datasets.rlds.oxe import configs
 
     assert set(PAPER_DATASETS) <= set(configs.OXE_DATASET_CONFIGS)
+
+
+def test_our_loggers_survive_prismatic_logging_setup(prismatic):
+    """Upstream's `prismatic.overwatch` disables every existing logger (dictConfig, disable_existing_loggers=True)."""
+    import logging
+
+    ours = logging.getLogger("openvla_align.probe.linear")
+    ours.disabled = True  # what importing prismatic does to loggers created before it
+    register_paper_datasets()
+    assert not ours.disabled

@@ -9,6 +9,7 @@ episodes are already in OpenVLA's 7-D action convention).
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -28,7 +29,17 @@ def _registries():
         raise ImportError(
             f"OpenVLA's `prismatic` package is not importable ({exc}); run inside an OpenVLA checkout/environment."
         ) from exc
+    finally:
+        keep_our_loggers()
     return configs, transforms, mixtures
+
+
+def keep_our_loggers() -> None:
+    """Importing ``prismatic`` runs ``logging.config.dictConfig(..., disable_existing_loggers=True)``, which silences
+    every logger created before it, ours included; switch ours back on."""
+    for name, item in list(logging.root.manager.loggerDict.items()):
+        if name.split(".")[0] == "openvla_align" and isinstance(item, logging.Logger):
+            item.disabled = False
 
 
 def register_paper_datasets() -> List[str]:
