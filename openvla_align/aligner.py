@@ -52,10 +52,13 @@ def student_grid(vla: nn.Module) -> Optional[Tuple[int, int]]:
 
 
 class Aligner(nn.Module):
-    def __init__(self, config: AlignConfig, teacher: Optional[Teacher] = None):
+    def __init__(self, config: AlignConfig, teacher: Optional[Teacher] = None, *, target_width: Optional[int] = None):
+        """``teacher`` runs live on each batch; without one, pass ``target_width`` (e.g. a feature cache's width)
+        and give precomputed ``targets`` to ``forward``."""
         super().__init__()
         self.config = config
         self.teacher = teacher
+        self.target_width = target_width
         self.projectors = nn.ModuleDict()
         self._hook: Optional[VisualTokenHook] = None
         self._loss_fn = get_loss(config.loss)
@@ -72,7 +75,7 @@ class Aligner(nn.Module):
             trust_remote_code=config.trust_remote_code,
             **teacher_kwargs,
         )
-        return cls(config, teacher)
+        return cls(config, teacher.to(getattr(torch, config.teacher_dtype)))
 
     # --- keys: projector per aligned layer (0 = the encoder output for target="encoder") ---
     @property
@@ -81,9 +84,11 @@ class Aligner(nn.Module):
 
     @property
     def teacher_width(self) -> int:
-        if self.teacher is None:
-            raise RuntimeError("This Aligner has no teacher; pass precomputed `targets` or build it with a teacher.")
-        return self.teacher.width
+        if self.teacher is not None:
+            return self.teacher.width
+        if self.target_width is not None:
+            return self.target_width
+        raise RuntimeError("This Aligner has no teacher; build it with a teacher or with target_width=<cache width>.")
 
     def attach(self, vla: nn.Module) -> "Aligner":
         """Hook ``vla`` and build (or check) the projector(s). Call after LoRA wrapping, before DDP or after."""
@@ -160,8 +165,10 @@ class Aligner(nn.Module):
         """Teacher patch features (B, N, D) for OpenVLA ``pixel_values`` (fused 6-channel or 3-channel)."""
         if self.teacher is None:
             raise RuntimeError("This Aligner has no teacher; pass precomputed `targets`.")
-        with torch.no_grad():
-            return self.teacher(rgb_from_pixel_values(pixel_values))
+        with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
+            targets = self.teacher(rgb_from_pixel_values(pixel_values))  # cast to the teacher's dtype inside
+        # Inference tensors cannot be saved for the loss's backward: one (B, N, D) copy, a few MB at 7B scale.
+        return targets.clone()
 
     def forward(
         self, pixel_values: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None
@@ -210,15 +217,24 @@ class Aligner(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.projectors.state_dict().items()}
         # One metadata entry: safetensors stores metadata in a hash map, so several keys would come out in a random
         # order and identical projectors would not give identical files.
-        info = {"format": 1, "teacher_width": self.teacher.width if self.teacher is not None else None}
+        width = self.teacher.width if self.teacher is not None else self.target_width
+        info = {"format": 1, "teacher_width": width}
         meta = {"openvla-align": json.dumps(info, sort_keys=True)}
         atomic_write(directory / PROJECTOR_NAME, lambda tmp: save_file(state, str(tmp), metadata=meta))
         atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(self.config.to_json()))
         return directory
 
     @classmethod
-    def load(cls, directory: Union[str, Path], teacher: Optional[Teacher] = None, **teacher_kwargs) -> "Aligner":
-        """Restore config and projector(s) saved by ``save``; the teacher is rebuilt from the config unless given."""
+    def load(
+        cls,
+        directory: Union[str, Path],
+        teacher: Optional[Teacher] = None,
+        *,
+        target_width: Optional[int] = None,
+        **teacher_kwargs,
+    ) -> "Aligner":
+        """Restore config and projector(s) saved by ``save``; the teacher is rebuilt from the config unless given
+        (or unless ``target_width`` says targets come precomputed)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -238,7 +254,10 @@ class Aligner(nn.Module):
             raise ValueError(
                 f"{proj_path} is corrupt or truncated ({exc}); restore it from a good checkpoint."
             ) from exc
-        aligner = cls(config, teacher) if teacher is not None else cls.from_config(config, **teacher_kwargs)
+        if teacher is not None or target_width is not None:
+            aligner = cls(config, teacher, target_width=target_width)
+        else:
+            aligner = cls.from_config(config, **teacher_kwargs)
         aligner.load_projectors(state)
         return aligner
 
@@ -268,10 +287,11 @@ class Aligner(nn.Module):
                     f"Saved projector for layer {key} does not match config {self.config.projector!r}: {exc}"
                 ) from exc
             self.projectors[str(key)] = proj
-        if self.teacher is not None:
+        if self.teacher is not None or self.target_width is not None:
             out_dim = [m for m in self.projectors.modules() if isinstance(m, nn.Linear)][-1].out_features
-            if out_dim != self.teacher.width:
+            if out_dim != self.teacher_width:
+                source = f"teacher {self.teacher.spec.name} has" if self.teacher is not None else "cached targets have"
                 raise ValueError(
-                    f"Saved projector outputs width {out_dim} but teacher {self.teacher.spec.name} has width "
-                    f"{self.teacher.width}; load it with the teacher it was trained with."
+                    f"Saved projector outputs width {out_dim} but {source} width {self.teacher_width}; load it with "
+                    "the teacher it was trained with."
                 )

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 logger = logging.getLogger(__name__)
 
 LOSSES = ("cosine", "l2", "ntxent")
+TEACHER_DTYPES = ("bfloat16", "float16", "float32")
 PROJECTORS = ("mlp", "linear")
 TARGETS = ("backbone", "encoder")
 
@@ -73,6 +74,23 @@ class AlignConfig:
     trust_remote_code: bool = field(
         default=False, metadata=_help("Allow teachers that need remote code (e.g. Theia's HF implementation).")
     )
+    teacher_dtype: str = field(
+        default="bfloat16",
+        metadata=_help(
+            "dtype of the teacher's weights and inference (bfloat16 as the reference; float32 for full precision)."
+        ),
+    )
+    teacher_cache: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Directory written by `openvla-align cache build`: read teacher targets from it instead of running the "
+            "teacher (needs image_aug false)."
+        ),
+    )
+    verify_cache: bool = field(
+        default=True,
+        metadata=_help("Check every shard's SHA-256 of teacher_cache before training (false: sizes only)."),
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, int):
@@ -104,6 +122,8 @@ class AlignConfig:
             raise ValueError(f"AlignConfig.projector_dim={self.projector_dim} must be a positive width.")
         if not self.ntxent_temperature > 0:
             raise ValueError(f"AlignConfig.ntxent_temperature={self.ntxent_temperature} must be > 0.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"AlignConfig.teacher_dtype={self.teacher_dtype!r} is not one of {TEACHER_DTYPES}.")
         if self.teacher_resolution is not None and self.teacher_resolution < 1:
             raise ValueError(f"AlignConfig.teacher_resolution={self.teacher_resolution} must be a positive size.")
 

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..aligner import CONFIG_NAME, Aligner
+from ..aligner import CONFIG_NAME, Aligner, student_grid
+from ..cache.keys import keys_from_pixel_values
 from ..config import AlignConfig
 from ..hooks import check_layers
 from .env import warn_if_broken
@@ -111,6 +112,7 @@ class AlignPlugin(FinetunePlugin):
         self.is_main_process = True
         self.dataset_name: Optional[str] = None
         self.saved = False
+        self.cache = None  # TeacherCache when `teacher_cache` is set: targets are read, no teacher runs
 
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
         """Register the paper's datasets (also for plain-SFT runs on them; names upstream lacks, nothing else
@@ -129,8 +131,22 @@ class AlignPlugin(FinetunePlugin):
         depth = _text_depth(getattr(cfg, "vla_path", None))
         if depth is not None:
             check_layers(depth, self.config.layers)  # attach() checks it again on the loaded model
-        if self.teacher is None:
+        if self.config.teacher_cache:
+            self.cache = self._open_cache(cfg)
+        elif self.teacher is None:
             self.teacher = self._build_teacher()
+
+    def _open_cache(self, cfg: Any):
+        from ..cache.store import open_for_training
+
+        if getattr(cfg, "image_aug", False):
+            raise ValueError(
+                "--align.teacher_cache holds the teacher's features of the unaugmented frames, but --image_aug is on: "
+                "the colour jitter (brightness, contrast, saturation, hue) changes what the teacher would see, which "
+                "no transform of cached features reproduces. Train with --image_aug false, or drop "
+                "--align.teacher_cache to run the teacher live on the augmented frames."
+            )
+        return open_for_training(self.config, getattr(cfg, "dataset_name", None), getattr(cfg, "data_root_dir", None))
 
     def _build_teacher(self) -> nn.Module:
         """Rank 0 resolves (and would convert/cache) the teacher weights first, then the other ranks read them."""
@@ -148,9 +164,19 @@ class AlignPlugin(FinetunePlugin):
     def on_model_ready(self, vla: nn.Module, cfg: Any = None) -> List[nn.Parameter]:
         if not self.enabled:
             return []
-        if self.teacher is None:  # `setup` builds it; callers driving the plugin by hand may skip that
-            self.teacher = self._build_teacher()
-        self.aligner = Aligner(self.config, self.teacher).attach(vla)
+        if self.cache is not None:
+            self.aligner = Aligner(self.config, target_width=self.cache.width)
+            grid = student_grid(vla)
+            if grid is not None and tuple(grid) != tuple(self.cache.spec.grid):
+                raise ValueError(
+                    f"Teacher cache {self.cache.dir} holds a {self.cache.spec.grid} grid of targets but the VLA has a "
+                    f"{grid} visual token grid; rebuild the cache for this model."
+                )
+            self.aligner.attach(vla)
+        else:
+            if self.teacher is None:  # `setup` builds it; callers driving the plugin by hand may skip that
+                self.teacher = self._build_teacher()
+            self.aligner = Aligner(self.config, self.teacher).attach(vla)
         self.check_identical_projectors()
         return self.aligner.trainable_parameters()
 
@@ -173,7 +199,13 @@ class AlignPlugin(FinetunePlugin):
         if self.aligner is None:
             return None, {}
         device = next(self.aligner.projectors.parameters()).device
-        out = self.aligner(pixel_values=batch["pixel_values"].to(device))
+        if self.cache is not None:
+            # The loader's batch is still on the CPU: keys are hashed there (no device sync), targets are copied
+            # from the memory-mapped shards and sent over without blocking.
+            targets = self.cache.lookup(keys_from_pixel_values(batch["pixel_values"]))
+            out = self.aligner(targets=targets.to(device, non_blocking=True))
+        else:
+            out = self.aligner(pixel_values=batch["pixel_values"].to(device))
         return out.loss, out.metrics
 
     def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
@@ -193,7 +225,7 @@ class AlignPlugin(FinetunePlugin):
         if self.aligner is None:
             return
         sidecar = Path(save_dir) / SIDECAR_DIR
-        saved = Aligner.load(sidecar, teacher=self.aligner.teacher)  # validates files and the teacher width
+        saved = Aligner.load(sidecar, teacher=self.aligner.teacher, target_width=self.aligner.target_width)
         mismatched = [
             f"{name}: saved {getattr(saved.config, name)!r}, now {getattr(self.config, name)!r}"
             for name in ("teacher", "layers", "target", "projector", "projector_dim", "loss")

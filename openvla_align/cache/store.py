@@ -1,0 +1,313 @@
+"""A sharded, memory-mapped store of teacher patch features, keyed by frame.
+
+Layout of a cache directory::
+
+    manifest.json            teacher, weights hash, resolution, grid, width, dtype, source, shards (+ SHA-256 each)
+    shard-00000.keys         count x 16-byte frame keys (see keys.py)
+    shard-00000.feats        count x tokens x width 2-byte floats (bfloat16 or float16), little-endian, C order
+
+Shards are immutable: each is written under a temporary name and renamed into place, then the manifest (rewritten
+atomically) lists it with its checksums. An interrupted build therefore leaves whole shards and a manifest that
+names exactly those; ``CacheWriter`` picks up from there. A reader checks the manifest, every shard's size and (by
+default) its SHA-256 before handing out a single target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .._io import atomic_write_bytes
+from .keys import KEY_BYTES
+
+FORMAT = "openvla-align-teacher-cache/1"
+MANIFEST = "manifest.json"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_CHUNK = 1 << 24
+
+
+class CacheError(RuntimeError):
+    """A teacher cache that cannot be used as it is (corrupt, stale, incomplete or made for something else)."""
+
+
+@dataclass
+class CacheSpec:
+    """What a cache holds: the same for every shard, compared field by field when a cache is reused."""
+
+    teacher: str
+    weights_sha256: str  # of the weights file the teacher was built from ("" when unknown, e.g. random weights)
+    resolution: int
+    grid: Tuple[int, int]
+    width: int
+    dtype: str
+    source: Dict[str, object] = field(default_factory=dict)  # where the frames came from (dataset, version, ...)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.grid[0] * self.grid[1])
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["grid"] = list(self.grid)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CacheSpec":
+        return cls(**{**data, "grid": tuple(data["grid"])})
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CacheError(
+            f"{directory} is not a teacher cache ({MANIFEST} is missing); build one with `openvla-align cache build`."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{path} is unreadable ({exc}); rebuild the cache.") from exc
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; rebuild the cache.")
+    return manifest
+
+
+class CacheWriter:
+    """Append (key, features) rows; full shards are committed as they fill. Re-opening a partial cache resumes it:
+    keys already stored are reported by ``has`` and skipped by ``add``."""
+
+    def __init__(self, directory, spec: CacheSpec, shard_rows: int = 4096):
+        if spec.dtype not in DTYPES:
+            raise ValueError(f"dtype {spec.dtype!r} is not one of {sorted(DTYPES)}.")
+        self.dir = Path(directory)
+        self.spec, self.shard_rows = spec, int(shard_rows)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.shards: List[dict] = []
+        self.known: set = set()
+        if (self.dir / MANIFEST).exists():
+            manifest = read_manifest(self.dir)
+            theirs = CacheSpec.from_dict(manifest["spec"])
+            diff = [
+                f"{k}: cache has {v!r}, now {getattr(spec, k)!r}"
+                for k, v in vars(theirs).items()
+                if v != getattr(spec, k)
+            ]
+            if diff:
+                raise CacheError(
+                    f"{self.dir} already holds a cache made differently ({'; '.join(diff)}); choose "
+                    "another output directory or delete this one."
+                )
+            self.shards = list(manifest["shards"])
+            for shard in self.shards:  # resume: trust only shards whose bytes still match
+                _verify_shard(self.dir, shard, spec, full=True)
+                self.known.update(_read_keys(self.dir / shard["keys"]))
+        for stale in self.dir.glob(".*.tmp"):  # temporaries of an interrupted run
+            stale.unlink()
+        self._keys: List[bytes] = []
+        self._pending: set = set()
+        self._feats: List[torch.Tensor] = []
+        self._write_manifest(complete=False)
+
+    def __len__(self) -> int:
+        return len(self.known) + len(self._keys)
+
+    def has(self, key: bytes) -> bool:
+        return key in self.known or key in self._pending
+
+    def add(self, keys: Sequence[bytes], feats: torch.Tensor) -> int:
+        """Add rows (features (B, tokens, width)); rows whose key is stored already are skipped. Returns rows added."""
+        if feats.ndim != 3 or tuple(feats.shape[1:]) != (self.spec.tokens, self.spec.width):
+            raise ValueError(f"features must be (B, {self.spec.tokens}, {self.spec.width}); got {tuple(feats.shape)}.")
+        feats = feats.detach().to("cpu", DTYPES[self.spec.dtype])
+        added = 0
+        for key, row in zip(keys, feats):
+            if len(key) != KEY_BYTES:
+                raise ValueError(f"keys are {KEY_BYTES} bytes; got {len(key)}.")
+            if self.has(key):
+                continue
+            self._pending.add(key)
+            self._keys.append(key)
+            self._feats.append(row.clone())  # not a view into the caller's batch
+            added += 1
+            if len(self._keys) >= self.shard_rows:
+                self.flush()
+        return added
+
+    def flush(self) -> None:
+        """Commit the buffered rows as one shard (then list it in the manifest)."""
+        if not self._keys:
+            return
+        index = len(self.shards)
+        name = _shard_name(index)
+        feats = torch.stack(self._feats).contiguous().view(torch.int16).numpy()
+        if sys.byteorder != "little":
+            feats = feats.byteswap()
+        keys = b"".join(self._keys)
+        atomic_write_bytes(self.dir / f"{name}.feats", feats.tobytes())
+        atomic_write_bytes(self.dir / f"{name}.keys", keys)
+        self.shards.append(
+            {
+                "feats": f"{name}.feats",
+                "keys": f"{name}.keys",
+                "rows": len(self._keys),
+                "feats_sha256": hashlib.sha256(feats.tobytes()).hexdigest(),
+                "keys_sha256": hashlib.sha256(keys).hexdigest(),
+            }
+        )
+        self.known.update(self._keys)
+        self._keys, self._feats, self._pending = [], [], set()
+        self._write_manifest(complete=False)
+
+    def close(self, complete: bool = True) -> Path:
+        """Flush and mark the cache complete (only a complete cache is accepted for training)."""
+        self.flush()
+        self._write_manifest(complete=complete)
+        return self.dir
+
+    def _write_manifest(self, complete: bool) -> None:
+        manifest = {
+            "format": FORMAT,
+            "spec": self.spec.to_dict(),
+            "rows": len(self.known),
+            "complete": complete,
+            "shards": self.shards,
+        }
+        data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        atomic_write_bytes(self.dir / MANIFEST, data)
+
+
+def _read_keys(path: Path) -> List[bytes]:
+    raw = path.read_bytes()
+    return [raw[i : i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES)]
+
+
+def _verify_shard(directory: Path, shard: dict, spec: CacheSpec, full: bool) -> None:
+    row_bytes = spec.tokens * spec.width * 2
+    for kind, size in (("keys", shard["rows"] * KEY_BYTES), ("feats", shard["rows"] * row_bytes)):
+        path = directory / shard[kind]
+        if not path.is_file():
+            raise CacheError(
+                f"{path} is missing: the cache is incomplete; rebuild it (`openvla-align cache build` resumes)."
+            )
+        if path.stat().st_size != size:
+            raise CacheError(
+                f"{path} has {path.stat().st_size} bytes, expected {size}: the shard is truncated or "
+                "stale; delete it and its manifest entry by rebuilding the cache."
+            )
+        if full and _sha256(path) != shard[f"{kind}_sha256"]:
+            raise CacheError(f"{path} is corrupt (its SHA-256 does not match the manifest); rebuild the cache.")
+
+
+class TeacherCache:
+    """Read side: validated at open, then ``lookup(keys)`` returns (B, tokens, width) targets from memory maps."""
+
+    def __init__(self, directory, verify: bool = True):
+        self.dir = Path(directory)
+        manifest = read_manifest(self.dir)
+        self.spec = CacheSpec.from_dict(manifest["spec"])
+        if not manifest.get("complete"):
+            raise CacheError(
+                f"{self.dir} is an unfinished cache build ({manifest.get('rows', 0)} frames so far); "
+                "run `openvla-align cache build` again to finish it."
+            )
+        self.dtype = DTYPES[self.spec.dtype]
+        self.index: Dict[bytes, Tuple[int, int]] = {}
+        self.maps: List[np.memmap] = []
+        for s, shard in enumerate(manifest["shards"]):
+            _verify_shard(self.dir, shard, self.spec, full=verify)
+            for row, key in enumerate(_read_keys(self.dir / shard["keys"])):
+                if self.index.setdefault(key, (s, row)) != (s, row):
+                    raise CacheError(f"{self.dir}: frame key {key.hex()} is stored twice; rebuild the cache.")
+            shape = (shard["rows"], self.spec.tokens, self.spec.width)
+            self.maps.append(np.memmap(self.dir / shard["feats"], dtype="<i2", mode="r", shape=shape))
+        if len(self.index) != manifest.get("rows"):
+            raise CacheError(
+                f"{self.dir}: the manifest counts {manifest.get('rows')} frames but the shards hold "
+                f"{len(self.index)}; rebuild the cache."
+            )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def width(self) -> int:
+        return self.spec.width
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.index
+
+    def lookup(self, keys: Iterable[bytes]) -> torch.Tensor:
+        """Targets for ``keys`` in order, as a (B, tokens, width) CPU tensor of the cache's dtype."""
+        rows = []
+        for key in keys:
+            where = self.index.get(key)
+            if where is None:
+                raise CacheError(
+                    f"Frame {key.hex()} is not in the teacher cache {self.dir} (built from "
+                    f"{self.spec.source or 'unknown frames'}): the training data differs from what the cache was "
+                    "built on. Rebuild the cache for this dataset, or drop --align.teacher_cache."
+                )
+            shard, row = where
+            rows.append(np.asarray(self.maps[shard][row]))  # one copy out of the page cache per sample
+        out = torch.from_numpy(np.stack(rows).astype("<i2", copy=False))
+        return out.view(self.dtype)
+
+
+def file_sha256(path: Optional[os.PathLike]) -> str:
+    """SHA-256 of a weights file ('' for None or a directory), recorded so a cache is tied to its teacher weights."""
+    if path is None or not Path(path).is_file():
+        return ""
+    return _sha256(Path(path))
+
+
+__all__ = ["CacheError", "CacheSpec", "CacheWriter", "TeacherCache", "read_manifest", "file_sha256"]
+
+
+def open_for_training(config, dataset_name: Optional[str] = None, data_root=None) -> "TeacherCache":
+    """Open ``config.teacher_cache`` and check it was built for this teacher, weights and dataset; a cache built for
+    anything else fails here, before the model loads."""
+    cache = TeacherCache(config.teacher_cache, verify=config.verify_cache)
+    spec, problems = cache.spec, []
+    if spec.teacher != config.teacher:
+        problems.append(f"it holds {spec.teacher!r} features but --align.teacher is {config.teacher!r}")
+    if config.teacher_resolution is not None and config.teacher_resolution != spec.resolution:
+        problems.append(
+            f"it was built at {spec.resolution} px, --align.teacher_resolution is {config.teacher_resolution}"
+        )
+    weights = file_sha256(config.teacher_path)
+    if weights and spec.weights_sha256 and weights != spec.weights_sha256:
+        problems.append(f"it was built from other teacher weights than {config.teacher_path}")
+    source = spec.source or {}
+    if source.get("kind") == "rlds" and dataset_name is not None:
+        from .build import rlds_identity
+
+        now = rlds_identity(data_root, dataset_name) if data_root is not None else {"dataset": dataset_name}
+        if source.get("dataset") != dataset_name:
+            problems.append(f"it was built on dataset {source.get('dataset')!r}, training uses {dataset_name!r}")
+        elif now.get("dataset_info_sha256") and now.get("dataset_info_sha256") != source.get("dataset_info_sha256"):
+            problems.append(f"dataset {dataset_name!r} under {data_root} changed since (its dataset_info.json differs)")
+    if problems:
+        raise CacheError(
+            f"Teacher cache {cache.dir} does not fit this run: " + "; ".join(problems) + ". Rebuild it with "
+            "`openvla-align cache build`, or drop --align.teacher_cache to run the teacher live."
+        )
+    return cache
