@@ -107,3 +107,30 @@ def test_forward_on_one_rlds_sample(assets):
     assert n_visual == 256
     assert out.logits.shape == (1, input_ids.shape[0] + n_visual, vla.config.text_config.vocab_size)
     assert torch.isfinite(out.loss)
+
+
+def test_teacher_cache_over_the_rlds_pipeline_matches_training_batches(assets, tmp_path):
+    """`cache build --dataset` reads frames through OpenVLA's pipeline; every training sample's key is in it."""
+    import warnings
+
+    import torch
+    from transformers import AutoProcessor
+
+    from openvla_align.cache import TeacherCache, keys_from_pixel_values
+    from openvla_align.cache.build import build_cache, rlds_frames
+    from openvla_align.testing import tiny_teacher
+    from openvla_align.testing.upstream import tiny_rlds_dataset
+
+    ckpt, data_root, _ = assets
+    frames, source = rlds_frames(data_root, "sft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher = tiny_teacher("c-radio-v3-l")
+    summary = build_cache(tmp_path / "c", teacher, frames, source=source, teacher_name="c-radio-v3-l", progress=False)
+    assert summary["stored"] == 30 and source["dataset"] == "sft" and source["version"] == "1.0.0"
+    cache = TeacherCache(tmp_path / "c")
+    processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=True)
+    dataset = tiny_rlds_dataset(data_root, processor, name="sft", shuffle_buffer_size=8)
+    samples = [s for s, _ in zip(dataset, range(12))]
+    pixel_values = torch.stack([s["pixel_values"] for s in samples])
+    assert all(k in cache for k in keys_from_pixel_values(pixel_values))  # the processor's exact output keys
