@@ -56,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (linear, attention, tsne, vlthink):
         module.add_parser(probe_sub)
 
+    from . import bench
     from .cache import build as cache_build
     from .openvla import merge, patch
 
     cache_build.add_parser(sub)
+    bench.add_parser(sub)
 
     merge.add_parser(sub)
     patch.add_parser(sub)

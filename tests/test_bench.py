@@ -1,0 +1,53 @@
+"""`openvla-align bench` at the smoke scale: every mode runs, the figures are reported, the reference mode computes
+the same loss as the hook. (The bench measures speed and memory; these tests check what it computes, not how fast.)"""
+
+import json
+
+import pytest
+import torch
+
+from openvla_align import bench
+from openvla_align.cli import main
+
+
+def test_the_four_modes_compute_the_same_alignment_loss(tmp_path):
+    from openvla_align.cache.store import TeacherCache
+
+    scale = bench.SMOKE_SCALE
+    vla, teacher = bench.build(scale)
+    vla.eval()  # no LoRA dropout either way; identical forward passes
+    bench.build_bench_cache(teacher, tmp_path / "c")
+    cache = TeacherCache(tmp_path / "c")
+    batch = next(bench.batches(scale, 2))
+    losses = {}
+    for mode in bench.MODES:
+        with bench.Runner(mode, vla, teacher, cache, scale, "cpu") as runner:
+            with torch.no_grad():
+                losses[mode] = runner.loss(batch).item()
+    assert losses["live"] == pytest.approx(losses["reference"], rel=1e-5)  # hook == output_hidden_states[L]
+    assert losses["cache"] == pytest.approx(losses["live"], rel=1e-3)  # bf16 storage of the targets
+    assert losses["live"] != pytest.approx(losses["sft"], rel=1e-6)
+
+
+def test_analytic_estimate_orders_the_modes():
+    a = bench.analytic()
+    assert a["time"]["sft"] == 1.0 < a["time"]["cache"] < a["time"]["live"] <= a["time"]["reference"]
+    assert 1.0 < a["memory"]["cache"] < 1.01 < a["memory"]["live"] < 1.1
+    assert 0.03 < bench.OPENVLA_7B.proportions()["teacher"] < 0.06  # ViT-L/16 vs Llama-2-7B at ~290 tokens
+    big, cpu = bench.OPENVLA_7B.proportions(), bench.CPU_SCALE.proportions()
+    for part in ("vision", "teacher"):  # the CPU model keeps the 7B proportions within 40 %
+        assert 0.6 < cpu[part] / big[part] < 1.4
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--scale", "smoke", "--rounds", "1", "--steps", "1", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for mode in bench.MODES:
+        assert f"\n{mode} " in printed
+    assert "cache builder:" in printed and "frames/s" in printed
+    result = json.loads(out.read_text())
+    assert set(result["time"]["median_s"]) == set(bench.MODES) and result["time"]["steps"]["sft"] == 1
+    assert all(v > 0 for v in result["memory"]["peak_bytes"].values())
+    assert result["time"]["ratio"]["sft"] == 1.0 and result["analytic_7b"]["time"]["sft"] == 1.0
