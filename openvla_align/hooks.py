@@ -166,6 +166,8 @@ class VisualTokenHook:
             if self._num_visual is None:
                 return  # a text-only or cached-generation forward: there are no visual tokens to keep
             hidden = _first(output)
+            # A view, not a copy: it keeps the block's output alive until `pop()`, which autograd does anyway (the
+            # next block's input is saved for backward). Only the hooked layers are kept, never all of them.
             self._captured[layer] = hidden[:, 1 : 1 + self._num_visual]
 
         return capture

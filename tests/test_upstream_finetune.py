@@ -316,3 +316,36 @@ def test_torchrun_two_ranks_from_a_yaml_recipe(world):
     assert json.loads((ckpt / "align" / "config.json").read_text())["coeff"] == 0.5
     assert metrics[0]["align/loss"] == pytest.approx(-0.5 * metrics[0]["align/cos_layer16"], abs=1e-3)
     assert proc.stdout.count("Saving Model Checkpoint for Step 2") == 1  # printed (and written) by rank 0 only
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(world):
+    """`openvla-align cache build --dataset sft` over the RLDS build, with the entry-point teacher."""
+    out = world["root"] / "teacher-cache"
+    env = _env(world)
+    env["PYTHONPATH"] = os.pathsep.join([str(world["checkout"]), env["PYTHONPATH"]])
+    cmd = [sys.executable, "-W", "ignore", "-c", "import sys; from openvla_align.cli import main; sys.exit(main())"]
+    cmd += ["cache", "build", str(out), "--dataset", "sft", "--data-root", str(world["data"]), "--teacher"]
+    cmd += ["tiny-c-radio", "--teacher-path", str(world["teacher"]), "--device", "cpu", "--shard-rows", "8"]
+    proc = subprocess.run(cmd, cwd=world["root"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "30 frames (30 computed now, 0 already there)" in proc.stdout
+    return out
+
+
+def test_training_reads_the_teacher_cache(world, teacher_cache):
+    cwd = world["root"] / "cached"
+    args = ("--max_steps", "2", "--save_steps", "2", "--merge_on_save", "false", "--image_aug", "false", *ALIGN)
+    proc, metrics = finetune(world, cwd, *args, "--align.teacher_cache", str(teacher_cache))
+    assert -1.0 <= metrics[0]["align/cos_layer16"] <= 1.0 and "align/loss" in metrics[0]
+    (exp,) = [p.name for p in (cwd / "runs").iterdir()]
+    sidecar = json.loads((cwd / "runs" / exp / "align" / "config.json").read_text())
+    assert sidecar["teacher_cache"] == str(teacher_cache)
+
+
+def test_teacher_cache_with_image_augmentation_is_refused_before_the_model_loads(world, teacher_cache, tmp_path):
+    proc, _ = finetune(
+        world, tmp_path, "--max_steps", "2", *ALIGN, "--align.teacher_cache", str(teacher_cache), check=False
+    )  # image_aug defaults to true, as upstream
+    assert proc.returncode != 0 and "colour jitter" in proc.stderr, proc.stderr[-3000:]
+    assert "trainable params" not in proc.stdout and not written(tmp_path)
