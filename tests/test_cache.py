@@ -35,6 +35,12 @@ def frames(n, size=224, seed=0):
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def build(out, teacher, fs, **kwargs):
+    """`build_cache` with this file's defaults: frames from a test, the tiny C-RADIOv3 teacher, no progress bar."""
+    kwargs = {"source": {"kind": "test"}, "teacher_name": "c-radio-v3-l", "progress": False, **kwargs}
+    return build_cache(out, teacher, fs, **kwargs)
+
+
 def radio():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -77,17 +83,7 @@ def test_augmented_or_random_pixel_values_are_refused():
 @pytest.mark.parametrize("dtype, tol", [("bfloat16", 1e-2), ("float16", 2e-3)])
 def test_round_trip_equals_the_live_teacher(tmp_path, dtype, tol):
     teacher, fs = radio(), frames(7)
-    summary = build_cache(
-        tmp_path / "c",
-        teacher,
-        iter(fs),
-        source={"kind": "test"},
-        teacher_name="c-radio-v3-l",
-        dtype=dtype,
-        batch_size=3,
-        shard_rows=4,
-        progress=False,
-    )
+    summary = build(tmp_path / "c", teacher, iter(fs), dtype=dtype, batch_size=3, shard_rows=4)
     assert (summary["stored"], summary["computed"], summary["resumed_with"]) == (7, 7, 0)
     assert summary["teacher_frames_per_s"] > 0
     cache = TeacherCache(tmp_path / "c")
@@ -108,55 +104,19 @@ def test_interrupted_build_resumes_to_the_same_cache(tmp_path):
         raise KeyboardInterrupt  # the user hits ^C after 7 frames (one 4-row shard committed)
 
     with pytest.raises(KeyboardInterrupt):
-        build_cache(
-            tmp_path / "c",
-            teacher,
-            interrupted(),
-            source={"kind": "test"},
-            teacher_name="c-radio-v3-l",
-            batch_size=2,
-            shard_rows=4,
-            progress=False,
-        )
+        build(tmp_path / "c", teacher, interrupted(), batch_size=2, shard_rows=4)
     with pytest.raises(CacheError, match="unfinished cache build"):
         TeacherCache(tmp_path / "c")
-    summary = build_cache(
-        tmp_path / "c",
-        teacher,
-        iter(fs),
-        source={"kind": "test"},
-        teacher_name="c-radio-v3-l",
-        batch_size=2,
-        shard_rows=4,
-        progress=False,
-    )
+    summary = build(tmp_path / "c", teacher, iter(fs), batch_size=2, shard_rows=4)
     assert (summary["resumed_with"], summary["computed"], summary["stored"]) == (4, 6, 10)
-    build_cache(
-        tmp_path / "ref",
-        teacher,
-        iter(fs),
-        source={"kind": "test"},
-        teacher_name="c-radio-v3-l",
-        batch_size=2,
-        shard_rows=4,
-        progress=False,
-    )
+    build(tmp_path / "ref", teacher, iter(fs), batch_size=2, shard_rows=4)
     keys = [frame_key(f) for f in fs]
     assert torch.equal(TeacherCache(tmp_path / "c").lookup(keys), TeacherCache(tmp_path / "ref").lookup(keys))
 
 
 @pytest.fixture
 def built(tmp_path):
-    build_cache(
-        tmp_path / "c",
-        radio(),
-        iter(frames(6)),
-        source={"kind": "test"},
-        teacher_name="c-radio-v3-l",
-        batch_size=4,
-        shard_rows=4,
-        progress=False,
-    )
+    build(tmp_path / "c", radio(), iter(frames(6)), batch_size=4, shard_rows=4)
     return tmp_path / "c"
 
 
@@ -232,15 +192,7 @@ def no_prismatic(monkeypatch):
 def test_training_reads_targets_instead_of_running_the_teacher(tmp_path, vla, tokenizer, no_prismatic):
     teacher = radio()
     fs = frames(4, seed=5)
-    build_cache(
-        tmp_path / "c",
-        teacher,
-        iter(fs),
-        source={"kind": "test"},
-        teacher_name="c-radio-v3-l",
-        dtype="float16",
-        progress=False,
-    )
+    build(tmp_path / "c", teacher, iter(fs), dtype="float16")
     batch = make_batch(tokenizer, 2)
     batch["pixel_values"] = pixel_values_from_frames(fs[1:3])
 
