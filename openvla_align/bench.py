@@ -180,6 +180,8 @@ def build(scale: Scale = CPU_SCALE, seed: int = 0, device: str = "cpu", with_tea
         warnings.simplefilter("ignore")  # random weights: the bench measures cost, not quality
         torch.manual_seed(seed)
         teacher = build_radio_teacher("c-radio-v3-l", allow_random=True, arch=arch).to(device)
+    if device.startswith("cuda"):
+        teacher = teacher.to(torch.bfloat16)  # as the plugin runs it (AlignConfig.teacher_dtype)
     return vla, teacher
 
 
@@ -287,7 +289,9 @@ class _Null:
         return False
 
 
-def build_bench_cache(teacher, directory: Path, n_frames: int = 8, seed: int = 0) -> Dict[str, object]:
+def build_bench_cache(
+    teacher, directory: Path, n_frames: int = 8, seed: int = 0, device: str = "cpu"
+) -> Dict[str, object]:
     from .cache.build import build_cache
 
     return build_cache(
@@ -296,6 +300,7 @@ def build_bench_cache(teacher, directory: Path, n_frames: int = 8, seed: int = 0
         iter(frames(n_frames, seed)),
         source={"kind": "bench"},
         teacher_name="bench-radio",
+        device=device,
         progress=False,
         batch_size=8,
     )
@@ -318,7 +323,7 @@ def time_modes(
     vla, teacher = build(scale, device=device)
     vla.train()
     with tempfile.TemporaryDirectory() as tmp:
-        build_info = build_bench_cache(teacher, Path(tmp) / "cache")
+        build_info = build_bench_cache(teacher, Path(tmp) / "cache", device=device)
         cache = TeacherCache(Path(tmp) / "cache")
         runners = {m: Runner(m, vla, teacher, cache, scale, device) for m in modes}
         data = batches(scale, batch_size)
@@ -433,7 +438,7 @@ def memory_modes(modes=MODES, device: str = "cpu", batch_size: int = 2, scale: s
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         _, teacher = build(SCALES[scale], device=device)
-        build_bench_cache(teacher, Path(tmp) / "cache")
+        build_bench_cache(teacher, Path(tmp) / "cache", device=device)
         del teacher
         for mode in modes:
             code = (
