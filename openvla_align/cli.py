@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache_build.add_parser(sub)
     bench.add_parser(sub)
+    from .eval import report as eval_report
+
+    evaluation = sub.add_parser("eval", help="Evaluation: tables from Simpler/ManiSkill results.")
+    eval_report.add_parser(evaluation.add_subparsers(dest="eval_command", required=True))
 
     merge.add_parser(sub)
     patch.add_parser(sub)

@@ -1,0 +1,108 @@
+"""Evaluation results on disk: ours and the reference implementation's, one layout.
+
+Both write ``RUN/<env_id>/<obj_set>/<seed>/`` per evaluation: the reference a ``stats.yaml`` with the success rate
+over its parallel environments under ``succes_once`` (sic, a string), openvla-align a ``result.json`` with the
+per-episode successes. A run is the directory above the env ids; its label is the directory name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+RESULT_FILE = "result.json"
+REFERENCE_FILE = "stats.yaml"
+ENV_PATTERN = re.compile(r"^[A-Za-z0-9]+-v\d+$")
+
+
+@dataclass
+class Run:
+    label: str
+    root: Path
+    # (env_id, obj_set, seed) -> success rate in [0, 1]
+    cells: Dict[Tuple[str, str, str], float] = field(default_factory=dict)
+    episodes: Dict[Tuple[str, str, str], int] = field(default_factory=dict)
+    problems: List[str] = field(default_factory=list)
+
+    def envs(self) -> List[str]:
+        return sorted({env for env, _, _ in self.cells})
+
+    def seeds(self, env: str, obj_set: Optional[str] = None) -> Dict[str, float]:
+        return {s: v for (e, o, s), v in self.cells.items() if e == env and (obj_set is None or o == obj_set)}
+
+
+def _read_reference(path: Path) -> Tuple[float, Optional[int]]:
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "succes_once" not in data:
+        raise ValueError(f"{path} has no `succes_once` entry (not a reference stats.yaml)")
+    rate = float(data["succes_once"])
+    instructions = data.get("instruction")
+    return rate, len(instructions) if isinstance(instructions, dict) else None
+
+
+def _read_ours(path: Path) -> Tuple[float, int]:
+    data = json.loads(path.read_text())
+    episodes = data.get("episodes")
+    if not isinstance(episodes, list) or not episodes:
+        raise ValueError(f"{path} has no per-episode successes (`episodes`)")
+    successes = [bool(e["success"] if isinstance(e, dict) else e) for e in episodes]
+    return sum(successes) / len(successes), len(successes)
+
+
+def load_run(root, label: Optional[str] = None, obj_set: Optional[str] = None) -> Run:
+    """Read every ``<env_id>/<obj_set>/<seed>/{result.json,stats.yaml}`` under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory of evaluation results")
+    run = Run(label or root.name, root)
+    for env_dir in sorted(p for p in root.iterdir() if p.is_dir() and ENV_PATTERN.match(p.name)):
+        for set_dir in sorted(p for p in env_dir.iterdir() if p.is_dir()):
+            if obj_set is not None and set_dir.name != obj_set:
+                continue
+            for seed_dir in sorted(p for p in set_dir.iterdir() if p.is_dir()):
+                key = (env_dir.name, set_dir.name, seed_dir.name)
+                found = [f for f in (RESULT_FILE, REFERENCE_FILE) if (seed_dir / f).is_file()]
+                if len(found) > 1:
+                    run.problems.append(f"{run.label}: {seed_dir} holds both {' and '.join(found)}; used {found[0]}")
+                if not found:
+                    run.problems.append(f"{run.label}: {seed_dir} has no {RESULT_FILE} or {REFERENCE_FILE}")
+                    continue
+                try:
+                    if found[0] == RESULT_FILE:
+                        rate, n = _read_ours(seed_dir / RESULT_FILE)
+                    else:
+                        rate, n = _read_reference(seed_dir / REFERENCE_FILE)
+                except (ValueError, KeyError, TypeError, OSError) as exc:
+                    run.problems.append(f"{run.label}: unreadable {seed_dir / found[0]} ({exc}); skipped")
+                    continue
+                run.cells[key] = rate
+                if n is not None:
+                    run.episodes[key] = n
+    if not run.cells:
+        raise FileNotFoundError(
+            f"No results under {root}: expected {root}/<env_id>/<obj_set>/<seed>/{RESULT_FILE} (openvla-align) "
+            f"or .../{REFERENCE_FILE} (reference implementation)."
+        )
+    return run
+
+
+def write_result(directory, env_id: str, obj_set: str, seed, successes: List[bool], **extra) -> Path:
+    """Write one (env, seed) result as ``directory/<env_id>/<obj_set>/<seed>/result.json`` (atomically)."""
+    from .._io import atomic_write_bytes
+
+    path = Path(directory) / env_id / obj_set / str(seed) / RESULT_FILE
+    data = {
+        "env_id": env_id,
+        "obj_set": obj_set,
+        "seed": seed,
+        "success_rate": sum(map(bool, successes)) / max(1, len(successes)),
+        "episodes": [{"success": bool(s)} for s in successes],
+        **extra,
+    }
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    return path
