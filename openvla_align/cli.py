@@ -63,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache_build.add_parser(sub)
     bench.add_parser(sub)
     from .eval import report as eval_report
+    from .eval import run as eval_run
 
-    evaluation = sub.add_parser("eval", help="Evaluation: tables from Simpler/ManiSkill results.")
-    eval_report.add_parser(evaluation.add_subparsers(dest="eval_command", required=True))
+    evaluation = sub.add_parser("eval", help="Evaluation in the paper's Simpler environments and its tables.")
+    eval_sub = evaluation.add_subparsers(dest="eval_command", required=True)
+    eval_run.add_parser(eval_sub)
+    eval_report.add_parser(eval_sub)
 
     merge.add_parser(sub)
     patch.add_parser(sub)

@@ -1,0 +1,119 @@
+"""`openvla-align eval run`: the rollout loop, batched action decoding and result files.
+
+The environment here is a STAND-IN with the batched interface of the reference implementation's Simpler wrapper
+(reset(obj_set) -> images, instructions, info; step(actions) -> images, reward, done, info["success"]). It is not
+the simulator: it checks what the runner feeds it and declares success from the actions it receives.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from openvla_align.cli import main
+from openvla_align.eval import load_run
+from openvla_align.eval.report import build_report
+from openvla_align.eval.run import BatchedPolicy, EvalRecipe, run_recipe
+from openvla_align.probe import load_vla
+from openvla_align.testing import save_tiny_checkpoint
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "eval"
+
+
+class StandInEnv:
+    """Batched like the reference's wrapper; success once the gripper action (dim 6) of an env exceeds 0.5."""
+
+    def __init__(self, env_id, seed, num_envs=3, log=None):
+        self.rng = np.random.default_rng(seed)
+        self.num_envs, self.env_id, self.log = num_envs, env_id, log if log is not None else []
+
+    def _images(self):
+        return torch.as_tensor(self.rng.integers(0, 256, (self.num_envs, 64, 64, 3), dtype=np.uint8))
+
+    def reset(self, obj_set):
+        self.log.append(("reset", self.env_id, obj_set))
+        return self._images(), [f"put the carrot on the plate {i}" for i in range(self.num_envs)], {}
+
+    def step(self, actions):
+        actions = np.asarray(actions)
+        assert actions.shape == (self.num_envs, 7) and np.isfinite(actions).all()
+        self.log.append(("step", actions.copy()))
+        success = torch.as_tensor(actions[:, 6] > 0.5)
+        return (
+            self._images(),
+            torch.zeros(self.num_envs),
+            torch.zeros(self.num_envs, dtype=torch.bool),
+            {"success": success},
+        )
+
+
+@pytest.fixture
+def checkpoint(tmp_path, vla, tokenizer):
+    stats = {"action": {"q01": [-0.5] * 6 + [0.0], "q99": [0.5] * 6 + [1.0], "mask": [True] * 6 + [False]}}
+    vla.config.norm_stats = {"sft": stats}
+    save_tiny_checkpoint(tmp_path / "ckpt", vla, tokenizer)
+    return tmp_path / "ckpt"
+
+
+def test_recipes_name_the_papers_environments():
+    from openvla_align.eval import OOD_ENVS, VL_THINK
+
+    ood, think = EvalRecipe.load(RECIPES / "ood.yaml"), EvalRecipe.load(RECIPES / "vlthink.yaml")
+    assert tuple(ood.envs) == OOD_ENVS and len(ood.envs) == 13 and list(think.envs) == list(VL_THINK)
+    for r in (ood, think):
+        assert (r.seeds, r.num_envs, r.obj_set, r.episode_len, r.unnorm_key) == (list(range(8)), 128, "test", 80, "sft")
+
+
+def test_policy_decodes_a_batch_like_predict_action(checkpoint):
+    loaded = load_vla(checkpoint)
+    policy = BatchedPolicy(loaded, "sft")
+    ids = np.array([[policy.vocab_size - 1] * 7, [policy.vocab_size - 256] * 7])  # lowest and highest bins
+    actions = policy.unnormalize(ids)
+    np.testing.assert_allclose(actions[0, :6], -0.5 + (policy.bin_centers[0] + 1) / 2)
+    np.testing.assert_allclose(actions[1, :6], -0.5 + (policy.bin_centers[-1] + 1) / 2)
+    assert actions[0, 6] == policy.bin_centers[0]  # masked (gripper): left normalised, as OpenVLA
+    images = [np.full((64, 64, 3), v, dtype=np.uint8) for v in (10, 200)]
+    batch = policy(images, ["put the carrot on the plate", "Open the drawer"])
+    one = policy(images[1:], ["open the drawer"])  # batching changes nothing (right padding, no cache)
+    assert batch.shape == (2, 7) and np.allclose(batch[1], one[0])
+    with pytest.raises(ValueError, match="unnorm_key 'bridge_orig' is not in the model's norm_stats"):
+        BatchedPolicy(loaded, "bridge_orig")
+
+
+def test_rollout_writes_results_the_report_reads_and_resumes(checkpoint, tmp_path):
+    recipe = EvalRecipe(
+        suite="ood",
+        envs=["PutOnPlateInScene25Carrot-v1", "PutOnPlateInScene25Plate-v1"],
+        seeds=[0, 1],
+        num_envs=3,
+        episode_len=2,
+    )
+    policy = BatchedPolicy(load_vla(checkpoint), "sft")
+    log = []
+    summary = run_recipe(
+        recipe, policy, lambda env, seed: StandInEnv(env, seed, log=log), tmp_path / "out", progress=False
+    )
+    assert len(summary["evaluated"]) == 4 and summary["skipped"] == []
+    assert sum(1 for e in log if e[0] == "reset") == 4 and sum(1 for e in log if e[0] == "step") == 8
+    assert all(e[2] == "test" for e in log if e[0] == "reset")
+    result = json.loads((tmp_path / "out" / recipe.envs[0] / "test" / "0" / "result.json").read_text())
+    steps = [e[1] for e in log if e[0] == "step"][:2]
+    expected = (steps[0][:, 6] > 0.5) | (steps[1][:, 6] > 0.5)  # success once over the episode
+    assert [e["success"] for e in result["episodes"]] == expected.tolist()
+    assert result["episode_len"] == 2 and result["suite"] == "ood"
+    report = build_report([load_run(tmp_path / "out")])
+    assert report.problems == [] and len(report.cells) == 2
+
+    again = run_recipe(recipe, policy, lambda env, seed: StandInEnv(env, seed), tmp_path / "out", progress=False)
+    assert again["evaluated"] == [] and len(again["skipped"]) == 4  # finished pairs are not re-run
+
+
+def test_cli_without_the_simulator_says_what_to_install(checkpoint, capsys):
+    with pytest.raises(SystemExit, match="ManiSkill and SimplerEnv forks"):
+        main(["eval", "run", str(RECIPES / "ood.yaml"), "--vla-path", str(checkpoint), "--dtype", "float32"])
+    with pytest.raises(SystemExit, match="unknown keys"):
+        bad = checkpoint / "bad.yaml"
+        bad.write_text("suite: x\nenvs: [a]\nepisodes: 3\n")
+        main(["eval", "run", str(bad), "--vla-path", str(checkpoint)])
