@@ -270,7 +270,9 @@ class Aligner(nn.Module):
                 raise ValueError(
                     f"Saved projector state has no weights for layer {key}; saved keys: {sorted(state)[:4]}..."
                 )
-            linears = sorted((int(k.split(".")[1]), v) for k, v in sub.items() if k.endswith(".weight") and v.ndim == 2)
+            # weight matrices (plain, or the `original` of a parametrized one), in module order
+            weights = [(k, v) for k, v in sub.items() if v.ndim == 2 and k.rsplit(".", 1)[-1] in ("weight", "original")]
+            linears = sorted(((int(k.split(".")[1]), v) for k, v in weights), key=lambda t: t[0])
             in_dim, out_dim = linears[0][1].shape[1], linears[-1][1].shape[0]
             proj = build_projector(
                 self.config.projector,

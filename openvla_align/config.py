@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 LOSSES = ("cosine", "l2", "ntxent")
 TEACHER_DTYPES = ("bfloat16", "float16", "float32")
-PROJECTORS = ("mlp", "linear")
+PROJECTORS = ("mlp", "linear", "cosine", "orthogonal", "spectral", "film", "whitening")
 TARGETS = ("backbone", "encoder")
 
 
@@ -46,7 +46,10 @@ class AlignConfig:
     coeff: float = field(default=0.2, metadata=_help("Weight of the alignment loss: L = L_action + coeff * L_align."))
     loss: str = field(default="cosine", metadata=_help("Alignment loss: cosine (paper), l2 or ntxent."))
     ntxent_temperature: float = field(default=0.1, metadata=_help("Temperature of the NT-Xent loss."))
-    projector: str = field(default="mlp", metadata=_help("Projector type: mlp (paper's Ln&D) or linear."))
+    projector: str = field(
+        default="mlp",
+        metadata=_help("Projector type: mlp (paper's Ln&D), linear, cosine, orthogonal, spectral, film or whitening."),
+    )
     projector_dim: int = field(default=2048, metadata=_help("Hidden width of the MLP projector."))
     freeze_projector: bool = field(
         default=True, metadata=_help("Keep the randomly initialised projector frozen (the paper's choice).")
@@ -73,6 +76,13 @@ class AlignConfig:
     )
     trust_remote_code: bool = field(
         default=False, metadata=_help("Allow teachers that need remote code (e.g. Theia's HF implementation).")
+    )
+    freeze_vision: bool = field(
+        default=False,
+        metadata=_help(
+            "Freeze baseline: no gradient for any vision-backbone parameter (LoRA ones included); applies with or "
+            "without alignment."
+        ),
     )
     teacher_dtype: str = field(
         default="bfloat16",

@@ -53,16 +53,97 @@ class LinearProjector(nn.Module):
         return self.net(x)
 
 
+class CosineLinear(nn.Linear):
+    """Cosine projector: L2-normalised inputs times unit-norm weight rows; each output is a cosine in [-1, 1]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = nn.functional.normalize(self.weight, dim=1)
+        return nn.functional.linear(nn.functional.normalize(x, dim=-1), w)
+
+
+class CosineProjector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(CosineLinear(in_dim, out_dim, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class FiLM(nn.Module):
+    """Feature-wise modulation of each token, conditioned on the image's mean token: (1 + gamma) * h + beta."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.cond = nn.Linear(dim, 2 * dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.cond(h.mean(dim=-2, keepdim=True)).chunk(2, dim=-1)
+        return (1 + gamma) * h + beta
+
+
+class FiLMProjector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(in_dim), FiLM(in_dim), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Standardize(nn.Module):
+    """Per-channel whitening over the batch's tokens (zero mean, unit variance; diagonal, so it scales to 4096)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        mean = flat.mean(0)
+        std = flat.std(0, unbiased=False).clamp_min(1e-5)
+        return (x - mean) / std
+
+
+class WhiteningAffineProjector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(Standardize(), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _orthogonal_(linear: nn.Linear, gen: torch.Generator) -> None:
+    """(Semi-)orthogonal weight from the QR of a seeded Gaussian (rows or columns orthonormal)."""
+    rows, cols = linear.weight.shape
+    a = torch.randn(max(rows, cols), min(rows, cols), generator=gen)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r))  # unique decomposition: same seed, same matrix everywhere
+    with torch.no_grad():
+        linear.weight.copy_(q if rows >= cols else q.T)
+
+
+PROJECTOR_KINDS = ("mlp", "linear", "cosine", "orthogonal", "spectral", "film", "whitening")
+
+
 def build_projector(
     kind: str, in_dim: int, out_dim: int, *, hidden_dim: int = 2048, seed: int = 0, frozen: bool = True
 ) -> nn.Module:
-    """A projector with deterministic weights; frozen means requires_grad=False and eval mode (no dropout)."""
+    """A projector with deterministic weights; frozen means requires_grad=False and eval mode (no dropout).
+
+    Kinds (the paper's projector ablation, Table 6): ``mlp`` (Ln&D, default), ``linear``, ``cosine`` (normalised
+    inputs and weight rows), ``orthogonal`` (semi-orthogonal weight; kept orthogonal while training),
+    ``spectral`` (spectral-normalised linear), ``film`` (LayerNorm, FiLM conditioned on the mean token, linear),
+    ``whitening`` (per-channel whitening over the batch's tokens, then an affine map)."""
     if kind == "mlp":
         proj: nn.Module = MLPProjector(in_dim, out_dim, hidden_dim)
-    elif kind == "linear":
+    elif kind in ("linear", "orthogonal", "spectral"):
         proj = LinearProjector(in_dim, out_dim)
+    elif kind == "cosine":
+        proj = CosineProjector(in_dim, out_dim)
+    elif kind == "film":
+        proj = FiLMProjector(in_dim, out_dim)
+    elif kind == "whitening":
+        proj = WhiteningAffineProjector(in_dim, out_dim)
     else:
-        raise ValueError(f"Unknown projector {kind!r}; known: mlp, linear.")
+        raise ValueError(f"Unknown projector {kind!r}; known: {', '.join(PROJECTOR_KINDS)}.")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for module in proj.modules():
         if isinstance(module, nn.Linear):
@@ -70,6 +151,21 @@ def build_projector(
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+    if isinstance(proj, FiLMProjector):  # start as the identity modulation
+        nn.init.zeros_(proj.net[1].cond.weight)
+        nn.init.zeros_(proj.net[1].cond.bias)
+    if kind == "orthogonal":
+        _orthogonal_(proj.net[0], gen)
+        if not frozen:
+            with torch.random.fork_rng(devices=[]):  # registering completes the basis from the global RNG
+                torch.manual_seed(seed)
+                nn.utils.parametrizations.orthogonal(proj.net[0])
+    elif kind == "spectral":
+        nn.utils.parametrizations.spectral_norm(proj.net[0])
+        sn = proj.net[0].parametrizations.weight[0]
+        with torch.no_grad():  # the power-iteration vectors come from the global RNG; draw them from ours
+            sn._u.copy_(nn.functional.normalize(torch.randn(sn._u.shape, generator=gen), dim=0))
+            sn._v.copy_(nn.functional.normalize(torch.randn(sn._v.shape, generator=gen), dim=0))
     if frozen:
         proj.requires_grad_(False)
         proj.eval()

@@ -225,3 +225,16 @@ def test_teacher_is_built_in_setup_before_the_model_loads(tmp_path, no_prismatic
         warnings.simplefilter("ignore")
         plugin.setup(_Cfg())
     assert plugin.teacher is not None and plugin.teacher.width == 384 and plugin.aligner is None
+
+
+def test_freeze_vision_leaves_no_vision_gradient_with_or_without_alignment(vla, tokenizer):
+    model = _lora(vla)
+    vision = [n for n, p in model.named_parameters() if "vision_backbone" in n and p.requires_grad]
+    assert vision and all("lora_" in n for n in vision)  # LoRA adapters on the vision towers are trainable ...
+    plugin = AlignPlugin(AlignConfig(enabled=False, freeze_vision=True))
+    assert plugin.on_model_ready(model) == []
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any("vision_backbone" in n for n in trainable)  # ... and none after the switch
+    assert any("language_model" in n for n in trainable)
+    _steps(model, plugin, tokenizer, n=1)
+    assert all(p.grad is None for n, p in model.named_parameters() if "vision_backbone" in n)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn as nn
 
@@ -37,3 +38,40 @@ def test_frozen_means_no_grad_and_eval():
 def test_linear_projector():
     proj = build_projector("linear", 8, 4)
     assert proj(torch.randn(2, 3, 8)).shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "orthogonal", "spectral", "film", "whitening", "mlp"])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+def test_every_projector_kind(kind, frozen, tmp_path):
+    """Seeded (same bytes on every build), frozen or trainable, and saved/restored through the Aligner sidecar."""
+    from openvla_align import AlignConfig, Aligner
+    from openvla_align.projector import build_projector, fingerprint
+
+    a = build_projector(kind, 24, 40, hidden_dim=16, seed=3, frozen=frozen)
+    b = build_projector(kind, 24, 40, hidden_dim=16, seed=3, frozen=frozen)
+    assert fingerprint([a]) == fingerprint([b]) != fingerprint([build_projector(kind, 24, 40, hidden_dim=16, seed=4)])
+    x = torch.randn(2, 5, 24)
+    assert a(x).shape == (2, 5, 40)
+    assert any(p.requires_grad for p in a.parameters()) == (not frozen)
+    if not frozen:
+        opt = torch.optim.SGD(a.parameters(), lr=0.5)
+        a(x).pow(2).mean().backward()
+        opt.step()
+        assert fingerprint([a]) != fingerprint([b])
+        if kind == "orthogonal":  # stays (semi-)orthogonal while it trains
+            w = a.net[0].weight
+            torch.testing.assert_close(w.T @ w, torch.eye(24), atol=1e-4, rtol=0)
+        if kind == "spectral":
+            a.eval()
+            assert torch.linalg.matrix_norm(a.net[0].weight, ord=2) <= 1.05
+    if kind == "cosine":
+        assert a(x).abs().max() <= 1 + 1e-5
+    cfg = AlignConfig(enabled=True, projector=kind, projector_dim=16, projector_seed=3, freeze_projector=frozen)
+    aligner = Aligner(cfg, target_width=40)
+    aligner.projectors["16"] = a
+    aligner.save(tmp_path)
+    loaded = Aligner.load(tmp_path, target_width=40)
+    assert fingerprint([loaded.projectors["16"]]) == fingerprint([a])
+    a.eval()
+    loaded.projectors["16"].eval()
+    torch.testing.assert_close(loaded.projectors["16"](x), a(x))

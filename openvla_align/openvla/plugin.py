@@ -162,6 +162,8 @@ class AlignPlugin(FinetunePlugin):
         return teacher
 
     def on_model_ready(self, vla: nn.Module, cfg: Any = None) -> List[nn.Parameter]:
+        if self.config.freeze_vision:
+            self.freeze_vision(vla)
         if not self.enabled:
             return []
         if self.cache is not None:
@@ -179,6 +181,18 @@ class AlignPlugin(FinetunePlugin):
             self.aligner = Aligner(self.config, self.teacher).attach(vla)
         self.check_identical_projectors()
         return self.aligner.trainable_parameters()
+
+    @staticmethod
+    def freeze_vision(vla: nn.Module) -> int:
+        """The paper's Freeze baseline: every vision-backbone parameter, LoRA adapters included, loses its gradient
+        (before the script builds its optimizer from the parameters that require one). Returns how many."""
+        from ..hooks import unwrap
+
+        frozen = [p for p in unwrap(vla).vision_backbone.parameters() if p.requires_grad]
+        for param in frozen:
+            param.requires_grad_(False)
+        logger.info("freeze_vision: %d vision-backbone tensors frozen", len(frozen))
+        return len(frozen)
 
     def check_identical_projectors(self) -> str:
         """Every rank must hold byte-identical projectors; a mismatch stops the job before step 0."""
