@@ -1,0 +1,134 @@
+"""recipes/: every training recipe parses through draccus into the patched finetune config (unknown keys fail), and
+every one trains a few steps on a tiny model with its own settings (LoRA rank, align settings, freeze switch).
+
+The config is upstream's `FinetuneConfig` field list (names, types, defaults) extended by the patch's own helper
+code; with OPENVLA_SRC the field list is also checked against the real patched script.
+"""
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import draccus
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from test_patch import PATCH_DIR, exec_block, upstream_config_source
+
+from openvla_align import AlignConfig
+from openvla_align.openvla import patch as P
+from openvla_align.openvla.plugin import AlignPlugin
+from openvla_align.testing import build_tiny_vla, tiny_teacher
+
+from conftest import make_batch
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TRAINING = sorted(p for p in RECIPES.rglob("*.yaml") if "eval" not in p.parts)
+
+# upstream FinetuneConfig as patched: (name, type, default)
+FIELDS = [
+    ("vla_path", str, "openvla/openvla-7b"),
+    ("data_root_dir", Path, Path("datasets/open-x-embodiment")),
+    ("dataset_name", str, "droid_wipe"),
+    ("run_root_dir", Path, Path("runs")),
+    ("adapter_tmp_dir", Path, Path("adapter-tmp")),
+    ("batch_size", int, 16),
+    ("max_steps", int, 200_000),
+    ("save_steps", int, 5000),
+    ("learning_rate", float, 5e-4),
+    ("grad_accumulation_steps", int, 1),
+    ("image_aug", bool, True),
+    ("shuffle_buffer_size", int, 100_000),
+    ("save_latest_checkpoint_only", bool, True),
+    ("merge_on_save", bool, True),
+    ("resume_from", Optional[Path], None),
+    ("use_lora", bool, True),
+    ("lora_rank", int, 32),
+    ("lora_dropout", float, 0.0),
+    ("use_quantization", bool, False),
+    ("wandb_project", str, "openvla"),
+    ("wandb_entity", str, "stanford-voltron"),
+    ("run_id_note", Optional[str], None),
+]
+
+
+def finetune_config():
+    base = dataclasses.make_dataclass("FinetuneConfig", [(n, t, dataclasses.field(default=d)) for n, t, d in FIELDS])
+    return exec_block()["extend_config"](base, [AlignPlugin])
+
+
+def parse(path):
+    return draccus.parse(config_class=finetune_config(), config_path=str(path), args=[])
+
+
+@pytest.mark.skipif(not os.environ.get("OPENVLA_SRC"), reason="set OPENVLA_SRC to compare with upstream's fields")
+def test_field_list_is_upstreams():
+    patch = P.load_patch(PATCH_DIR)
+    patched = P.apply_hunks((Path(os.environ["OPENVLA_SRC"]) / patch.target).read_text(), patch.hunks)
+    source = upstream_config_source(patched)
+    names = [line.split(":")[0].strip() for line in source.splitlines() if line.startswith("    ") and ": " in line]
+    names = [n for n in names if n.isidentifier()]
+    assert names == [n for n, _, _ in FIELDS]
+
+
+def test_every_recipe_parses_and_unknown_keys_fail(tmp_path):
+    assert len(TRAINING) == 39  # 4 paper runs + 35 ablation runs
+    for path in TRAINING:
+        cfg = parse(path)
+        assert cfg.batch_size == 8 and cfg.lora_rank == 32 and cfg.lora_dropout == 0.0, path
+        assert cfg.dataset_name in ("sft", "warmup") and cfg.run_id_note, path
+        for line in path.read_text().splitlines()[1:]:
+            assert line.strip() == "align:" or " # " in line, f"{path}: every setting carries a comment: {line!r}"
+    paper = parse(RECIPES / "paper" / "align.yaml")
+    assert paper.align == AlignConfig(enabled=True)  # the defaults are the paper's settings
+    assert (paper.max_steps, paper.image_aug, paper.learning_rate) == (60000, True, 5e-4)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((RECIPES / "paper" / "align.yaml").read_text() + "  coef: 0.5\n")
+    with pytest.raises(Exception, match="coef"):
+        parse(bad)
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=[str(p.relative_to(RECIPES)) for p in TRAINING])
+def test_recipe_trains_on_a_tiny_model(path, tokenizer):
+    """Two optimizer steps with the recipe's LoRA and align settings on a 32-layer tiny VLA (so layers 8/16/24
+    exist) and a tiny teacher of the recipe's family."""
+    cfg = parse(path)
+    vla = build_tiny_vla(seed=0, vocab_size=len(tokenizer), llm_layers=32)
+    torch.manual_seed(0)
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=min(cfg.lora_rank, 16),
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        init_lora_weights="gaussian",
+    )
+    model = get_peft_model(vla, lora)
+    align = dataclasses.replace(cfg.align, projector_dim=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plugin = AlignPlugin(align, tiny_teacher(align.teacher) if align.enabled else None)
+    extra = plugin.on_model_ready(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": params}] + ([{"params": extra}] if extra else []), lr=cfg.learning_rate)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    for step in range(2):
+        batch = make_batch(tokenizer, 2, seed=step)
+        out = model(**batch)
+        term, metrics = plugin.loss(model, batch, out, step)
+        loss = out.loss if term is None else out.loss + term
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    plugin.on_end()
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed  # it trained
+    if align.enabled:
+        assert "align/loss" in metrics and (term is not None)
+    if align.freeze_vision:
+        assert not any("vision_backbone" in n for n in before)  # nothing of the vision backbone was trainable
+    if not align.freeze_projector:
+        assert extra  # a trainable projector joins the optimizer
