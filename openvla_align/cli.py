@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache_build.add_parser(sub)
     bench.add_parser(sub)
+    from .data import build as data_build
+
+    data_build.add_parser(sub)
     from .eval import report as eval_report
     from .eval import run as eval_run
 
