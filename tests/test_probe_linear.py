@@ -205,7 +205,7 @@ def _cache_file(cache, split):
 
 
 def test_end_to_end_with_cache(ckpt, tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="openvla_align.probe.linear")
+    caplog.set_level(logging.INFO, logger="openvla_align.probe")
     data = make_imagefolder(tmp_path / "data")
     out = tmp_path / "out" / "probe.json"
     cache = tmp_path / "out" / "feature_cache"

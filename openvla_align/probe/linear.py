@@ -42,12 +42,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import logging
 import math
-import os
-import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +60,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .._io import atomic_write
+from . import feature_cache
 from ._model import DTYPES, load_image, load_vla, parse_dtype, vqa_prompt
+from .feature_cache import CACHE_FORMAT  # noqa: F401  (re-exported)
+from .imagefolder import IMAGE_EXTENSIONS, ImageFolderData, ImageFolderSplit, scan_imagefolder  # noqa: F401
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -83,94 +83,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = vqa_prompt("What is in the image?")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
-CACHE_FORMAT = 1  # bump when the meaning of cached features changes, so old caches are re-extracted
 # Tuned for ImageNet-100-sized data (~500 steps an epoch); on a synthetic 100-class problem a 10x larger lr lost
 # about a point of val top-1 to overfitting.
 DEFAULTS = dict(epochs=100, lr=1e-3, weight_decay=0.0, batch_size=256, seed=0)
 MIN_STEPS = 1000  # below this, the default lr has not converged even on separable data
-
-
-# --- data ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageFolderSplit:
-    name: str  # "train" or "val"
-    root: Path  # DATA/<name>
-    paths: Tuple[Path, ...]
-    labels: np.ndarray  # (N,) int64 indices into the dataset's classes
-
-
-@dataclass(frozen=True)
-class ImageFolderData:
-    root: Path
-    classes: Tuple[str, ...]
-    train: ImageFolderSplit
-    val: ImageFolderSplit
-
-
-def _layout_hint(root: Path) -> str:
-    return f"expected an ImageFolder layout: {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg"
-
-
-def _images_under(folder: Path) -> List[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        for name in sorted(filenames):
-            # Dot-files include macOS "._x.jpg" resource forks, which carry an image suffix but are not images.
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(Path(dirpath) / name)
-    return found
-
-
-def _scan_split(root: Path, split: str) -> Dict[str, List[Path]]:
-    folder = root / split
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist; {_layout_hint(root)}.")
-    per_class = {
-        d.name: _images_under(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
-    }
-    if not any(per_class.values()):
-        raise ValueError(
-            f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders; {_layout_hint(root)}."
-        )
-    return per_class
-
-
-def scan_imagefolder(root: Union[str, Path]) -> ImageFolderData:
-    """Index ``root/train`` and ``root/val``; classes are the sorted train class folders."""
-    root = Path(root).expanduser().absolute()
-    if not root.is_dir():
-        raise FileNotFoundError(f"Dataset {root} does not exist; {_layout_hint(root)}.")
-    train, val = _scan_split(root, "train"), _scan_split(root, "val")
-    empty = [c for c, paths in train.items() if not paths]
-    if empty:
-        raise ValueError(
-            f"Train class folder(s) {empty[:5]} in {root / 'train'} hold no images; every train folder is a class, "
-            "so add images or remove the folder."
-        )
-    classes = tuple(sorted(train))
-    if len(classes) < 2:
-        raise ValueError(
-            f"{root / 'train'} has only one class ({classes[0]!r}); a linear probe needs at least two class folders."
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(c for c, paths in val.items() if paths and c not in index)
-    if unknown:
-        raise ValueError(
-            f"Val class(es) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} in {root / 'val'} are not train "
-            f"classes; the class list comes from {root / 'train'}, so each val class needs a train folder of the "
-            "same name."
-        )
-
-    def split(name: str, per_class: Mapping[str, List[Path]]) -> ImageFolderSplit:
-        pairs = [(p, index[c]) for c in sorted(per_class) for p in per_class[c]]
-        labels = np.array([y for _, y in pairs], dtype=np.int64)
-        return ImageFolderSplit(name, root / name, tuple(p for p, _ in pairs), labels)
-
-    return ImageFolderData(root, classes, split("train", train), split("val", val))
 
 
 # --- what to probe -------------------------------------------------------------------------------------------
@@ -372,174 +288,6 @@ def extract_features(
     return out
 
 
-# --- cache ---------------------------------------------------------------------------------------------------
-
-
-def _file_stats(paths: Sequence[Path], base: Path) -> List[list]:
-    stats = []
-    for p in paths:
-        st = p.stat()
-        stats.append([p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p), st.st_size, st.st_mtime_ns])
-    return stats
-
-
-def _dir_stats(path: Optional[str]) -> Optional[List[list]]:
-    """Sizes and mtimes of a checkpoint's top-level files (a file itself for single-file weights)."""
-    if path is None:
-        return None
-    p = Path(path)
-    if p.is_file():
-        return _file_stats([p], p.parent)
-    return _file_stats(sorted(f for f in p.iterdir() if f.is_file()), p)
-
-
-def _canonical_dtype(dtype: str) -> str:
-    return str(parse_dtype(dtype)).replace("torch.", "")
-
-
-def _check_model(spec: ModelSpec) -> None:
-    """Fail before any work on inputs the cache key cannot describe (and that loading would reject anyway)."""
-    if spec.is_teacher:
-        from ..teachers import get_teacher_factory
-
-        get_teacher_factory(spec.teacher)  # unknown names raise, listing the known ones
-        if spec.teacher_path and not Path(spec.teacher_path).expanduser().exists():
-            raise FileNotFoundError(f"Teacher weights {spec.teacher_path} for {spec.label} do not exist.")
-        return
-    if not Path(spec.path).is_dir():
-        raise FileNotFoundError(f"Model {spec.path} is not a checkpoint directory (give --model DIR[::ADAPTER]).")
-    if spec.adapter and not (Path(spec.adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"Adapter {spec.adapter} has no adapter_config.json (not a PEFT adapter).")
-
-
-def _model_key(spec: ModelSpec, layer: int, prompt: str, dtype: str, teacher_kwargs) -> Dict[str, Any]:
-    """What the features depend on, model side. Paths are absolute so a changed working directory still hits."""
-    absolute = lambda p: str(Path(p).expanduser().absolute()) if p else None  # noqa: E731
-    if spec.is_teacher:
-        key = {
-            "teacher": spec.teacher,
-            "teacher_path": absolute(spec.teacher_path),
-            "teacher_kwargs": json.loads(json.dumps(dict(teacher_kwargs or {}), sort_keys=True, default=str)),
-            "feature": "mean of the final patch features (16x16 grid)",
-        }
-    else:
-        key = {
-            "model": absolute(spec.path),
-            "adapter": absolute(spec.adapter),
-            "layer": layer,
-            "prompt": prompt,
-            "feature": f"mean of the visual-token hidden states at layer {layer}",
-        }
-    return {"format": CACHE_FORMAT, "dtype": _canonical_dtype(dtype), **key}
-
-
-def _data_key(split: ImageFolderSplit, classes: Sequence[str]) -> Dict[str, Any]:
-    """What the features depend on, data side: every image (size, mtime) and the class list (it fixes the labels)."""
-    return {
-        "root": str(split.root),
-        "split": split.name,
-        "classes": list(classes),
-        "files": _file_stats(split.paths, split.root),
-    }
-
-
-def _full_key(model_key: Mapping[str, Any], spec: ModelSpec, data_key: Mapping[str, Any]) -> Dict[str, Any]:
-    key = {
-        **model_key,
-        "model_files": _dir_stats(spec.teacher_path if spec.is_teacher else spec.path),
-        "adapter_files": _dir_stats(spec.adapter),
-        "data": data_key,
-    }
-    return json.loads(json.dumps(key))  # lists, not tuples, so it compares equal to the JSON read back
-
-
-def _cache_stem(spec: ModelSpec, model_key: Mapping[str, Any], split: ImageFolderSplit) -> str:
-    identity = json.dumps({**model_key, "data": str(split.root)}, sort_keys=True)
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    if spec.is_teacher:
-        name = f"teacher-{spec.teacher}"
-    else:
-        name = Path(spec.path).name + (f"+{Path(spec.adapter).name}" if spec.adapter else "")
-        name += f"-layer{model_key['layer']}"
-    return f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', name)[-80:]}-{digest}-{split.name}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _what_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    changes = []
-    for field in sorted(set(old) | set(new)):
-        if field == "data" and isinstance(old.get("data"), dict):
-            before = {f[0]: f[1:] for f in old["data"].get("files", [])}
-            after = {f[0]: f[1:] for f in new["data"]["files"]}
-            added, removed = len(after.keys() - before.keys()), len(before.keys() - after.keys())
-            modified = sum(1 for f in after.keys() & before.keys() if after[f] != before[f])
-            if added or removed or modified:
-                changes.append(f"images: {added} added, {removed} removed, {modified} modified")
-            if old["data"].get("classes") != new["data"]["classes"]:
-                changes.append("class list changed")
-        elif old.get(field) != new.get(field):
-            changes.append(f"{field.replace('_', ' ')} changed")
-    return "; ".join(changes) or "key differs"
-
-
-def _load_cached(stem: Path, key: Mapping[str, Any], split: ImageFolderSplit) -> Tuple[Optional[np.ndarray], str]:
-    """(features, status) with status hit | miss | stale | corrupt; anything doubtful returns no features.
-
-    Labels are not stored: the key pins the ordered file list and the class list, and so the labels.
-    """
-    meta_path, data_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
-    if not meta_path.is_file():
-        return None, "miss"
-    try:
-        meta = json.loads(meta_path.read_text())
-        stored_key = meta["key"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.warning("Cache key %s is corrupt (%s); re-extracting.", meta_path, exc)
-        return None, "corrupt"
-    if stored_key != key:
-        why = _what_changed(stored_key, key) if isinstance(stored_key, dict) else "unreadable key"
-        logger.info("Cached features %s are stale (%s); re-extracting.", data_path.name, why)
-        return None, "stale"
-    try:
-        if _sha256(data_path) != meta.get("sha256"):
-            raise ValueError("its sha256 does not match the one recorded in the key")
-        feats = np.load(data_path, allow_pickle=False)
-        if feats.dtype != np.float32 or feats.ndim != 2 or len(feats) != len(split.paths):
-            raise ValueError(f"{feats.dtype} array of shape {feats.shape} for {len(split.paths)} images")
-        if not np.isfinite(feats).all():
-            raise ValueError("non-finite values")
-    except Exception as exc:  # whatever is wrong with the file, the answer is the same: do not use it
-        logger.warning("Cached features %s are corrupt (%s); re-extracting.", data_path, exc)
-        return None, "corrupt"
-    logger.info("Features for the %s split: cache hit (%s).", split.name, data_path)
-    return feats, "hit"
-
-
-def _store(stem: Path, key: Mapping[str, Any], feats: np.ndarray) -> None:
-    data_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
-
-    def write_npy(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append its own ".npy" to the temporary name
-            np.save(f, np.ascontiguousarray(feats, dtype=np.float32), allow_pickle=False)
-
-    atomic_write(data_path, write_npy)
-    meta = {
-        "key": key,
-        "sha256": _sha256(data_path),
-        "shape": list(feats.shape),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    # The key goes last: it is what marks the entry valid.
-    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
-
-
 # --- classifier ----------------------------------------------------------------------------------------------
 
 
@@ -645,13 +393,13 @@ def _default_device() -> str:
 
 def _split_features(spec, split, data_key, cache: Path, model_key, encode, **extract) -> Tuple[np.ndarray, str]:
     """Features of one split from the cache, or extracted (and cached); plus what happened."""
-    stem = cache / _cache_stem(spec, model_key, split)
-    key = _full_key(model_key, spec, data_key)
-    feats, status = _load_cached(stem, key, split)
+    stem = cache / feature_cache.cache_stem(spec, model_key, split)
+    key = feature_cache.full_key(model_key, spec, data_key)
+    feats, status = feature_cache.load_cached(stem, key, split)
     if feats is not None:
         return feats, status
     feats = extract_features(spec, split.paths, encoder=encode, desc=f"{spec.label} [{split.name}]", **extract)
-    _store(stem, key, feats)
+    feature_cache.store(stem, key, feats)
     return feats, "extracted" if status == "miss" else f"re-extracted ({status})"
 
 
@@ -697,10 +445,10 @@ def run_linear_probe(
             f"--extract-batch-size {extract_batch_size} / --workers {workers}: need a batch size >= 1 and workers >= 0."
         )
     for spec in specs:
-        _check_model(spec)
+        feature_cache.check_model(spec)
     dataset = scan_imagefolder(data)
     device = device or _default_device()
-    dtype = _canonical_dtype(dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
+    dtype = feature_cache.canonical_dtype(dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
     if cache_dir is None:
         cache_dir = (Path(out).parent if out else Path(".")) / "feature_cache"
     cache = Path(cache_dir)
@@ -723,11 +471,11 @@ def run_linear_probe(
         workers=workers,
         teacher_kwargs=teacher_kwargs,
     )
-    data_keys = {split.name: _data_key(split, dataset.classes) for split in (dataset.train, dataset.val)}
+    data_keys = {split.name: feature_cache.data_key(split, dataset.classes) for split in (dataset.train, dataset.val)}
     results: Dict[str, Any] = {}
     for spec in specs:
         t0 = time.time()
-        model_key = _model_key(spec, layer, prompt, dtype, teacher_kwargs)
+        model_key = feature_cache.model_key(spec, layer, prompt, dtype, teacher_kwargs)
         encode = _encoder(spec, layer, prompt, device, dtype, teacher_kwargs)
         feats, status = {}, {}
         try:
