@@ -1,7 +1,9 @@
-"""Atomic file writes: a temporary sibling, then ``os.replace``; a crash never leaves ``path`` half-written."""
+"""Atomic file writes (a temporary sibling, then ``os.replace``; a crash never leaves ``path`` half-written) and
+file hashing."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -39,3 +41,12 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: Optional[int] 
             os.fsync(f.fileno())
 
     atomic_write(path, write, mode)
+
+
+def sha256_file(path: Union[str, Path], chunk: int = 1 << 24) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints, shards and caches are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

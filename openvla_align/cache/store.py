@@ -25,13 +25,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, sha256_file
 from .keys import KEY_BYTES
 
 FORMAT = "openvla-align-teacher-cache/1"
 MANIFEST = "manifest.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-_CHUNK = 1 << 24
 
 
 class CacheError(RuntimeError):
@@ -62,14 +61,6 @@ class CacheSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "CacheSpec":
         return cls(**{**data, "grid": tuple(data["grid"])})
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shard_name(index: int) -> str:
@@ -213,7 +204,7 @@ def _verify_shard(directory: Path, shard: dict, spec: CacheSpec, full: bool) -> 
                 f"{path} has {path.stat().st_size} bytes, expected {size}: the shard is truncated or "
                 "stale; delete it and its manifest entry by rebuilding the cache."
             )
-        if full and _sha256(path) != shard[f"{kind}_sha256"]:
+        if full and sha256_file(path) != shard[f"{kind}_sha256"]:
             raise CacheError(f"{path} is corrupt (its SHA-256 does not match the manifest); rebuild the cache.")
 
 
@@ -276,10 +267,7 @@ def file_sha256(path: Optional[os.PathLike]) -> str:
     """SHA-256 of a weights file ('' for None or a directory), recorded so a cache is tied to its teacher weights."""
     if path is None or not Path(path).is_file():
         return ""
-    return _sha256(Path(path))
-
-
-__all__ = ["CacheError", "CacheSpec", "CacheWriter", "TeacherCache", "read_manifest", "file_sha256"]
+    return sha256_file(path)
 
 
 def open_for_training(config, dataset_name: Optional[str] = None, data_root=None) -> "TeacherCache":
@@ -311,3 +299,14 @@ def open_for_training(config, dataset_name: Optional[str] = None, data_root=None
             "`openvla-align cache build`, or drop --align.teacher_cache to run the teacher live."
         )
     return cache
+
+
+__all__ = [
+    "CacheError",
+    "CacheSpec",
+    "CacheWriter",
+    "TeacherCache",
+    "file_sha256",
+    "open_for_training",
+    "read_manifest",
+]

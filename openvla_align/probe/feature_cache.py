@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from .._io import atomic_write
+from .._io import atomic_write, sha256_file
 from ._model import parse_dtype
 
 if TYPE_CHECKING:
@@ -116,14 +116,6 @@ def cache_stem(spec: ModelSpec, model_key: Mapping[str, Any], split: ImageFolder
     return f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', name)[-80:]}-{digest}-{split.name}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _what_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     changes = []
     for field in sorted(set(old) | set(new)):
@@ -160,7 +152,7 @@ def load_cached(stem: Path, key: Mapping[str, Any], split: ImageFolderSplit) -> 
         logger.info("Cached features %s are stale (%s); re-extracting.", data_path.name, why)
         return None, "stale"
     try:
-        if _sha256(data_path) != meta.get("sha256"):
+        if sha256_file(data_path) != meta.get("sha256"):
             raise ValueError("its sha256 does not match the one recorded in the key")
         feats = np.load(data_path, allow_pickle=False)
         if feats.dtype != np.float32 or feats.ndim != 2 or len(feats) != len(split.paths):
@@ -184,7 +176,7 @@ def store(stem: Path, key: Mapping[str, Any], feats: np.ndarray) -> None:
     atomic_write(data_path, write_npy)
     meta = {
         "key": key,
-        "sha256": _sha256(data_path),
+        "sha256": sha256_file(data_path),
         "shape": list(feats.shape),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
