@@ -7,6 +7,7 @@ written by ``save_tiny_checkpoint`` (``openvla_align.testing``) loads the same w
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,19 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"--dtype {name!r} is not one of {sorted(DTYPES)}.")
     return DTYPES[name]
+
+
+def resolve_device_dtype(device: Optional[str], dtype: Optional[str]) -> tuple:
+    """(device, dtype) with the probes' defaults: CUDA when available, bfloat16 on CUDA and float32 on the CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+
+
+def release_memory() -> None:
+    """Free a dropped model's memory before the next model of a comparison loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def vqa_prompt(question: str) -> str:

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from .._io import atomic_write_bytes
 from ._model import LoadedVLA, load_image, load_vla, token_spans, vqa_prompt
 
 LAST = "last"
@@ -328,8 +329,7 @@ def save_attention_grid(
 
 def write_summary(result: AttentionMaps, path: Union[str, Path]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.summary(), indent=2))
+    atomic_write_bytes(path, json.dumps(result.summary(), indent=2).encode())
     return path
 
 

@@ -41,7 +41,6 @@ Classifier
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import math
@@ -61,7 +60,7 @@ from tqdm import tqdm
 
 from .._io import atomic_write
 from . import feature_cache
-from ._model import DTYPES, load_image, load_vla, parse_dtype, vqa_prompt
+from ._model import DTYPES, load_image, load_vla, parse_dtype, release_memory, resolve_device_dtype, vqa_prompt
 from .feature_cache import CACHE_FORMAT  # noqa: F401  (re-exported)
 from .imagefolder import IMAGE_EXTENSIONS, ImageFolderData, ImageFolderSplit, scan_imagefolder  # noqa: F401
 
@@ -215,9 +214,7 @@ class _LazyEncoder:
     def close(self) -> None:
         if self._encode is not None:
             self._encode = None
-            gc.collect()  # free one model's memory before the next model of the comparison loads
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
 
 
 def _encoder(spec: ModelSpec, layer: int, prompt: str, device: str, dtype: str, teacher_kwargs) -> _LazyEncoder:
@@ -387,10 +384,6 @@ PROTOCOL = (
 )
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _split_features(spec, split, data_key, cache: Path, model_key, encode, **extract) -> Tuple[np.ndarray, str]:
     """Features of one split from the cache, or extracted (and cached); plus what happened."""
     stem = cache / feature_cache.cache_stem(spec, model_key, split)
@@ -447,8 +440,8 @@ def run_linear_probe(
     for spec in specs:
         feature_cache.check_model(spec)
     dataset = scan_imagefolder(data)
-    device = device or _default_device()
-    dtype = feature_cache.canonical_dtype(dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
+    device, dtype = resolve_device_dtype(device, dtype)
+    dtype = feature_cache.canonical_dtype(dtype)
     if cache_dir is None:
         cache_dir = (Path(out).parent if out else Path(".")) / "feature_cache"
     cache = Path(cache_dir)

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .._io import atomic_write_bytes
 from ._model import LoadedVLA, load_image, load_vla, token_spans, vqa_prompt
 from .attention import add_model_args, check_probe_layers, layers_arg, parse_layers
 
@@ -351,7 +352,7 @@ def run_tsne(
         "points": {str(layer): np.round(p, 4).tolist() for layer, p in points.items()},
         "png": str(png),
     }
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(out.with_suffix(".json"), json.dumps(summary, indent=2).encode())
     return summary
 
 

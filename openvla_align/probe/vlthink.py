@@ -27,7 +27,6 @@ data file and writes ``vlthink.json`` and a side-by-side ``vlthink.md``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import re
@@ -41,7 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._model import DTYPES, LoadedVLA, load_image, load_vla, vqa_prompt
+from .._io import atomic_write_bytes
+from ._model import DTYPES, LoadedVLA, load_image, load_vla, release_memory, resolve_device_dtype, vqa_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -520,10 +520,6 @@ def format_markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run(
     models: Sequence[str],
     data: Union[str, Path],
@@ -543,8 +539,7 @@ def run(
         raise ValueError(f"The question template must contain '{{board}}', got {template!r}.")
     specs = [parse_model_spec(m) for m in models]
     items = load_items(data)
-    device = device or _default_device()
-    dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    device, dtype = resolve_device_dtype(device, dtype)
     report: Dict[str, Any] = {
         "data": str(data),
         "n_items": len(items),
@@ -559,13 +554,10 @@ def run(
         result = evaluate(loaded, items, batch_size=batch_size, max_new_tokens=max_new_tokens, template=template)
         report["models"].append({"label": label, "path": path, "adapter": adapter, **result})
         del loaded
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / JSON_NAME).write_text(json.dumps(report, indent=2))
-    (out / MARKDOWN_NAME).write_text(format_markdown(report))
+    atomic_write_bytes(out / JSON_NAME, json.dumps(report, indent=2).encode())
+    atomic_write_bytes(out / MARKDOWN_NAME, format_markdown(report).encode())
     return report
 
 
