@@ -85,6 +85,13 @@ def check_layers(vla: "nn.Module | int", layers: Sequence[int]) -> int:
     return n
 
 
+def layer_output_module(vla: nn.Module, layer: int) -> nn.Module:
+    """The module whose output is ``output_hidden_states[layer]``: decoder block ``layer - 1``, or the final norm for
+    the last layer (HF returns the normed state there)."""
+    blocks = decoder_layers(vla)
+    return final_norm(vla) if layer == len(blocks) else blocks[layer - 1]
+
+
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -126,9 +133,8 @@ class VisualTokenHook:
             self._handles.append(base.vision_backbone.register_forward_hook(self._capture_encoder))
             return self
         self._handles.append(base.projector.register_forward_hook(self._record_num_visual))
-        blocks = decoder_layers(self.vla)
         for layer in self.layers:
-            module = final_norm(self.vla) if layer == len(blocks) else blocks[layer - 1]
+            module = layer_output_module(self.vla, layer)
             self._handles.append(module.register_forward_hook(self._make_capture(layer)))
         return self
 

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from .._io import atomic_write_bytes
+from ..hooks import check_layers
 from ._model import LoadedVLA, load_image, load_vla, token_spans, vqa_prompt
 
 LAST = "last"
@@ -81,13 +82,6 @@ def layers_arg(text: str) -> List[int]:
         return parse_layers(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def check_probe_layers(model: torch.nn.Module, layers: Sequence[int]) -> int:
-    """1 <= L <= number of decoder blocks; returns that number."""
-    from ..hooks import check_layers
-
-    return check_layers(model, layers)
 
 
 def query_positions(tokenizer, prompt: str, tokens: str = LAST) -> List[int]:
@@ -206,7 +200,7 @@ def attention_maps(
             "Reload it with attn_implementation='eager' (load_vla(..., attn_implementation='eager'), the CLI's "
             "default) to draw attention maps."
         )
-    check_probe_layers(vla.model, layers)
+    check_layers(vla.model, layers)
     if not isinstance(image, Image.Image):
         image = load_image(image)
     image = image.convert("RGB")

@@ -150,15 +150,14 @@ class _VLAEncoder:
     """PIL images -> (B, d) mean visual-token hidden states at one LLM layer."""
 
     def __init__(self, spec: ModelSpec, layer: int, prompt: str, device: str, dtype: str):
-        from ..hooks import decoder_layers, final_norm
+        from ..hooks import decoder_layers, layer_output_module
 
         self.vla = load_vla(spec.path, spec.adapter, device=device, dtype=dtype, attn_implementation=None)
-        blocks = decoder_layers(self.vla.model)
-        if not 1 <= layer <= len(blocks):
-            raise _layer_error(layer, len(blocks), spec.label)
+        n = len(decoder_layers(self.vla.model))
+        if not 1 <= layer <= n:
+            raise _layer_error(layer, n, spec.label)
         self.layer, self.prompt = layer, prompt
-        # The capture hook sits on the final norm for the last layer (hooks.py); stop right after the same module.
-        self._last = final_norm(self.vla.model) if layer == len(blocks) else blocks[layer - 1]
+        self._last = layer_output_module(self.vla.model, layer)  # where the capture hook sits: stop right after it
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:

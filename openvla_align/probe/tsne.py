@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from .._io import atomic_write_bytes
+from ..hooks import check_layers
 from ._model import LoadedVLA, load_image, load_vla, token_spans, vqa_prompt
-from .attention import add_model_args, check_probe_layers, layers_arg, parse_layers
+from .attention import add_model_args, layers_arg, parse_layers
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 FEATURES = ("object-token", "visual-mean")
@@ -123,7 +124,7 @@ def collect_features(
         raise ValueError(f"feature={feature!r}: choose one of {FEATURES}.")
     classes = parse_classes(classes)
     layers = parse_layers(layers)
-    check_probe_layers(vla.model, layers)
+    check_layers(vla.model, layers)
     images = find_images(data_dir, classes)
     prompts = {c: class_prompt(c, template) for c in classes}
     positions: Dict[str, List[int]] = {}
