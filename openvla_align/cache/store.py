@@ -113,16 +113,14 @@ class CacheWriter:
                 self.known.update(_read_keys(self.dir / shard["keys"]))
         for stale in self.dir.glob(".*.tmp"):  # temporaries of an interrupted run
             stale.unlink()
-        self._keys: List[bytes] = []
-        self._pending: set = set()
-        self._feats: List[torch.Tensor] = []
+        self._buffer: Dict[bytes, torch.Tensor] = {}  # rows of the shard being filled, in order
         self._write_manifest(complete=False)
 
     def __len__(self) -> int:
-        return len(self.known) + len(self._keys)
+        return len(self.known) + len(self._buffer)
 
     def has(self, key: bytes) -> bool:
-        return key in self.known or key in self._pending
+        return key in self.known or key in self._buffer
 
     def add(self, keys: Sequence[bytes], feats: torch.Tensor) -> int:
         """Add rows (features (B, tokens, width)); rows whose key is stored already are skipped. Returns rows added."""
@@ -135,37 +133,34 @@ class CacheWriter:
                 raise ValueError(f"keys are {KEY_BYTES} bytes; got {len(key)}.")
             if self.has(key):
                 continue
-            self._pending.add(key)
-            self._keys.append(key)
-            self._feats.append(row.clone())  # not a view into the caller's batch
+            self._buffer[key] = row.clone()  # not a view into the caller's batch
             added += 1
-            if len(self._keys) >= self.shard_rows:
+            if len(self._buffer) >= self.shard_rows:
                 self.flush()
         return added
 
     def flush(self) -> None:
         """Commit the buffered rows as one shard (then list it in the manifest)."""
-        if not self._keys:
+        if not self._buffer:
             return
-        index = len(self.shards)
-        name = _shard_name(index)
-        feats = torch.stack(self._feats).contiguous().view(torch.int16).numpy()
+        name = _shard_name(len(self.shards))
+        feats = torch.stack(list(self._buffer.values())).view(torch.int16).numpy()
         if sys.byteorder != "little":
             feats = feats.byteswap()
-        keys = b"".join(self._keys)
-        atomic_write_bytes(self.dir / f"{name}.feats", feats.tobytes())
+        data, keys = feats.tobytes(), b"".join(self._buffer)  # one copy of the shard, written and hashed
+        atomic_write_bytes(self.dir / f"{name}.feats", data)
         atomic_write_bytes(self.dir / f"{name}.keys", keys)
         self.shards.append(
             {
                 "feats": f"{name}.feats",
                 "keys": f"{name}.keys",
-                "rows": len(self._keys),
-                "feats_sha256": hashlib.sha256(feats.tobytes()).hexdigest(),
+                "rows": len(self._buffer),
+                "feats_sha256": hashlib.sha256(data).hexdigest(),
                 "keys_sha256": hashlib.sha256(keys).hexdigest(),
             }
         )
-        self.known.update(self._keys)
-        self._keys, self._feats, self._pending = [], [], set()
+        self.known.update(self._buffer)
+        self._buffer = {}
         self._write_manifest(complete=False)
 
     def close(self, complete: bool = True) -> Path:
