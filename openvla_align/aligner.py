@@ -52,13 +52,22 @@ def student_grid(vla: nn.Module) -> Optional[Tuple[int, int]]:
 
 
 class Aligner(nn.Module):
-    def __init__(self, config: AlignConfig, teacher: Optional[Teacher] = None, *, target_width: Optional[int] = None):
-        """``teacher`` runs live on each batch; without one, pass ``target_width`` (e.g. a feature cache's width)
-        and give precomputed ``targets`` to ``forward``."""
+    def __init__(
+        self,
+        config: AlignConfig,
+        teacher: Optional[Teacher] = None,
+        *,
+        target_width: Optional[int] = None,
+        target_grid: Optional[Tuple[int, int]] = None,
+    ):
+        """``teacher`` runs live on each batch; without one, pass ``target_width`` (and ``target_grid``, e.g. a
+        feature cache's) and give precomputed ``targets`` to ``forward``."""
         super().__init__()
         self.config = config
         self.teacher = teacher
         self.target_width = target_width
+        self.target_grid = tuple(target_grid) if target_grid is not None else None
+        self.device: Optional[torch.device] = None  # the VLA's, set by attach()
         self.projectors = nn.ModuleDict()
         self._hook: Optional[VisualTokenHook] = None
         self._loss_fn = get_loss(config.loss)
@@ -98,11 +107,11 @@ class Aligner(nn.Module):
         base = unwrap(vla)
         in_dim = base.vision_backbone.embed_dim if self.config.target == "encoder" else llm_hidden_size(vla)
         grid = student_grid(vla)
-        if self.teacher is not None and grid is not None and tuple(self.teacher.grid) != grid:
-            raise ValueError(
-                f"Teacher {self.teacher.spec.name} is set up for a {self.teacher.grid} grid but the VLA has a "
-                f"{grid} visual token grid; build the teacher with grid={grid}."
-            )
+        expected = tuple(self.teacher.grid) if self.teacher is not None else self.target_grid
+        if expected is not None and grid is not None and expected != grid:
+            fix = f"build the teacher with grid={grid}" if self.teacher is not None else "rebuild them for this model"
+            source = f"Teacher {self.teacher.spec.name} is set up for" if self.teacher is not None else "Targets are on"
+            raise ValueError(f"{source} a {expected} grid but the VLA has a {grid} visual token grid; {fix}.")
         if len(self.projectors) == 0:
             for key in self.keys:
                 self.projectors[str(key)] = build_projector(
@@ -115,10 +124,10 @@ class Aligner(nn.Module):
                 )
         else:
             self._check_projectors(in_dim)
-        param = next(base.parameters())
-        self.projectors.to(param.device)
+        self.device = next(base.parameters()).device
+        self.projectors.to(self.device)
         if self.teacher is not None:
-            self.teacher.to(param.device)
+            self.teacher.to(self.device)
         self._hook = hook.attach()
         return self
 
@@ -185,7 +194,8 @@ class Aligner(nn.Module):
         if targets is None:
             if pixel_values is None:
                 raise ValueError("Pass the batch's pixel_values (live teacher) or precomputed teacher targets.")
-            targets = self.teacher_targets(pixel_values)
+            targets = self.teacher_targets(pixel_values.to(self.device))
+        targets = targets.to(self.device, non_blocking=True)  # once, not per layer
         total = None
         layer_losses: Dict[int, torch.Tensor] = {}
         metrics: Dict[str, torch.Tensor] = {}
@@ -199,7 +209,7 @@ class Aligner(nn.Module):
                 )
             proj = self.projectors[str(key)]
             student = proj(hidden.to(next(proj.parameters()).dtype))
-            loss, m = self._loss_fn(student, targets.to(student.device), temperature=self.config.ntxent_temperature)
+            loss, m = self._loss_fn(student, targets, temperature=self.config.ntxent_temperature)
             layer_losses[key] = loss
             name = "encoder" if self.config.target == "encoder" else f"layer{key}"
             metrics[f"align/cos_{name}"] = m["cos"]

@@ -267,10 +267,7 @@ class Runner:
             if self.mode == "live":
                 return out.loss + self.aligner(pixel_values=model_batch["pixel_values"]).loss
             if self.mode == "cache":
-                from .cache.keys import keys_from_pixel_values
-
-                targets = self.cache.lookup(keys_from_pixel_values(batch["pixel_values"]))
-                return out.loss + self.aligner(targets=targets.to(dev, non_blocking=True)).loss
+                return out.loss + self.aligner(targets=self.cache.targets(batch["pixel_values"])).loss
             return out.loss
 
     def step(self, batch) -> None:

@@ -250,3 +250,12 @@ def test_cli_build_and_verify(tmp_path, capsys):
     assert frame_key(first) in TeacherCache(tmp_path / "c")
     with pytest.raises(SystemExit, match="exactly one frame source"):
         main(["cache", "build", str(tmp_path / "d")])
+
+
+def test_cache_for_another_grid_is_refused_when_the_model_is_ready(tmp_path, vla, no_prismatic):
+    spec = CacheSpec("c-radio-v3-l", "", 128, (8, 8), 32, "bfloat16", {"kind": "test"})
+    CacheWriter(tmp_path / "c", spec).close()
+    plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=32, teacher_cache=str(tmp_path / "c")))
+    plugin.setup(_Cfg())
+    with pytest.raises(ValueError, match=r"Targets are on a \(8, 8\) grid but the VLA has a \(16, 16\) visual token"):
+        plugin.on_model_ready(vla)

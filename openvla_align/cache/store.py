@@ -241,6 +241,12 @@ class TeacherCache:
     def __contains__(self, key: bytes) -> bool:
         return key in self.index
 
+    def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Targets for a batch's ``pixel_values`` (frames recovered and keyed as in keys.py)."""
+        from .keys import keys_from_pixel_values
+
+        return self.lookup(keys_from_pixel_values(pixel_values))
+
     def lookup(self, keys: Iterable[bytes]) -> torch.Tensor:
         """Targets for ``keys`` in order, as a (B, tokens, width) CPU tensor of the cache's dtype."""
         rows = []

@@ -29,8 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..aligner import CONFIG_NAME, Aligner, student_grid
-from ..cache.keys import keys_from_pixel_values
+from ..aligner import CONFIG_NAME, Aligner
 from ..config import AlignConfig
 from ..hooks import check_layers
 from .env import warn_if_broken
@@ -167,18 +166,12 @@ class AlignPlugin(FinetunePlugin):
         if not self.enabled:
             return []
         if self.cache is not None:
-            self.aligner = Aligner(self.config, target_width=self.cache.width)
-            grid = student_grid(vla)
-            if grid is not None and tuple(grid) != tuple(self.cache.spec.grid):
-                raise ValueError(
-                    f"Teacher cache {self.cache.dir} holds a {self.cache.spec.grid} grid of targets but the VLA has a "
-                    f"{grid} visual token grid; rebuild the cache for this model."
-                )
-            self.aligner.attach(vla)
+            aligner = Aligner(self.config, target_width=self.cache.width, target_grid=self.cache.spec.grid)
         else:
             if self.teacher is None:  # `setup` builds it; callers driving the plugin by hand may skip that
                 self.teacher = self._build_teacher()
-            self.aligner = Aligner(self.config, self.teacher).attach(vla)
+            aligner = Aligner(self.config, self.teacher)
+        self.aligner = aligner.attach(vla)
         self.check_identical_projectors()
         return self.aligner.trainable_parameters()
 
@@ -212,14 +205,12 @@ class AlignPlugin(FinetunePlugin):
     def loss(self, vla: nn.Module, batch: Dict[str, Any], output: Any, step: int) -> Tuple[Optional[Tensor], dict]:
         if self.aligner is None:
             return None, {}
-        device = next(self.aligner.projectors.parameters()).device
         if self.cache is not None:
-            # The loader's batch is still on the CPU: keys are hashed there (no device sync), targets are copied
-            # from the memory-mapped shards and sent over without blocking.
-            targets = self.cache.lookup(keys_from_pixel_values(batch["pixel_values"]))
-            out = self.aligner(targets=targets.to(device, non_blocking=True))
+            # The loader's batch is still on the CPU: keys are hashed there (no device sync); one batch of targets
+            # is copied out of the memory-mapped shards.
+            out = self.aligner(targets=self.cache.targets(batch["pixel_values"]))
         else:
-            out = self.aligner(pixel_values=batch["pixel_values"].to(device))
+            out = self.aligner(pixel_values=batch["pixel_values"])
         return out.loss, out.metrics
 
     def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
