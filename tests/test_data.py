@@ -71,7 +71,7 @@ def test_bad_files_are_named_and_selection_holds_back_the_last(tmp_path):
     raw = bytearray(paths[2].read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # corrupt compressed data
     paths[2].write_bytes(bytes(raw))
-    problems = check_files(train)
+    problems = list(check_files(train).values())
     assert len(problems) == 2 and paths[1].name in problems[0] and paths[2].name in problems[1]
     with pytest.raises(EpisodeError, match=paths[1].name):
         load_episode(paths[1])

@@ -37,14 +37,10 @@ def select_files(episodes_dir, train: int = 1400, held_back: int = 140) -> Tuple
     return kept[:train], spare
 
 
-def check_files(files: Sequence[Path], workers: int = 4) -> List[str]:
-    """Problems found in ``files`` (integrity only), one message per bad file."""
-    problems = []
+def check_files(files: Sequence[Path], workers: int = 4) -> Dict[Path, str]:
+    """Problems found in ``files`` (integrity only): bad file -> message."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        for path, error in zip(files, pool.map(_check, files)):
-            if error:
-                problems.append(error)
-    return problems
+        return {path: error for path, error in zip(files, pool.map(_check, files)) if error}
 
 
 def _check(path: Path) -> Optional[str]:
@@ -115,11 +111,12 @@ def build_rlds(
     if problems and not skip_bad:
         raise EpisodeError(
             f"{len(problems)} bad episode file(s), nothing written:\n  "
-            + "\n  ".join(problems)
+            + "\n  ".join(problems.values())
             + "\nRemove or re-collect them, or pass --skip-bad to build without them."
         )
-    bad = {p.split(":", 1)[0] for p in problems}
-    files = [f for f in files if str(f) not in bad]
+    files = [f for f in files if f not in problems]
+    if not files:
+        raise EpisodeError(f"every episode file in {episodes_dir} is bad; nothing written.")
     shape = load_episode(files[0]).images.shape[1:]
     stats = {"episodes": 0, "steps": 0, "filtered_steps": 0}
 
@@ -158,7 +155,7 @@ def build_rlds(
         "out": str(Path(out_dir) / name / VERSION),
         **stats,
         "held_back": [f.name for f in spare],
-        "skipped": sorted(problems),
+        "skipped": sorted(problems.values()),
     }
 
 
