@@ -15,7 +15,14 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from ..openvla.pixels import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
+from ..openvla.pixels import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    normalize_fused,
+    rgb_from_pixel_values,
+)
 
 KEY_BYTES = 16
 # Recovered values must sit this close to an integer; the processor's float32 arithmetic is ~1e-4 off at most.
@@ -35,19 +42,16 @@ def frame_key(frame: np.ndarray) -> bytes:
 
 def frames_from_pixel_values(pixel_values: torch.Tensor) -> np.ndarray:
     """uint8 RGB frames (B, H, W, 3) recovered from OpenVLA ``pixel_values`` (fused 6-channel or 3-channel)."""
-    if pixel_values.ndim != 4 or pixel_values.shape[1] not in (3, 6):
-        raise ValueError(f"pixel_values must be (B, 6|3, H, W); got {tuple(pixel_values.shape)}.")
-    if pixel_values.shape[1] == 6:  # SigLIP channels: mean = std = 0.5 are exact in binary
-        x, mean, std = pixel_values[:, 3:], SIGLIP_MEAN, SIGLIP_STD
-    else:
-        x, mean, std = pixel_values, IMAGENET_MEAN, IMAGENET_STD
-    x = x.detach().to("cpu", torch.float32)
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    scaled = (x * s + m) * 255.0
+    # Exact constants (not the bf16-rounded ones the teacher input uses): the SigLIP channels of a fused input
+    # (mean = std = 0.5 are exact in binary), ImageNet's for a single backbone.
+    fused = pixel_values.ndim == 4 and pixel_values.shape[1] == 6
+    mean, std = (SIGLIP_MEAN, SIGLIP_STD) if fused else (IMAGENET_MEAN, IMAGENET_STD)
+    x = pixel_values.detach().to("cpu", torch.float32)
+    scaled = rgb_from_pixel_values(x, source="siglip", mean=mean, std=std) * 255.0
     rounded = scaled.round()
     off = (scaled - rounded).abs().max().item() if scaled.numel() else 0.0
-    if off > MAX_ROUNDING or rounded.min().item() < 0 or rounded.max().item() > 255:
+    low, high = rounded.aminmax() if rounded.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+    if off > MAX_ROUNDING or low < 0 or high > 255:
         raise ValueError(
             "pixel_values do not come from uint8 frames normalised the way OpenVLA's image processor does "
             f"(values are up to {off:.3f} off the 0..255 grid). Cached teacher targets can only be looked up for "
@@ -63,7 +67,5 @@ def keys_from_pixel_values(pixel_values: torch.Tensor) -> List[bytes]:
 def pixel_values_from_frames(frames: Sequence[np.ndarray]) -> torch.Tensor:
     """Fused 6-channel ``pixel_values`` for uint8 frames, computed as OpenVLA's processor computes them (to_tensor,
     then normalise with the exact ImageNet and SigLIP constants)."""
-    from ..openvla.pixels import normalize_fused
-
     rgb = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).permute(0, 3, 1, 2).float().div(255.0)
     return normalize_fused(rgb)
