@@ -125,13 +125,15 @@ def no_prismatic(monkeypatch):
     return calls
 
 
-def test_merged_model_gets_norm_stats_and_the_unnorm_key_is_printed(vla, tmp_path, capsys, no_prismatic):
+@pytest.mark.parametrize("enabled", [True, False], ids=["align", "sft-baseline"])
+def test_merged_model_gets_norm_stats_and_the_unnorm_key_is_printed(vla, tmp_path, capsys, no_prismatic, enabled):
+    """Aligned or not (the SFT and Freeze baselines), every merged model carries the run's dataset statistics."""
     import json
 
-    plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=32), _teacher())
+    plugin = AlignPlugin(AlignConfig(enabled=enabled, projector_dim=32), _teacher())
     plugin.setup(_Cfg(), is_main_process=True)
-    assert no_prismatic == ["register", ("check", "unused", "sft")]
-    plugin.on_model_ready(vla)
+    assert no_prismatic == (["register", ("check", "unused", "sft")] if enabled else ["register"])
+    assert plugin.on_model_ready(vla) == [] or enabled
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "config.json").write_text(json.dumps({"norm_stats": {"bridge_orig": {"action": {}}}, "x": 1}))
@@ -153,13 +155,15 @@ def test_merged_model_gets_norm_stats_and_the_unnorm_key_is_printed(vla, tmp_pat
     assert (merged / "config.json").read_bytes() == before
 
 
-def test_adapter_only_run_says_how_to_merge(vla, tmp_path, capsys, no_prismatic):
-    plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=32), _teacher())
+@pytest.mark.parametrize("enabled", [True, False], ids=["align", "sft-baseline"])
+def test_adapter_only_run_says_how_to_merge(vla, tmp_path, capsys, no_prismatic, enabled):
+    plugin = AlignPlugin(AlignConfig(enabled=enabled, projector_dim=32), _teacher())
     plugin.setup(_Cfg(), is_main_process=True)
     plugin.on_model_ready(vla)
     plugin.on_save(tmp_path)
     plugin.on_end()
     assert "openvla-align merge" in capsys.readouterr().out
+    assert (tmp_path / "align").is_dir() == enabled  # a sidecar only for an aligned run
 
 
 def test_reference_projector_imports(tmp_path, vla):

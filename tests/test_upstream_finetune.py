@@ -56,7 +56,9 @@ def world(tmp_path_factory):
     checkout = root / "openvla"
     shutil.copytree(os.environ["OPENVLA_SRC"], checkout, ignore=shutil.ignore_patterns(".git", "*.orig"))
     assert cli(["patch", str(checkout)]) == 0
-    ckpt = build_tiny_openvla_checkpoint(root / "tiny-openvla", seed=0)
+    # The base model knows another dataset's statistics only (as the released 7B): `unnorm_key="sft"` works on a
+    # merged model only if the run folded its own statistics in.
+    ckpt = build_tiny_openvla_checkpoint(root / "tiny-openvla", seed=0, dataset="bridge_orig")
     write_tiny_rlds(root / "data", name="sft", episodes=6, steps=5, seed=0)
 
     plugins = root / "site"
@@ -168,16 +170,44 @@ def test_sidecar_beside_the_adapter_and_stock_keys_in_the_merged_model(world, de
         assert [p.name for p in root.iterdir()] == [exp]
 
 
-def test_stock_loaders_read_the_checkpoints(world, default_run):
-    """`PeftModel.from_pretrained` on the adapter and `AutoModelForVision2Seq` on the merged model agree, and the
-    merged model un-normalises actions for `unnorm_key="sft"` from its own config.
+PROMPT = "In: What action should the robot take to open the drawer?\nOut:"
 
-    (`predict_action` itself appends Llama-2's token id 29871 to every prompt, which a 1k-token tiny vocabulary
-    lacks, so the test calls what it uses for un-normalisation: `get_action_dim` / `get_action_stats`.)"""
+
+def _inputs(processor):
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    inputs = processor(PROMPT, image)
+    inputs["pixel_values"] = inputs["pixel_values"].float()
+    return inputs
+
+
+def check_predict_action(merged, processor, merged_dir: Path) -> None:
+    """Stock `predict_action(..., unnorm_key="sft")` on the merged model: its action is the greedy action tokens
+    un-normalised with the run's own statistics (from `dataset_statistics.json`, not the base model's)."""
     import numpy as np
     import torch
+
+    stats = json.loads((merged_dir / "dataset_statistics.json").read_text())["sft"]["action"]
+    assert merged.get_action_stats("sft")["q01"] == stats["q01"] and merged.get_action_stats("sft")["q99"] == stats["q99"]
+    inputs = _inputs(processor)
+    with torch.no_grad():
+        action = merged.predict_action(**inputs, unnorm_key="sft", do_sample=False)
+        ids = torch.cat([inputs["input_ids"], torch.tensor([[29871]])], dim=1)  # the "▁" predict_action appends
+        tokens = merged.generate(ids, pixel_values=inputs["pixel_values"], max_new_tokens=7, do_sample=False)
+    bins = np.clip(merged.vocab_size - tokens[0, -7:].numpy() - 1, 0, 254)
+    normalized = merged.bin_centers[bins]
+    low, high, mask = (np.asarray(stats[k]) for k in ("q01", "q99", "mask"))
+    expect = np.where(mask, 0.5 * (normalized + 1) * (high - low) + low, normalized)
+    assert action.shape == (7,) and np.allclose(action, expect)
+
+
+def test_stock_loaders_read_the_checkpoints(world, default_run):
+    """`PeftModel.from_pretrained` on the adapter and `AutoModelForVision2Seq` on the merged model agree, and the
+    merged model answers `predict_action(..., unnorm_key="sft")` from its own config."""
+    import torch
     from peft import PeftModel
-    from PIL import Image
     from transformers import AutoModelForVision2Seq, AutoProcessor
 
     cwd, exp = default_run["cwd"], default_run["exp"]
@@ -188,19 +218,51 @@ def test_stock_loaders_read_the_checkpoints(world, default_run):
     adapted = PeftModel.from_pretrained(base, cwd / "adapters" / exp)
     assert type(merged).__name__ == "OpenVLAForActionPrediction" and isinstance(adapted, PeftModel)
 
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
-    inputs = processor("In: What action should the robot take to open the drawer?\nOut:", image)
-    inputs["pixel_values"] = inputs["pixel_values"].float()
+    inputs = _inputs(processor)
     with torch.no_grad():
         a = merged(**inputs).logits
         b = adapted(**inputs).logits
     assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()  # merged in bf16 by the script
-
-    stats = json.loads((merged_dir / "dataset_statistics.json").read_text())["sft"]["action"]
     assert merged.get_action_dim("sft") == 7
-    assert (
-        merged.get_action_stats("sft")["q01"] == stats["q01"] and merged.get_action_stats("sft")["q99"] == stats["q99"]
-    )
+    check_predict_action(merged, processor, merged_dir)
+
+
+@pytest.fixture(scope="module", params=["sft", "freeze"])
+def baseline_run(world, request):
+    """The paper's baselines through the script with alignment off: plain SFT, and Freeze (vision frozen)."""
+    cwd = world["root"] / f"baseline-{request.param}"
+    freeze = ("--align.freeze_vision", "true") if request.param == "freeze" else ()
+    proc, metrics = finetune(world, cwd, "--max_steps", "2", "--save_steps", "2", *freeze)
+    (exp,) = [p.name for p in (cwd / "runs").iterdir()]
+    return dict(kind=request.param, cwd=cwd, proc=proc, metrics=metrics, exp=exp)
+
+
+def test_baselines_merge_with_their_statistics_and_predict_actions(world, baseline_run):
+    """SFT and Freeze runs (alignment off) merge into models that answer `predict_action(..., unnorm_key="sft")`
+    with stock loaders; they log no alignment metric and write no sidecar. Freeze leaves the vision backbone as
+    the base model has it (up to the script's bf16 merge)."""
+    import torch
+    from transformers import AutoModelForVision2Seq, AutoProcessor
+
+    cwd, exp = baseline_run["cwd"], baseline_run["exp"]
+    merged_dir = cwd / "runs" / exp
+    (step0,) = [m for m in baseline_run["metrics"] if m["step"] == 0]
+    assert "train_loss" in step0 and not any(k.startswith("align/") for k in step0)
+    assert "align" not in {p.name for p in (cwd / "adapters" / exp).iterdir()}
+    assert "use unnorm_key='sft'" in baseline_run["proc"].stdout
+    assert set(json.loads((merged_dir / "config.json").read_text())["norm_stats"]) == {"bridge_orig", "sft"}
+
+    processor = AutoProcessor.from_pretrained(merged_dir, trust_remote_code=True)
+    merged = AutoModelForVision2Seq.from_pretrained(merged_dir, torch_dtype=torch.float32, trust_remote_code=True)
+    check_predict_action(merged, processor, merged_dir)
+
+    base = AutoModelForVision2Seq.from_pretrained(world["ckpt"], torch_dtype=torch.float32, trust_remote_code=True)
+    moved = [
+        name
+        for (name, p), q in zip(merged.vision_backbone.named_parameters(), base.vision_backbone.parameters())
+        if not torch.equal(p, q.to(torch.bfloat16).float())
+    ]
+    assert (moved == []) == (baseline_run["kind"] == "freeze"), moved[:3]
 
 
 @pytest.fixture(scope="module")

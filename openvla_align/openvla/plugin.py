@@ -15,7 +15,9 @@ The patch (``patches/``) adds a generic mechanism to the stock script, not an op
    - ``on_merged(merged_dir)`` (optional) on the main process after a merged model is written, before it is
      renamed into place;
    - ``on_end()`` when training stops.
-A disabled plugin does nothing at every point, so the script computes what the stock one computes.
+A disabled plugin changes nothing the script computes. The align plugin, enabled or not, still registers the
+paper's datasets and folds the run's dataset statistics into every merged model's ``config.json``, so plain-SFT and
+Freeze baselines answer ``predict_action(..., unnorm_key=...)`` like aligned runs.
 """
 
 from __future__ import annotations
@@ -214,14 +216,17 @@ class AlignPlugin(FinetunePlugin):
         return out.loss, out.metrics
 
     def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
-        if self.aligner is not None and is_main_process:
+        if not is_main_process:
+            return
+        if self.aligner is not None:
             self.aligner.save(Path(save_dir) / SIDECAR_DIR)
-            self.saved = True
+        self.saved = True
 
     def on_merged(self, merged_dir: Path) -> None:
         """Fold the run's ``dataset_statistics.json`` into the merged model's ``config.json`` (``norm_stats``), so
-        ``predict_action(..., unnorm_key=...)`` works on the merged model as saved."""
-        if self.aligner is None or not (Path(merged_dir) / STATS_NAME).is_file():
+        ``predict_action(..., unnorm_key=...)`` works on the merged model as saved -- aligned or not (the SFT and
+        Freeze baselines are evaluated the same way)."""
+        if not (Path(merged_dir) / STATS_NAME).is_file():
             return
         self.unnorm_keys = fold_norm_stats(merged_dir)
 
@@ -246,9 +251,8 @@ class AlignPlugin(FinetunePlugin):
         self.check_identical_projectors()
 
     def on_end(self) -> None:
-        if self.aligner is None:
-            return
-        self.aligner.remove()
+        if self.aligner is not None:
+            self.aligner.remove()
         if not self.is_main_process:
             return
         if self.unnorm_keys:

@@ -35,6 +35,7 @@ TINY_TIMM_IDS = ["vit_small_patch14_reg4_dinov2.lvd142m", "vit_small_patch14_reg
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ACTION_DIM = 7
 RARE_CHAR_START, N_RARE_CHARS = 0x4E00, 320  # CJK unified ideographs
+LLAMA2_VOCAB_SIZE, LLAMA2_SPACE_ID = 32000, 29871  # Llama-2's vocabulary and its "▁" id (predict_action appends it)
 
 
 def openvla_src(src: Optional[os.PathLike] = None) -> Path:
@@ -77,8 +78,15 @@ def _corpus(rng: np.random.Generator, n_lines: int = 4000):
         yield " ".join(rare)
 
 
-def build_tiny_llama_tokenizer(out_dir: os.PathLike, vocab_size: int = 1024, seed: int = 0):
-    """Train a Llama-style sentencepiece BPE offline (unk=0, bos=1, eos=2, byte fallback) and add ``<PAD>``."""
+def build_tiny_llama_tokenizer(
+    out_dir: os.PathLike, vocab_size: int = 1024, seed: int = 0, id_space: int = LLAMA2_VOCAB_SIZE
+):
+    """Train a Llama-style sentencepiece BPE offline (unk=0, bos=1, eos=2, byte fallback) and add ``<PAD>``.
+
+    ``vocab_size`` pieces are trained; with ``id_space`` > ``vocab_size`` they are laid out in Llama-2's id space
+    (see :func:`_llama_id_layout`), so upstream code that hard-codes Llama-2 ids (``predict_action`` appends
+    29871, "▁") runs unchanged. ``id_space=None`` keeps the trained ids.
+    """
     import sentencepiece as spm
     from transformers import LlamaTokenizerFast
 
@@ -103,13 +111,51 @@ def build_tiny_llama_tokenizer(out_dir: os.PathLike, vocab_size: int = 1024, see
         minloglevel=2,
     )
     spm_path = out_dir / "tokenizer.model"
-    spm_path.write_bytes(model.getvalue())
+    spm_path.write_bytes(model.getvalue() if not id_space else _llama_id_layout(model.getvalue(), id_space))
     tokenizer = LlamaTokenizerFast(vocab_file=str(spm_path), legacy=True, add_bos_token=True, add_eos_token=False)
     tokenizer.add_special_tokens({"pad_token": "<PAD>"})  # as OpenVLA: pad id == base vocab size
     tokenizer.padding_side = "right"
     tokenizer.model_max_length = 2048
     _check_action_tail(tokenizer)
     return tokenizer
+
+
+def _llama_id_layout(model_bytes: bytes, id_space: int) -> bytes:
+    """Re-lay a trained sentencepiece model in Llama-2's id space: the trained pieces keep their order (and scores,
+    which decide BPE merges), "▁" moves to id 29871 as in Llama-2, the rare single characters stay at the very top
+    (OpenVLA's 256 action bins), and UNUSED filler pieces (never produced by encoding) take the ids in between."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:  # sentencepiece releases without the bundled proto module
+        from transformers.utils import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_bytes)
+    pieces = list(proto.pieces)
+    if id_space <= len(pieces) or id_space <= LLAMA2_SPACE_ID:
+        raise ValueError(f"id_space={id_space} must exceed the {len(pieces)} trained pieces and id {LLAMA2_SPACE_ID}")
+    rare = {chr(RARE_CHAR_START + i) for i in range(N_RARE_CHARS)}
+    top = [p for p in pieces if p.piece in rare]
+    space = [p for p in pieces if p.piece == "\u2581"]
+    head = [p for p in pieces if p.piece not in rare and p.piece != "\u2581"]
+    if len(space) != 1 or len(top) != N_RARE_CHARS:
+        raise RuntimeError("tiny tokenizer: the trained model lacks the '\u2581' piece or the rare-character tail")
+
+    def fillers(n: int, start: int):
+        out = []
+        for i in range(n):
+            filler = pb.ModelProto.SentencePiece()
+            filler.piece, filler.score, filler.type = f"<unused{start + i}>", 0.0, pb.ModelProto.SentencePiece.UNUSED
+            out.append(filler)
+        return out
+
+    layout = head + fillers(LLAMA2_SPACE_ID - len(head), 0)
+    layout += space + fillers(id_space - len(top) - len(layout) - 1, LLAMA2_SPACE_ID - len(head))
+    layout += top
+    del proto.pieces[:]
+    proto.pieces.extend(layout)
+    assert len(proto.pieces) == id_space and proto.pieces[LLAMA2_SPACE_ID].piece == "\u2581"
+    return proto.SerializeToString()
 
 
 def _check_action_tail(tokenizer, n_bins: int = 256) -> None:
