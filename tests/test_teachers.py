@@ -1,5 +1,6 @@
 """Every registered teacher, parametrised over the registry itself: shape, grid, frozen, errors."""
 
+import re
 import sys
 import textwrap
 import warnings
@@ -12,6 +13,7 @@ from openvla_align.teachers import (
     TeacherPluginError,
     TeacherWeightsNotFound,
     _registry,
+    broken_plugins,
     create_teacher,
     list_teachers,
     load_plugins,
@@ -139,11 +141,41 @@ def test_third_party_teacher_via_entry_point(tmp_path, monkeypatch):
         _registry._REGISTRY.pop("toy", None)
 
 
-def test_broken_plugin_is_named(tmp_path, monkeypatch):
+def test_a_broken_plugin_is_reported_once_and_hides_no_other(tmp_path, monkeypatch, caplog):
+    """Two third-party distributions: the one found first raises on import; the other still loads."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    _write_plugin(first, "broken_teacher_pkg", "raise ImportError('no such backbone')\n", "broken = broken_teacher_pkg:make")
     _write_plugin(
-        tmp_path, "broken_teacher_pkg", "raise ImportError('no such backbone')\n", "broken = broken_teacher_pkg:make"
+        second,
+        "good_teacher_pkg",
+        """
+        from openvla_align.teachers.radio import TINY_ARCH, build_radio_teacher
+
+        def make(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):
+            return build_radio_teacher("c-radio-v3-b", path, resolution, grid, allow_random, trust_remote_code, TINY_ARCH)
+        """,
+        "good = good_teacher_pkg:make",
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(TeacherPluginError, match=r"Teacher plugin 'broken' .*no such backbone"):
-        load_plugins(force=True)
-    sys.modules.pop("broken_teacher_pkg", None)
+    monkeypatch.syspath_prepend(str(second))
+    monkeypatch.syspath_prepend(str(first))  # the broken distribution comes first
+    try:
+        with caplog.at_level("ERROR", logger="openvla_align.teachers._registry"):
+            load_plugins(force=True)  # no raise
+            assert "good" in list_teachers() and "broken" not in list_teachers()
+            load_plugins()
+            list_teachers()
+        reports = [r.getMessage() for r in caplog.records]
+        assert len(reports) == 1 and re.search(r"Teacher plugin 'broken' .*no such backbone", reports[0])
+        assert broken_plugins() == {"broken": reports[0]}
+        with pytest.raises(TeacherPluginError, match=r"Teacher plugin 'broken' .*no such backbone"):
+            create_teacher("broken")
+        with pytest.raises(ValueError, match=r"Unknown teacher 'brokn'.* \(plugins that failed to load: broken\)"):
+            create_teacher("brokn")
+        with pytest.warns(UserWarning, match="RANDOM"):
+            assert create_teacher("good", allow_random=True).width == 32
+    finally:
+        _registry._REGISTRY.pop("good", None)
+        _registry._BROKEN.pop("broken", None)
+        for name in ("broken_teacher_pkg", "good_teacher_pkg"):
+            sys.modules.pop(name, None)

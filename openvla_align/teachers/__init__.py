@@ -3,6 +3,7 @@
 from ._registry import (
     ENTRY_POINT_GROUP,
     TeacherPluginError,
+    broken_plugins,
     create_teacher,
     get_teacher_factory,
     list_teachers,
@@ -19,6 +20,7 @@ __all__ = [
     "TeacherPluginError",
     "TeacherSpec",
     "TeacherWeightsNotFound",
+    "broken_plugins",
     "create_teacher",
     "get_teacher_factory",
     "list_teachers",

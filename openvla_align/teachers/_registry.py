@@ -39,6 +39,7 @@ class _Entry:
 
 
 _REGISTRY: Dict[str, _Entry] = {}
+_BROKEN: Dict[str, str] = {}  # entry-point name -> why it failed to load (reported once)
 _loaded = False
 
 
@@ -70,23 +71,38 @@ def _entry_points():
 
 
 def load_plugins(force: bool = False) -> None:
-    """Import the built-in teacher modules and every entry point of ``openvla_align.teachers`` once."""
+    """Import the built-in teacher modules and every entry point of ``openvla_align.teachers`` once.
+
+    A plugin that fails to load is logged once, with its name and error, and kept in :func:`broken_plugins`; every
+    other plugin still loads. Asking for a broken plugin's teacher raises :class:`TeacherPluginError`.
+    """
     global _loaded
     if _loaded and not force:
         return
-    _loaded = True
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
     for ep in _entry_points():
+        if ep.name in _BROKEN and not force:
+            continue
         try:
             obj = ep.load()
-        except Exception as exc:  # a broken third-party plugin must say which one it is
-            raise TeacherPluginError(
+            if callable(obj) and not isinstance(obj, type(importlib)):
+                register_teacher(ep.name, source=ep.value)(obj)
+        except Exception as exc:  # a broken third-party plugin must say which one it is, and hide no other
+            _BROKEN[ep.name] = (
                 f"Teacher plugin {ep.name!r} ({ep.value}) from entry-point group {ENTRY_POINT_GROUP!r} failed to "
                 f"load: {exc!r}. Fix or uninstall the package that provides it."
-            ) from exc
-        if callable(obj) and not isinstance(obj, type(importlib)):
-            register_teacher(ep.name, source=ep.value)(obj)
+            )
+            logger.error("%s", _BROKEN[ep.name])
+        else:
+            _BROKEN.pop(ep.name, None)
+    _loaded = True
+
+
+def broken_plugins() -> Dict[str, str]:
+    """Entry-point name -> error message of each teacher plugin that failed to load."""
+    load_plugins()
+    return dict(_BROKEN)
 
 
 def list_teachers(pattern: str = "*") -> List[str]:
@@ -98,7 +114,10 @@ def list_teachers(pattern: str = "*") -> List[str]:
 def get_teacher_factory(name: str) -> Callable:
     load_plugins()
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown teacher {name!r}. Known teachers: {', '.join(list_teachers())}.")
+        if name in _BROKEN:
+            raise TeacherPluginError(_BROKEN[name])
+        broken = f" (plugins that failed to load: {', '.join(sorted(_BROKEN))})" if _BROKEN else ""
+        raise ValueError(f"Unknown teacher {name!r}. Known teachers: {', '.join(list_teachers())}{broken}.")
     return _REGISTRY[name].factory
 
 
