@@ -84,7 +84,9 @@ class Aligner(nn.Module):
             trust_remote_code=config.trust_remote_code,
             **teacher_kwargs,
         )
-        return cls(config, teacher.to(getattr(torch, config.teacher_dtype)))
+        if config.teacher_dtype != "auto":  # auto is resolved in attach(), where the device is known
+            teacher = teacher.to(getattr(torch, config.teacher_dtype))
+        return cls(config, teacher)
 
     # --- keys: projector per aligned layer (0 = the encoder output for target="encoder") ---
     @property
@@ -128,6 +130,10 @@ class Aligner(nn.Module):
         self.projectors.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device)
+            if self.config.teacher_dtype == "auto":
+                dtype = self.config.resolved_teacher_dtype(self.device.type)
+                logger.info("teacher_dtype auto: the teacher runs in %s on %s", dtype, self.device.type)
+                self.teacher.to(getattr(torch, dtype))
         self._hook = hook.attach()
         return self
 

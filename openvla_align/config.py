@@ -13,9 +13,16 @@ from typing import Any, Dict, Optional, Tuple
 logger = logging.getLogger(__name__)
 
 LOSSES = ("cosine", "l2", "ntxent")
-TEACHER_DTYPES = ("bfloat16", "float16", "float32")
+TEACHER_DTYPES = ("auto", "bfloat16", "float16", "float32")
 PROJECTORS = ("mlp", "linear", "cosine", "orthogonal", "spectral", "film", "whitening")
 TARGETS = ("backbone", "encoder")
+
+
+def resolve_teacher_dtype(name: str, device_type: str) -> str:
+    """``auto`` -> bfloat16 on CUDA (the reference's choice), float32 elsewhere; explicit dtypes are kept."""
+    if name != "auto":
+        return name
+    return "bfloat16" if device_type == "cuda" else "float32"
 
 
 def _help(text: str) -> Dict[str, Any]:
@@ -85,9 +92,10 @@ class AlignConfig:
         ),
     )
     teacher_dtype: str = field(
-        default="bfloat16",
+        default="auto",
         metadata=_help(
-            "dtype of the teacher's weights and inference (bfloat16 as the reference; float32 for full precision)."
+            "dtype of the teacher's weights and inference: auto = bfloat16 on CUDA (as the reference), float32 "
+            "elsewhere (CPUs without native bf16 run it ~4x slower); or bfloat16, float16, float32."
         ),
     )
     teacher_cache: Optional[str] = field(
@@ -136,6 +144,10 @@ class AlignConfig:
             raise ValueError(f"AlignConfig.teacher_dtype={self.teacher_dtype!r} is not one of {TEACHER_DTYPES}.")
         if self.teacher_resolution is not None and self.teacher_resolution < 1:
             raise ValueError(f"AlignConfig.teacher_resolution={self.teacher_resolution} must be a positive size.")
+
+    def resolved_teacher_dtype(self, device_type: str) -> str:
+        """``teacher_dtype`` for a teacher running on ``device_type`` ("cuda", "cpu", ...); explicit values stay."""
+        return resolve_teacher_dtype(self.teacher_dtype, device_type)
 
     # --- serialisation: sorted JSON; newer keys are tolerated with a warning ---
     def to_dict(self) -> Dict[str, Any]:

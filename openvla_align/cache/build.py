@@ -17,6 +17,7 @@ from typing import Dict, Iterable, Iterator, Tuple
 import numpy as np
 import torch
 
+from ..config import TEACHER_DTYPES
 from .keys import frame_key, pixel_values_from_frames
 from .store import CacheSpec, CacheWriter, TeacherCache, file_sha256, read_manifest
 
@@ -163,6 +164,7 @@ def build_cache(
 
 # --------------------------------------------------------------------------------------------------- CLI
 def _cmd_build(args) -> int:
+    from ..config import resolve_teacher_dtype
     from ..teachers import create_teacher
 
     if bool(args.images) == bool(args.dataset):
@@ -178,7 +180,7 @@ def _cmd_build(args) -> int:
             resolution=args.teacher_resolution,
             allow_random=args.allow_random_teacher,
             trust_remote_code=args.trust_remote_code,
-        ).to(getattr(torch, args.teacher_dtype))
+        ).to(getattr(torch, resolve_teacher_dtype(args.teacher_dtype, torch.device(args.device).type)))
         summary = build_cache(
             args.out,
             teacher,
@@ -218,7 +220,7 @@ def _cmd_verify(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("cache", help="Precompute teacher features once (training then reads them).")
+    p = subparsers.add_parser("cache")
     sub = p.add_subparsers(dest="cache_command", required=True)
     b = sub.add_parser("build", help="Run the teacher over every training frame into a sharded, memory-mapped store.")
     b.add_argument("out", help="cache directory (an interrupted build resumes when re-run with the same settings)")
@@ -229,7 +231,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--teacher", default="c-radio-v3-l", help="registered teacher name (openvla-align teachers)")
     b.add_argument("--teacher-path", default=None, help="teacher weights (file or snapshot directory)")
     b.add_argument("--teacher-resolution", type=int, default=None, help="teacher input size (default: grid x patch)")
-    b.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    b.add_argument(
+        "--teacher-dtype",
+        default="auto",
+        choices=TEACHER_DTYPES,
+        help="teacher inference dtype (auto: bfloat16 on CUDA, float32 elsewhere, as in training)",
+    )
     b.add_argument("--allow-random-teacher", action="store_true", help="random teacher weights (smoke tests only)")
     b.add_argument("--trust-remote-code", action="store_true")
     b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="storage dtype")
