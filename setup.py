@@ -38,12 +38,8 @@ setup(
     },
     entry_points={
         "console_scripts": ["openvla-align=openvla_align.cli:main"],
-        "openvla_align.teachers": [
-            "c-radio-v3=openvla_align.teachers.radio",
-            "dinov2=openvla_align.teachers.dinov2",
-            "siglip=openvla_align.teachers.siglip",
-            "theia=openvla_align.teachers.theia",
-        ],
+        # The built-ins as data (spec + family module, imported when one of them is created).
+        "openvla_align.teachers": ["builtin=openvla_align.teachers.catalog"],
         # The generic plugin group the patched vla-scripts/finetune.py discovers (see patches/).
         "openvla.finetune_plugins": ["align=openvla_align.openvla.plugin:AlignPlugin"],
     },

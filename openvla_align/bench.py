@@ -522,7 +522,7 @@ def _cmd_bench(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="Step time and peak memory: SFT vs Align (live, cache) vs the reference.")
+    p = subparsers.add_parser("bench")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every mode once)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per mode per round (after one warm-up step)")
     p.add_argument("--batch-size", type=int, default=2)

@@ -6,6 +6,7 @@ tiny stand-in for OpenVLA-7B and C-RADIOv3-L, so the figures show the mechanics,
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -240,3 +241,18 @@ def _table(results: Dict[str, Dict[str, float]], layers) -> str:
     for label, key, fmt in rows:
         lines.append(f"{label:<34}{fmt.format(results['sft'][key]):>10}{fmt.format(results['align'][key]):>12}")
     return "\n".join(lines)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("demo")
+    p.add_argument("--out", default="openvla_align_demo", help="output directory")
+    p.add_argument("--steps", type=int, default=60, help="LoRA steps per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=DemoConfig.lr, help="LoRA learning rate")
+    p.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _cmd_demo(args) -> int:
+    run_demo(DemoConfig(out_dir=args.out, steps=args.steps, seed=args.seed, lr=args.lr))
+    return 0

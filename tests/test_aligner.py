@@ -158,7 +158,12 @@ def test_matches_the_reference_implementation_step(vla, batch):
 
 @pytest.mark.parametrize(
     "name, device, expect",
-    [("auto", "cuda", "bfloat16"), ("auto", "cpu", "float32"), ("bfloat16", "cpu", "bfloat16"), ("float16", "cuda", "float16")],
+    [
+        ("auto", "cuda", "bfloat16"),
+        ("auto", "cpu", "float32"),
+        ("bfloat16", "cpu", "bfloat16"),
+        ("float16", "cuda", "float16"),
+    ],
 )
 def test_teacher_dtype_auto_is_bf16_on_cuda_only(name, device, expect):
     assert AlignConfig(teacher_dtype=name).resolved_teacher_dtype(device) == expect

@@ -15,8 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openvla_align.teachers import TeacherWeightsNotFound, radio
-from openvla_align.teachers._registry import _REGISTRY
+from openvla_align.teachers import TeacherWeightsNotFound, radio, teacher_spec
 
 WIDTH, DEPTH, HEADS, MLP, PREFIX, GRID = 32, 2, 2, 64, 8, 128
 ARCH = dict(radio.TINY_ARCH)
@@ -240,9 +239,9 @@ def test_teacher_forward_contract(tmp_path):
 def test_registered_with_full_size_specs():
     widths = {"c-radio-v3-b": 768, "c-radio-v3-l": 1024, "c-radio-v3-h": 1280, "c-radio-v3-g": 1536}
     for name, width in widths.items():
-        entry = _REGISTRY[name]
-        assert entry.spec.width == width and entry.spec.patch_size == 16 and entry.spec.num_prefix_tokens == 8
-        assert entry.spec.normalized_inside and entry.spec.default_resolution() == 256
+        spec = teacher_spec(name)
+        assert spec.width == width and spec.patch_size == 16 and spec.num_prefix_tokens == 8
+        assert spec.normalized_inside and spec.default_resolution() == 256
 
 
 # ---------------------------------------------------------------------------------------------------------------

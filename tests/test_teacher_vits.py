@@ -20,14 +20,21 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from transformers import ViTConfig, ViTModel
 
-from openvla_align.teachers import TeacherWeightsNotFound, dinov2, siglip, theia
-from openvla_align.teachers._registry import _REGISTRY
+from openvla_align.teachers import (
+    TeacherWeightsNotFound,
+    dinov2,
+    get_teacher_factory,
+    list_teachers,
+    siglip,
+    teacher_spec,
+    theia,
+)
 
 IMAGENET = (torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225]))
 HALF = (torch.full((3,), 0.5), torch.full((3,), 0.5))
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 FAMILIES = {"dinov2": dinov2, "siglip": siglip, "theia": theia}
-OURS = sorted(n for n, e in _REGISTRY.items() if e.spec is not None and e.spec.family in FAMILIES)
+OURS = sorted(n for n in list_teachers() if teacher_spec(n) is not None and teacher_spec(n).family in FAMILIES)
 
 
 @pytest.fixture
@@ -50,7 +57,7 @@ def snapshot(hf, repo, revision="0123456789abcdef"):
 def build(name, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _REGISTRY[name].factory(**kw)
+        return get_teacher_factory(name)(**kw)
 
 
 def images(size, n=2, seed=0):
@@ -94,11 +101,11 @@ def test_registered_names_and_specs():
         + ["siglip-so400m-p14-224", "siglip-b-p16-224", "siglip-b-p16-256", "siglip-l-p16-256"]
         + [f"theia-{s}-patch16-224-{m}" for s in ("tiny", "small", "base") for m in ("cdiv", "cddsv")]
     )
-    spec = _REGISTRY["dinov2-vit-l-reg"].spec
+    spec = teacher_spec("dinov2-vit-l-reg")
     assert (spec.width, spec.patch_size, spec.num_prefix_tokens, spec.default_resolution()) == (1024, 14, 5, 224)
-    spec = _REGISTRY["siglip-so400m-p14-224"].spec
+    spec = teacher_spec("siglip-so400m-p14-224")
     assert (spec.width, spec.mean, spec.num_prefix_tokens, spec.default_resolution()) == (1152, (0.5,) * 3, 0, 224)
-    spec = _REGISTRY["theia-base-patch16-224-cdiv"].spec
+    spec = teacher_spec("theia-base-patch16-224-cdiv")
     assert (spec.width, spec.patch_size, spec.default_resolution()) == (768, 16, 256)
     for module in FAMILIES.values():
         assert module.TINY_ARCH == TINY
@@ -106,9 +113,9 @@ def test_registered_names_and_specs():
 
 @pytest.mark.parametrize("name", OURS)
 def test_random_tiny_teacher_contract(name, dirs):
-    family = _REGISTRY[name].spec.family
+    family = teacher_spec(name).family
     with pytest.warns(UserWarning, match="RANDOM weights"):
-        teacher = _REGISTRY[name].factory(allow_random=True, arch=FAMILIES[family].TINY_ARCH)
+        teacher = get_teacher_factory(name)(allow_random=True, arch=FAMILIES[family].TINY_ARCH)
     teacher.train()
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert teacher.width == 32 and teacher.native_grid == (16, 16)

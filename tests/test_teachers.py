@@ -145,7 +145,9 @@ def test_a_broken_plugin_is_reported_once_and_hides_no_other(tmp_path, monkeypat
     """Two third-party distributions: the one found first raises on import; the other still loads."""
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
-    _write_plugin(first, "broken_teacher_pkg", "raise ImportError('no such backbone')\n", "broken = broken_teacher_pkg:make")
+    _write_plugin(
+        first, "broken_teacher_pkg", "raise ImportError('no such backbone')\n", "broken = broken_teacher_pkg:make"
+    )
     _write_plugin(
         second,
         "good_teacher_pkg",
@@ -153,7 +155,8 @@ def test_a_broken_plugin_is_reported_once_and_hides_no_other(tmp_path, monkeypat
         from openvla_align.teachers.radio import TINY_ARCH, build_radio_teacher
 
         def make(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):
-            return build_radio_teacher("c-radio-v3-b", path, resolution, grid, allow_random, trust_remote_code, TINY_ARCH)
+            args = (path, resolution, grid, allow_random, trust_remote_code, TINY_ARCH)
+            return build_radio_teacher("c-radio-v3-b", *args)
         """,
         "good = good_teacher_pkg:make",
     )

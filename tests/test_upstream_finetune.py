@@ -190,7 +190,9 @@ def check_predict_action(merged, processor, merged_dir: Path) -> None:
     import torch
 
     stats = json.loads((merged_dir / "dataset_statistics.json").read_text())["sft"]["action"]
-    assert merged.get_action_stats("sft")["q01"] == stats["q01"] and merged.get_action_stats("sft")["q99"] == stats["q99"]
+    assert (
+        merged.get_action_stats("sft")["q01"] == stats["q01"] and merged.get_action_stats("sft")["q99"] == stats["q99"]
+    )
     inputs = _inputs(processor)
     with torch.no_grad():
         action = merged.predict_action(**inputs, unnorm_key="sft", do_sample=False)

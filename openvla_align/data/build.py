@@ -216,7 +216,7 @@ def _cmd_synth(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("data", help="The paper's RLDS data: build it from collected episodes, or synthesise.")
+    p = subparsers.add_parser("data")
     sub = p.add_subparsers(dest="data_command", required=True)
     b = sub.add_parser("build", help="Collector .npz episodes -> RLDS (tensorflow-datasets), with the paper's rules.")
     b.add_argument("episodes_dir")

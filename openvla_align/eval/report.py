@@ -266,7 +266,7 @@ def _cmd_report(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("report", help="Tables (Markdown + CSV) and charts from evaluation results.")
+    p = subparsers.add_parser("report")
     p.add_argument("runs", nargs="+", help="run directories: RUN/<env_id>/<obj_set>/<seed>/{result.json,stats.yaml}")
     p.add_argument("--baseline", default=None, help="run to test every other run against (one-sided Wilcoxon)")
     p.add_argument("--obj-set", default="test", help="object set to read (the paper evaluates on `test`)")

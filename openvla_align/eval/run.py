@@ -226,7 +226,7 @@ def _cmd_run(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("run", help="Roll the model out in the paper's Simpler environments (needs them).")
+    p = subparsers.add_parser("run")
     p.add_argument("recipe", help="evaluation recipe, e.g. recipes/eval/ood.yaml or recipes/eval/vlthink.yaml")
     p.add_argument("--vla-path", required=True, help="base or merged OpenVLA checkpoint directory")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory on top of --vla-path")

@@ -138,7 +138,7 @@ def _cmd_merge(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("merge", help="Merge a LoRA adapter into its base model once, offline, on one process.")
+    p = subparsers.add_parser("merge")
     p.add_argument("adapter", help="adapter directory (RUN/STEP) written by the patched finetune.py")
     p.add_argument("--base", default=None, help="base model directory (default: the adapter's base_model_name_or_path)")
     p.add_argument("--out", default=None, help="output directory (default: ADAPTER-merged)")

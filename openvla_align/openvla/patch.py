@@ -328,7 +328,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``patch`` subcommand (``openvla-align patch``) to an argparse subparsers object."""
     p = subparsers.add_parser(
         "patch",
-        help="Add the finetune-plugin mechanism to an OpenVLA checkout's vla-scripts/finetune.py (once).",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -374,7 +374,6 @@ def _cmd_attention(args) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "attention",
-        help="Attention of a prompt token over the 16x16 visual grid, per layer, as heat maps on the image.",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

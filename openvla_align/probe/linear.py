@@ -615,7 +615,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``linear`` subcommand (``openvla-align probe linear``) to an argparse subparsers object."""
     p = subparsers.add_parser(
         "linear",
-        help="Linear probe of frozen visual features on an ImageFolder dataset (paper: ImageNet-100 top-1).",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

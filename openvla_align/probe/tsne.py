@@ -392,7 +392,6 @@ def _cmd_tsne(args) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "tsne",
-        help="t-SNE of per-class embeddings at chosen layers, with k-NN/silhouette separability per layer.",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -652,7 +652,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``vlthink`` subcommand (wired under ``openvla-align probe``)."""
     p = subparsers.add_parser(
         "vlthink",
-        help="VL-Think questions: does the model see and locate named boards? Per-domain accuracy.",
         description=(
             'Ask "Do you see <board>? Answer yes or no. If yes, specify where: left, center, or right." about '
             "each ground-truth item, decode greedily, and report per-domain accuracy (presence AND position "

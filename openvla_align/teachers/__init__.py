@@ -8,10 +8,22 @@ from ._registry import (
     get_teacher_factory,
     list_teachers,
     load_plugins,
+    register_builtin,
     register_teacher,
     teacher_spec,
 )
-from .base import STUDENT_GRID, Teacher, TeacherSpec, TeacherWeightsNotFound, resample_grid
+from .spec import STUDENT_GRID, TeacherSpec, TeacherWeightsNotFound
+
+_TORCH_NAMES = {"Teacher", "resample_grid"}  # from .base, imported on first use (the rest needs no torch)
+
+
+def __getattr__(name: str):
+    if name in _TORCH_NAMES:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -25,6 +37,7 @@ __all__ = [
     "get_teacher_factory",
     "list_teachers",
     "load_plugins",
+    "register_builtin",
     "register_teacher",
     "resample_grid",
     "teacher_spec",

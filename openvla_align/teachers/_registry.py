@@ -2,7 +2,8 @@
 
 Built-in teachers register through the same entry-point group (``openvla_align.teachers``) as third-party ones.
 An entry point may name a module (importing it runs its ``@register_teacher`` decorators) or a factory callable
-(registered under the entry point's name).
+(registered under the entry point's name). The built-ins are data (``catalog``): a spec and the family module that
+builds them, imported only when one of its teachers is created, so listing teachers needs no torch.
 """
 
 from __future__ import annotations
@@ -10,20 +11,15 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import logging
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "openvla_align.teachers"
 # Modules shipped with the package; imported even when the package is used from a source tree without its
 # entry points installed (e.g. `PYTHONPATH=. pytest`).
-_BUILTIN_MODULES = (
-    "openvla_align.teachers.radio",
-    "openvla_align.teachers.dinov2",
-    "openvla_align.teachers.siglip",
-    "openvla_align.teachers.theia",
-)
+_BUILTIN_MODULES = ("openvla_align.teachers.catalog",)
 
 
 class TeacherPluginError(RuntimeError):
@@ -33,9 +29,10 @@ class TeacherPluginError(RuntimeError):
 @dataclass(frozen=True)
 class _Entry:
     name: str
-    factory: Callable
+    factory: Optional[Callable]  # None for a built-in until first use: `source.teacher_factory(spec, **params)`
     source: str
     spec: Optional[object] = None  # TeacherSpec of the full-size model, shown by `openvla-align teachers`
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: Dict[str, _Entry] = {}
@@ -59,6 +56,16 @@ def register_teacher(name: Optional[str] = None, *, spec=None, source: str = "")
         return fn
 
     return wrap
+
+
+def register_builtin(spec, module: str, **params: Any) -> None:
+    """Register ``spec.name`` as data: ``module``'s ``teacher_factory(spec, **params)`` gives its factory, imported
+    when the teacher is first created."""
+    prior = _REGISTRY.get(spec.name)
+    if prior is not None and (prior.source, prior.spec, dict(prior.params)) != (module, spec, params):
+        raise ValueError(f"Teacher {spec.name!r} is already registered by {prior.source}.")
+    if prior is None:
+        _REGISTRY[spec.name] = _Entry(spec.name, None, module, spec, params)
 
 
 def _entry_points():
@@ -118,12 +125,18 @@ def get_teacher_factory(name: str) -> Callable:
             raise TeacherPluginError(_BROKEN[name])
         broken = f" (plugins that failed to load: {', '.join(sorted(_BROKEN))})" if _BROKEN else ""
         raise ValueError(f"Unknown teacher {name!r}. Known teachers: {', '.join(list_teachers())}{broken}.")
-    return _REGISTRY[name].factory
+    entry = _REGISTRY[name]
+    if entry.factory is None:
+        family = importlib.import_module(entry.source)
+        entry = _REGISTRY[name] = replace(entry, factory=family.teacher_factory(entry.spec, **entry.params))
+    return entry.factory
 
 
 def teacher_spec(name: str):
     """The registered full-size ``TeacherSpec`` of ``name`` (None when its plugin gave none)."""
-    get_teacher_factory(name)
+    load_plugins()
+    if name not in _REGISTRY:
+        get_teacher_factory(name)  # raises the unknown/broken-teacher error
     return _REGISTRY[name].spec
 
 

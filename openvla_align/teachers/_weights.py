@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .base import TeacherWeightsNotFound
+from .spec import TeacherWeightsNotFound
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth.tar", ".pth", ".pt", ".bin")
 

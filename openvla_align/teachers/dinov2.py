@@ -17,11 +17,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ._registry import register_teacher
 from ._weights import find_weights, hf_snapshot_dirs, read_state_dict
 from .base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     STUDENT_GRID,
     Teacher,
     TeacherSpec,
@@ -142,39 +139,13 @@ def timm_teacher_factory(
     return factory
 
 
-# size letter: (timm architecture prefix, torch.hub code, width)
-_SIZES = {
-    "s": ("vit_small_patch14", "vits14", 384),
-    "b": ("vit_base_patch14", "vitb14", 768),
-    "l": ("vit_large_patch14", "vitl14", 1024),
-    "g": ("vit_giant_patch14", "vitg14", 1536),
-}
-
-
-def _register_dinov2(size: str, registers: bool) -> None:
-    arch_prefix, hub_code, width = _SIZES[size]
-    name = f"dinov2-vit-{size}" + ("-reg" if registers else "")
-    model_name = f"{arch_prefix}_reg4_dinov2" if registers else f"{arch_prefix}_dinov2"
-    hf_repo = f"timm/{model_name}.lvd142m"
-    hub_file = f"dinov2_{hub_code}_reg4_pretrain.pth" if registers else f"dinov2_{hub_code}_pretrain.pth"
-    spec = TeacherSpec(
-        name=name,
-        family="dinov2",
-        width=width,
-        patch_size=14,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_prefix_tokens=5 if registers else 1,
-        weights_hint=f"HF cache {hf_repo}/model.safetensors or <torch.hub dir>/checkpoints/{hub_file}",
-    )
+def teacher_factory(
+    spec: TeacherSpec, model_name: str, repos: RepoFiles, hub_files: Sequence[str] = (), module: str = __name__
+) -> Callable[..., Teacher]:
+    """The registry's hook (see ``catalog``): the factory of a built-in timm ViT teacher whose weights sit in
+    ``repos`` (HF cache) or ``hub_files`` (torch.hub dir)."""
 
     def locate(teacher: str, path: Optional[str]) -> Path:
-        repos = [(hf_repo, ("model.safetensors", "pytorch_model.bin"))]
-        return locate_weights(teacher, path, repos, hub_filenames=(hub_file,))
+        return locate_weights(teacher, path, repos, hub_filenames=hub_files)
 
-    register_teacher(name, spec=spec)(timm_teacher_factory(spec, model_name, locate))
-
-
-for _size in _SIZES:
-    for _registers in (False, True):
-        _register_dinov2(_size, _registers)
+    return timm_teacher_factory(spec, model_name, locate, module=module)

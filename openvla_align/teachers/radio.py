@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -35,7 +35,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import register_teacher
 from ._weights import find_weights, hf_cache_dir, hf_snapshot_dirs, read_state_dict, torch_hub_dir
 from .base import (
     CLIP_MEAN,
@@ -46,6 +45,7 @@ from .base import (
     TeacherWeightsNotFound,
     wants_random,
 )
+from .catalog import RADIO_PATCH_SIZE, RADIO_PREFIX_TOKENS, RADIO_VARIANTS, RadioVariant
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,12 @@ __all__ = [
     "c_radio_v3_l",
     "c_radio_v3_h",
     "c_radio_v3_g",
+    "teacher_factory",
 ]
 
-PATCH_SIZE = 16
+PATCH_SIZE = RADIO_PATCH_SIZE
 POS_GRID = 128  # RADIO's max resolution 2048 px / patch 16
-NUM_PREFIX_TOKENS = 8  # summary + register tokens of C-RADIOv3
+NUM_PREFIX_TOKENS = RADIO_PREFIX_TOKENS
 DEFAULT_ALIGN_CORNERS = False  # NVlabs/RADIO torch.hub code since 2025-06 (what the reference loads)
 
 # Tiny architecture for random-weight tests and demos (no download, milliseconds on CPU).
@@ -89,64 +90,6 @@ ARCH_KEYS = (
     "align_corners",
 )
 
-
-@dataclass(frozen=True)
-class RadioVariant:
-    name: str
-    width: int
-    depth: int
-    num_heads: int
-    layer_scale: bool
-    hf_repos: Tuple[str, ...]  # first one is named in error messages
-    hub_files: Tuple[str, ...]  # release file names as torch.hub stores them (first is the real one)
-    mlp_ratio: float = 4.0
-
-    @property
-    def spec(self) -> TeacherSpec:
-        return TeacherSpec(
-            name=self.name,
-            family="radio",
-            width=self.width,
-            patch_size=PATCH_SIZE,
-            mean=CLIP_MEAN,
-            std=CLIP_STD,
-            num_prefix_tokens=NUM_PREFIX_TOKENS,
-            weights_hint=(
-                f"HF cache {self.hf_repos[0]}/model.safetensors, or <torch.hub dir>/checkpoints/{self.hub_files[0]}, "
-                "or teacher_path=<file or snapshot dir>"
-            ),
-            normalized_inside=True,
-        )
-
-
-# Heads and layer scale follow RADIO's timm model definitions (vit_{base,large}_patch16_v2_224 with
-# init_values=1e-5, vit_huge_patch16_224 / vit_giant_patch16_224 without). Depth, width, MLP width and layer scale
-# are read from the checkpoint when one is loaded. The v3-L release file really is named "c-radio-v3_l_half".
-RADIO_VARIANTS: Dict[str, RadioVariant] = {
-    v.name: v
-    for v in (
-        RadioVariant("c-radio-v3-b", 768, 12, 12, True, ("nvidia/C-RADIOv3-B",), ("c-radio_v3-b_half.pth.tar",)),
-        RadioVariant(
-            "c-radio-v3-l",
-            1024,
-            24,
-            16,
-            True,
-            ("nvidia/C-RADIOv3-L",),
-            ("c-radio-v3_l_half.pth.tar", "c-radio_v3-l_half.pth.tar"),
-        ),
-        RadioVariant("c-radio-v3-h", 1280, 32, 16, False, ("nvidia/C-RADIOv3-H",), ("c-radio_v3-h_half.pth.tar",)),
-        RadioVariant(
-            "c-radio-v3-g",
-            1536,
-            40,
-            24,
-            False,
-            ("nvidia/C-RADIOv3-g", "nvidia/C-RADIOv3-G"),
-            ("c-radio_v3-g_half.pth.tar",),
-        ),
-    )
-}
 
 HF_FILENAMES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -629,28 +572,37 @@ def build_radio_teacher(
     return RadioTeacher(spec, model, resolution=resolution, grid=grid).freeze()
 
 
-# One registered factory per variant; all share the signature of the registry contract.
+# One factory per variant; all share the signature of the registry contract.
 
 
-@register_teacher("c-radio-v3-b", spec=RADIO_VARIANTS["c-radio-v3-b"].spec)
 def c_radio_v3_b(path=None, resolution=None, grid=STUDENT_GRID, allow_random=False, trust_remote_code=False, arch=None):
     """C-RADIOv3-B (ViT-B/16, width 768)."""
     return build_radio_teacher("c-radio-v3-b", path, resolution, grid, allow_random, trust_remote_code, arch)
 
 
-@register_teacher("c-radio-v3-l", spec=RADIO_VARIANTS["c-radio-v3-l"].spec)
 def c_radio_v3_l(path=None, resolution=None, grid=STUDENT_GRID, allow_random=False, trust_remote_code=False, arch=None):
     """C-RADIOv3-L (ViT-L/16, width 1024): the reference's default teacher."""
     return build_radio_teacher("c-radio-v3-l", path, resolution, grid, allow_random, trust_remote_code, arch)
 
 
-@register_teacher("c-radio-v3-h", spec=RADIO_VARIANTS["c-radio-v3-h"].spec)
 def c_radio_v3_h(path=None, resolution=None, grid=STUDENT_GRID, allow_random=False, trust_remote_code=False, arch=None):
     """C-RADIOv3-H (ViT-H/16, width 1280)."""
     return build_radio_teacher("c-radio-v3-h", path, resolution, grid, allow_random, trust_remote_code, arch)
 
 
-@register_teacher("c-radio-v3-g", spec=RADIO_VARIANTS["c-radio-v3-g"].spec)
 def c_radio_v3_g(path=None, resolution=None, grid=STUDENT_GRID, allow_random=False, trust_remote_code=False, arch=None):
     """C-RADIOv3-g (ViT-g/16, width 1536)."""
     return build_radio_teacher("c-radio-v3-g", path, resolution, grid, allow_random, trust_remote_code, arch)
+
+
+_FACTORIES = {
+    "c-radio-v3-b": c_radio_v3_b,
+    "c-radio-v3-l": c_radio_v3_l,
+    "c-radio-v3-h": c_radio_v3_h,
+    "c-radio-v3-g": c_radio_v3_g,
+}
+
+
+def teacher_factory(spec: TeacherSpec):
+    """The registry's hook (see ``catalog``): the factory of the built-in variant ``spec.name``."""
+    return _FACTORIES[spec.name]

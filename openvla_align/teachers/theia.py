@@ -30,11 +30,8 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ._registry import register_teacher
 from ._weights import find_weights, hf_cache_dir, hf_snapshot_dirs, read_state_dict, strip_prefix
 from .base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     STUDENT_GRID,
     Teacher,
     TeacherSpec,
@@ -47,9 +44,6 @@ TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
 BACKBONE_PREFIX = "backbone.model."
 _ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size")
 
-# facebook/deit-{size}-patch16-224 (model_type "vit"): width, heads; all have 12 layers, MLP 4x, LayerNorm eps 1e-12.
-_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
-_MIXES = ("cdiv", "cddsv")
 
 # transformers < 5 names of a ViT encoder layer's modules, and their transformers >= 5 names.
 _LAYER_RENAMES = (
@@ -276,23 +270,6 @@ def _theia_factory(spec: TeacherSpec, hf_repo: str, heads: int):
     return factory
 
 
-def _register_theia(size: str, mix: str) -> None:
-    width, heads = _SIZES[size]
-    name = f"theia-{size}-patch16-224-{mix}"
-    hf_repo = f"theaiinstitute/{name}"
-    spec = TeacherSpec(
-        name=name,
-        family="theia",
-        width=width,
-        patch_size=16,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_prefix_tokens=1,
-        weights_hint=f"HF cache {hf_repo} (model.safetensors, config.json) or teacher_path=<that snapshot dir>",
-    )
-    register_teacher(name, spec=spec)(_theia_factory(spec, hf_repo, heads))
-
-
-for _size in _SIZES:
-    for _mix in _MIXES:
-        _register_theia(_size, _mix)
+def teacher_factory(spec: TeacherSpec, hf_repo: str, heads: int):
+    """The registry's hook (see ``catalog``): the factory of a built-in Theia teacher."""
+    return _theia_factory(spec, hf_repo, heads)
