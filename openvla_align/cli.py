@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -22,6 +23,9 @@ def _cmd_teachers(args) -> int:
     from .teachers import broken_plugins, list_teachers, teacher_spec
 
     names = list_teachers(args.pattern)
+    if not names:
+        known = ", ".join(list_teachers())
+        raise LookupError(f"no registered teacher matches {args.pattern!r}; known teachers: {known}")
     print(f"{'teacher':<31}{'width':>6}{'patch':>6}{'input':>7}{'grid':>7}  weights")
     for name in names:
         spec = teacher_spec(name)
@@ -81,6 +85,52 @@ COMMANDS = {
 }
 
 
+# One example per command, shown at the end of its --help.
+EXAMPLES = {
+    "teachers": "openvla-align teachers 'c-radio*'",
+    "demo": "openvla-align demo --out demo_out --steps 60",
+    "probe linear": "openvla-align probe linear --data imagenet100/ --layer 16 --model openvla-7b/ "
+    "--model openvla-7b/::runs/align/adapter --model teacher:c-radio-v3-l --out tables/table3.json",
+    "probe attention": "openvla-align probe attention --model openvla-7b/ --adapter runs/align/adapter "
+    "--image scene.png --prompt 'Do you see the carrot?' --out attention.png",
+    "probe tsne": "openvla-align probe tsne --model openvla-7b/ --data coco_crops/ --classes cup,bottle,knife "
+    "--layers 1,10,20 --out tsne.png",
+    "probe vlthink": "openvla-align probe vlthink --data vlthink/items.jsonl --model openvla-7b/ "
+    "--model openvla-7b/::runs/align/adapter --out vlthink/",
+    "cache build": "openvla-align cache build /data/cache/sft-cradio-l --dataset sft --data-root /data/rlds "
+    "--teacher c-radio-v3-l --teacher-path /models/C-RADIOv3-L",
+    "cache verify": "openvla-align cache verify /data/cache/sft-cradio-l",
+    "bench": "openvla-align bench --rounds 5 --out bench.json",
+    "data build": "openvla-align data build mp_collect/PutOnPlateInScene25Main-v3/1400/data /data/rlds --name sft",
+    "data synth": "openvla-align data synth /tmp/tiny-data --episodes 8",
+    "eval run": "openvla-align eval run recipes/eval/ood.yaml --vla-path runs/warmup "
+    "--adapter runs/<align exp>--60000_chkpt --out eval/align",
+    "eval report": "openvla-align eval report eval/sft eval/freeze eval/align --baseline eval/sft --out tables/table1",
+    "merge": "openvla-align merge runs/<exp>--4000_chkpt --out runs/<exp>-merged",
+    "patch": "openvla-align patch /path/to/openvla",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written; every option's help ends with its default unless it says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        silent = action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        if silent or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def walk_parsers(parser: argparse.ArgumentParser):
+    """``parser`` and every (nested) subcommand parser under it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from walk_parsers(sub)
+
+
 def _add_commands(subparsers, table: dict, argv: List[str], dest: str) -> None:
     """Add ``table``'s commands; only the one ``argv`` names is built in full (its module imported)."""
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -95,22 +145,74 @@ def _add_commands(subparsers, table: dict, argv: List[str], dest: str) -> None:
             parser = importlib.import_module(target).add_parser(subparsers)
             parser.description = parser.description or help_text
         else:
-            target(subparsers.add_parser(name, help=help_text, description=help_text))
+            parser = subparsers.add_parser(name, help=help_text, description=help_text)
+            target(parser)
+        if name == chosen and not isinstance(target, dict):
+            _finish(parser, help_text)
+
+
+def _finish(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """Defaults shown, a description (the one-line help if none) and the example, down every nested command."""
+    parser.formatter_class = HelpFormatter
+    parser.description = parser.description or help_text
+    example = EXAMPLES.get(parser.prog.removeprefix("openvla-align "))
+    if example and not parser.epilog:
+        parser.epilog = f"example:\n  {example}"
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                _finish(sub, helps.get(name) or "")
+
+
+DEBUG_ENV = "OPENVLA_ALIGN_DEBUG"
 
 
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     """The CLI's parser, built in full for the command ``argv`` names (all of them listed)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="openvla-align", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="openvla-align",
+        description="Visual Representation Alignment for OpenVLA fine-tuning: teachers, the finetune.py patch, "
+        "merging, teacher caches, data, evaluation, diagnostics and a CPU demo.",
+        epilog=f"An error is one line on stderr with exit status 1 (usage errors: 2); --debug or {DEBUG_ENV}=1 shows "
+        "its traceback.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     _add_commands(parser.add_subparsers(dest="command", required=True), COMMANDS, argv, "command")
     return parser
 
 
+def _command_path(args: argparse.Namespace) -> str:
+    names = [args.command] + [v for k, v in sorted(vars(args).items()) if k.endswith("_command") and v]
+    return " ".join(["openvla-align", *names])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. Its errors become one line on stderr and exit status 1 (argparse's usage errors: 2);
+    ``--debug`` (or ``OPENVLA_ALIGN_DEBUG=1``) lets the traceback through."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print(f"{_command_path(args)}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"{_command_path(args)}: {error_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def error_line(exc: BaseException) -> str:
+    """One line saying what went wrong: the message of an error about the input (file, value, missing package),
+    the exception type too for anything else (then likely a bug: --debug shows where)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (OSError, ValueError, LookupError, ImportError, RuntimeError)):
+        return text
+    return f"{type(exc).__name__}: {text} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

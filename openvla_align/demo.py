@@ -58,7 +58,9 @@ def _lora(vla, rank: int, seed: int):
     cfg = LoraConfig(
         r=rank, lora_alpha=min(rank, 16), lora_dropout=0.0, target_modules="all-linear", init_lora_weights="gaussian"
     )
-    return get_peft_model(vla, cfg)
+    with warnings.catch_warnings():  # PEFT on current transformers: an API rename notice, not the demo's business
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(vla, cfg)
 
 
 def _action_metrics(model, batch, action_tok: ActionTokenizer) -> Dict[str, float]:
@@ -175,8 +177,10 @@ def _plot(histories: Dict[str, list], path: Path, layers) -> Optional[Path]:
 
 def run_demo(cfg: DemoConfig) -> Dict:
     t0 = time.time()
-    print(BANNER, flush=True)
     out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; give a directory for the demo's outputs.")
+    print(BANNER, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scenes = generate_scenes(cfg.n_train, seed=cfg.seed)
@@ -211,8 +215,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
     }
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     print(
-        f"wrote {out_dir}/metrics.json" + (f", {plot}" if plot else "") + f", {out_dir}/sft/adapter, "
-        f"{out_dir}/align/adapter (+ align/ sidecar) in {summary['seconds']} s"
+        f"wrote {out_dir}/metrics.json" + (f", {plot}" if plot else "") + f", {out_dir}/base (the tiny base "
+        f"checkpoint), {out_dir}/sft/adapter, {out_dir}/align/adapter (+ align/ sidecar) in {summary['seconds']} s"
     )
     if reload_diff >= 1e-4:
         raise SystemExit("The reloaded Align checkpoint does not reproduce its logits.")
@@ -229,17 +233,18 @@ def _check_reload(model, out_dir: Path, tok, action_tok, heldout, teacher) -> fl
 
 def _table(results: Dict[str, Dict[str, float]], layers) -> str:
     rows = [
-        ("held-out action loss", "action_loss", "{:.3f}"),
-        ("action token accuracy", "token_accuracy", "{:.3f}"),
-        ("action L1", "action_l1", "{:.3f}"),
+        ("held-out action loss (lower is better)", "action_loss", "{:.3f}"),
+        ("action token accuracy (higher)", "token_accuracy", "{:.3f}"),
+        ("action L1 (lower)", "action_l1", "{:.3f}"),
     ]
-    rows += [(f"cosine to teacher, layer {layer}", f"align/cos_layer{layer}", "{:+.3f}") for layer in layers]
+    rows += [(f"cosine to teacher, layer {layer} (higher)", f"align/cos_layer{layer}", "{:+.3f}") for layer in layers]
     rows += [
-        (f"linear probe ({label}), layer 16", f"linear_probe_{label}_layer16", "{:.3f}") for label in ("shape", "color")
+        (f"linear probe ({label}), layer 16 (higher)", f"linear_probe_{label}_layer16", "{:.3f}")
+        for label in ("shape", "color")
     ]
-    lines = [f"{'metric':<34}{'SFT':>10}{'SFT+Align':>12}", "-" * 56]
+    lines = [f"{'metric':<42}{'SFT':>10}{'SFT+Align':>12}", "-" * 64]
     for label, key, fmt in rows:
-        lines.append(f"{label:<34}{fmt.format(results['sft'][key]):>10}{fmt.format(results['align'][key]):>12}")
+        lines.append(f"{label:<42}{fmt.format(results['sft'][key]):>10}{fmt.format(results['align'][key]):>12}")
     return "\n".join(lines)
 
 
@@ -247,7 +252,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo")
     p.add_argument("--out", default="openvla_align_demo", help="output directory")
     p.add_argument("--steps", type=int, default=60, help="LoRA steps per run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models, data and LoRA init")
     p.add_argument("--lr", type=float, default=DemoConfig.lr, help="LoRA learning rate")
     p.set_defaults(func=_cmd_demo)
     return p

@@ -58,3 +58,17 @@ def _hermetic_weight_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def cli_fails(capsys, argv, match):
+    """Run the CLI on bad input: exit status 1 and one line on stderr naming the command, matching ``match``."""
+    import re
+
+    from openvla_align.cli import main
+
+    capsys.readouterr()
+    assert main(list(argv)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"openvla-align {argv[0]}") and re.search(match, err), err
+    return err

@@ -27,7 +27,7 @@ from openvla_align.openvla.pixels import IMAGENET_MEAN, IMAGENET_STD
 from openvla_align.openvla.plugin import AlignPlugin
 from openvla_align.testing import tiny_teacher
 
-from conftest import make_batch
+from conftest import cli_fails, make_batch
 
 
 def frames(n, size=224, seed=0):
@@ -248,8 +248,7 @@ def test_cli_build_and_verify(tmp_path, capsys):
     first = next(frames_iter)
     assert first.shape == (224, 224, 3) and source["files"] == 5
     assert frame_key(first) in TeacherCache(tmp_path / "c")
-    with pytest.raises(SystemExit, match="exactly one frame source"):
-        main(["cache", "build", str(tmp_path / "d")])
+    cli_fails(capsys, ["cache", "build", str(tmp_path / "d")], "exactly one frame source")
 
 
 def test_cache_for_another_grid_is_refused_when_the_model_is_ready(tmp_path, vla, no_prismatic):

@@ -16,6 +16,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     summary = run_demo(cfg)
     out = capsys.readouterr().out
     assert "tiny random-weight models" in out and "SFT+Align" in out and "(OK)" in out
+    assert "held-out action loss (lower is better)" in out and "linear probe (shape), layer 16 (higher)" in out
+    assert f"{tmp_path / 'demo'}/base (the tiny base checkpoint)" in out
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     for run in ("sft", "align"):
         r = metrics["results"][run]

@@ -12,6 +12,8 @@ from openvla_align.data import Episode, EpisodeError, episode_steps, keep_mask, 
 from openvla_align.data.build import check_files, select_files
 from openvla_align.data.synth import synthetic_episode, write_synthetic_episodes
 
+from conftest import cli_fails
+
 HAVE_TFDS = importlib.util.find_spec("tensorflow_datasets") is not None
 needs_tfds = pytest.mark.skipif(not HAVE_TFDS, reason="pip install tensorflow==2.15.0 tensorflow_datasets==4.9.3")
 
@@ -109,8 +111,7 @@ def test_build_refuses_bad_files_and_writes_nothing(tmp_path, capsys):
     paths = write_synthetic_episodes(tmp_path / "episodes", 4, steps=6, size=(24, 32))
     paths[0].write_bytes(paths[0].read_bytes()[:100])
     args = ["data", "build", str(tmp_path / "episodes"), str(tmp_path / "rlds"), "--train", "3", "--held-back", "1"]
-    with pytest.raises(SystemExit, match=r"1 bad episode file\(s\), nothing written:\n  .*episode_000.npz"):
-        main(args)
+    cli_fails(capsys, args, r"1 bad episode file\(s\), nothing written: .*episode_000.npz")
     assert not (tmp_path / "rlds" / "sft" / "1.0.0").exists()
     assert main([*args, "--skip-bad", "--train", "2"]) == 0
     assert "skipped: " in capsys.readouterr().out

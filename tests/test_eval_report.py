@@ -16,6 +16,8 @@ from openvla_align.cli import main
 from openvla_align.eval import load_run, wilcoxon_greater, write_result
 from openvla_align.eval.report import build_report, markdown
 
+from conftest import cli_fails
+
 P = "PutOnPlateInScene25"
 CARROT, PLATE, VIMG, POS = (f"{P}{n}-v1" for n in ("Carrot", "Plate", "VisionImage", "Position"))
 SHAPE = "PutOnShapeInSceneMultiColor-v1"
@@ -148,5 +150,4 @@ def test_cli_writes_markdown_csv_and_charts(tmp_path, capsys):
     assert rows[1].startswith("align,sft,Semantic,6,5,0,0.98305")
     envs = (out / "environments.csv").read_text()
     assert f"align,{VIMG},Vision,0.75,0.353553,2,1" in envs
-    with pytest.raises(SystemExit, match="not a directory"):
-        main(["eval", "report", str(tmp_path / "missing")])
+    cli_fails(capsys, ["eval", "report", str(tmp_path / "missing")], "not a directory")

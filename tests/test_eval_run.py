@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from openvla_align.cli import main
 from openvla_align.eval import load_run
 from openvla_align.eval.report import build_report
 from openvla_align.eval.run import BatchedPolicy, EvalRecipe, run_recipe
 from openvla_align.probe import load_vla
 from openvla_align.testing import save_tiny_checkpoint
+
+from conftest import cli_fails
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "eval"
 
@@ -110,10 +111,11 @@ def test_rollout_writes_results_the_report_reads_and_resumes(checkpoint, tmp_pat
     assert again["evaluated"] == [] and len(again["skipped"]) == 4  # finished pairs are not re-run
 
 
-def test_cli_without_the_simulator_says_what_to_install(checkpoint, capsys):
-    with pytest.raises(SystemExit, match="ManiSkill and SimplerEnv forks"):
-        main(["eval", "run", str(RECIPES / "ood.yaml"), "--vla-path", str(checkpoint), "--dtype", "float32"])
-    with pytest.raises(SystemExit, match="unknown keys"):
-        bad = checkpoint / "bad.yaml"
-        bad.write_text("suite: x\nenvs: [a]\nepisodes: 3\n")
-        main(["eval", "run", str(bad), "--vla-path", str(checkpoint)])
+def test_cli_without_the_simulator_says_what_to_install(checkpoint, tmp_path, capsys):
+    cli_fails(capsys, ["eval", "run", str(RECIPES / "ood.yaml"), "--vla-path", str(checkpoint)], "SimplerEnv forks")
+    # checked before the VLA loads: a path that is no checkpoint still gets the simulator message
+    cli_fails(capsys, ["eval", "run", str(RECIPES / "ood.yaml"), "--vla-path", str(tmp_path)], "SimplerEnv forks")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("suite: x\nenvs: [a]\nepisodes: 3\n")
+    cli_fails(capsys, ["eval", "run", str(bad), "--vla-path", str(checkpoint)], "unknown keys")
+    assert not (tmp_path / "eval").exists() and not Path("eval").exists()

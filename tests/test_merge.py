@@ -13,7 +13,7 @@ from openvla_align.openvla.plugin import AlignPlugin
 from openvla_align.probe import load_vla
 from openvla_align.testing import save_tiny_checkpoint, tiny_teacher
 
-from conftest import make_batch
+from conftest import cli_fails, make_batch
 
 
 @pytest.fixture
@@ -64,14 +64,21 @@ def test_merge_cli(run, tmp_path, tokenizer, capsys):
     assert (expect - got).abs().max().item() < 1e-4
 
 
-def test_merge_refuses_bad_input_and_writes_nothing(run, tmp_path):
+def test_merge_refuses_bad_input_and_writes_nothing(run, tmp_path, capsys):
+    import shutil
+
     base, step, _ = run
-    with pytest.raises(SystemExit, match="not a PEFT adapter directory"):
-        main(["merge", str(tmp_path), "--base", str(base)])
-    with pytest.raises(SystemExit, match="is not a local directory; pass --base"):
-        main(["merge", str(step), "--base", str(tmp_path / "nowhere")])
+    cli_fails(capsys, ["merge", str(tmp_path), "--base", str(base)], "not a PEFT adapter directory")
+    cli_fails(
+        capsys, ["merge", str(step), "--base", str(tmp_path / "nowhere")], "is not a local directory; pass --base"
+    )
     (tmp_path / "taken").mkdir()
-    with pytest.raises(SystemExit, match="already exists"):
-        main(["merge", str(step), "--base", str(base), "--out", str(tmp_path / "taken")])
+    cli_fails(capsys, ["merge", str(step), "--base", str(base), "--out", str(tmp_path / "taken")], "already exists")
+    orphan = tmp_path / "orphan"
+    shutil.copytree(step, orphan)
+    config = json.loads((orphan / "adapter_config.json").read_text())
+    (orphan / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    cli_fails(capsys, ["merge", str(orphan), "--out", str(tmp_path / "m")], "records no base model.*pass --base")
+    assert not (tmp_path / "m").exists()
     assert list((tmp_path / "taken").iterdir()) == []
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temporaries

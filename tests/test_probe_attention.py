@@ -236,3 +236,28 @@ def test_lora_adapter_is_applied(ckpt, vla, image_path, tmp_path):
     res = attention_maps(adapted, image_path, PROMPT, "3,12", tokens="cup")
     assert res.maps.shape == (2, 16, 16) and res.model_name == str(tmp_path / "adapter")
     assert (res.maps - base.maps).abs().max() > 1e-6  # the LoRA's q/k changes where the word looks
+
+
+def test_cli_takes_the_adapter_either_way(ckpt, image_path, tmp_path):
+    """`--model DIR --adapter A` and `--model DIR::A` are one model: the same maps."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from openvla_align.cli import main
+    from openvla_align.testing.tiny import TinyOpenVLA
+
+    lora = get_peft_model(
+        TinyOpenVLA.from_pretrained(ckpt), LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False)
+    )
+    lora.save_pretrained(tmp_path / "adapter")
+    common = ["--image", str(image_path), "--prompt", PROMPT, "--raw-prompt", "--tokens", "cup", "--layers", "3"]
+    common += ["--dtype", "float32", "--device", "cpu"]
+    spellings = {
+        "flag": ["--model", str(ckpt), "--adapter", str(tmp_path / "adapter")],
+        "inline": ["--model", f"{ckpt}::{tmp_path / 'adapter'}"],
+    }
+    for name, model in spellings.items():
+        assert main(["probe", "attention", *model, *common, "--out", str(tmp_path / f"{name}.png")]) == 0
+    flag, inline = (json.loads((tmp_path / f"{n}.json").read_text()) for n in spellings)
+    assert flag == inline and flag["model"] == str(tmp_path / "adapter")

@@ -22,6 +22,8 @@ from openvla_align.probe.linear import (
 from openvla_align.teachers.radio import TINY_ARCH
 from openvla_align.testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
 
+from conftest import cli_fails
+
 COLOURS = {"blue": (40, 60, 230), "green": (30, 200, 50), "red": (220, 30, 30)}
 FAST = dict(epochs=60, lr=0.05, batch_size=0)  # tiny data: a few full-batch steps fit it
 TINY_TEACHER = dict(allow_random=True, arch=TINY_ARCH)
@@ -156,7 +158,7 @@ def test_model_spec_parsing():
     assert ModelSpec.parse("teacher:dinov2-vitl14::w.pth").teacher_path == "w.pth"
     with pytest.raises(ValueError, match="names no teacher"):
         ModelSpec.parse("teacher:")
-    with pytest.raises(ValueError, match="no checkpoint directory before '::'"):
+    with pytest.raises(ValueError, match="write DIR or DIR::ADAPTER"):
         ModelSpec.parse("::lora")
 
 
@@ -315,7 +317,8 @@ def test_cli_compares_base_and_adapter(ckpt, adapter, data, tmp_path, capsys):
     "argv, message",
     [
         ([], "Nothing to probe: give --model DIR"),
-        (["--teacher-path", "w.pth"], "--teacher-path needs --teacher NAME"),
+        (["--teacher-path", "w.pth"], "--teacher-path needs one teacher to belong to: --teacher NAME"),
+        (["--model", "{ckpt}", "--model", "{tmp}", "--adapter", "{tmp}"], "with 2 VLA --model: write each as DIR::"),
         (["--model", "{tmp}/nope"], "Model .*nope is not a checkpoint directory"),
         (["--model", "{ckpt}::{tmp}"], "has no adapter_config.json"),
         (["--teacher", "no-such-teacher"], "Unknown teacher 'no-such-teacher'. Known teachers: .*c-radio-v3-l"),
@@ -325,7 +328,7 @@ def test_cli_compares_base_and_adapter(ckpt, adapter, data, tmp_path, capsys):
         (["--model", "{ckpt}", "--data", "{tmp}/none"], "Dataset .*none does not exist"),
     ],
 )
-def test_cli_errors(ckpt, data, tmp_path, argv, message):
+def test_cli_errors(ckpt, data, tmp_path, argv, message, capsys):
     argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]
-    with pytest.raises(SystemExit, match=message):
-        cli(["--data", str(data), "--out", str(tmp_path / "r.json"), *argv])
+    cli_fails(capsys, ["probe", "linear", "--data", str(data), "--out", str(tmp_path / "r.json"), *argv], message)
+    assert not (tmp_path / "r.json").exists()

@@ -392,13 +392,21 @@ def test_bad_json_line_and_unreadable_image(tmp_path):
 
 
 def test_cli_reports_bad_input_without_traceback(ckpt, tmp_path, capsys):
+    from openvla_align.cli import main
+
+    gt = str(tmp_path / "gt.jsonl")
     (tmp_path / "gt.jsonl").write_text(json.dumps({"image": "nope.png", "board": "a", "present": False}) + "\n")
-    assert _cli(["--model", str(ckpt), "--data", str(tmp_path / "gt.jsonl"), "--out", str(tmp_path / "o")]) == 2
-    assert "nope.png does not exist" in capsys.readouterr().err
-    assert _cli(["--data", str(tmp_path / "gt.jsonl")]) == 2
-    assert "--model" in capsys.readouterr().err
-    assert _cli(["--model", f"{ckpt}::", "--data", str(tmp_path / "gt.jsonl")]) == 2
-    assert "PATH::ADAPTER" in capsys.readouterr().err
+    cases = [
+        (["--model", str(ckpt), "--data", gt, "--out", str(tmp_path / "o")], "nope.png does not exist"),
+        (["--data", gt], "give at least one --model DIR[::ADAPTER]."),
+        (["--model", f"{ckpt}::", "--data", gt], "write DIR or DIR::ADAPTER"),
+        (["--model", "a", "--model", "b", "--adapter", "c", "--data", gt], "write each model as DIR::ADAPTER"),
+    ]
+    for argv, message in cases:
+        assert main(["probe", "vlthink", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("openvla-align probe vlthink: ") and message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 

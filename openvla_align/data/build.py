@@ -172,19 +172,31 @@ def _emit(future, stats, shape, bar):
 
 
 # --------------------------------------------------------------------------------------------------- CLI
+TFDS_HINT = (
+    "needs tensorflow-datasets, as OpenVLA's environment has it: pip install tensorflow==2.15.0 "
+    "tensorflow_datasets==4.9.3"
+)
+
+
+def require_tfds(what: str) -> None:
+    """Fail before anything is written when tensorflow-datasets cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow_datasets") is None:
+        raise ImportError(f"{what} {TFDS_HINT}.")
+
+
 def _cmd_build(args) -> int:
-    try:
-        summary = build_rlds(
-            args.episodes_dir,
-            args.out_dir,
-            args.name,
-            train=args.train,
-            held_back=args.held_back,
-            skip_bad=args.skip_bad,
-            workers=args.workers,
-        )
-    except (EpisodeError, ValueError, ImportError, FileNotFoundError) as exc:
-        raise SystemExit(f"openvla-align data build: {exc}") from exc
+    require_tfds("Writing RLDS")
+    summary = build_rlds(
+        args.episodes_dir,
+        args.out_dir,
+        args.name,
+        train=args.train,
+        held_back=args.held_back,
+        skip_bad=args.skip_bad,
+        workers=args.workers,
+    )
     print(
         f"wrote {summary['out']}: {summary['episodes']} episodes, {summary['steps']} steps "
         f"({summary['filtered_steps']} near-zero steps dropped); held back {len(summary['held_back'])} episodes"
@@ -197,6 +209,10 @@ def _cmd_build(args) -> int:
 def _cmd_synth(args) -> int:
     from .synth import write_synthetic_episodes
 
+    if not args.no_rlds:
+        require_tfds("The RLDS build of `data synth` (--no-rlds writes only the .npz episodes)")
+        if not 0 <= args.held_back < args.episodes:
+            raise ValueError(f"--held-back {args.held_back} must leave at least one of --episodes {args.episodes}.")
     episodes = write_synthetic_episodes(
         Path(args.out) / "episodes", args.episodes, args.steps, seed=args.seed, size=(args.height, args.width)
     )
@@ -219,7 +235,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("data")
     sub = p.add_subparsers(dest="data_command", required=True)
     b = sub.add_parser("build", help="Collector .npz episodes -> RLDS (tensorflow-datasets), with the paper's rules.")
-    b.add_argument("episodes_dir")
+    b.add_argument("episodes_dir", help="directory of the collector's .npz episodes (read in name order)")
     b.add_argument("out_dir", help="RLDS root (finetune.py's --data_root_dir)")
     b.add_argument("--name", default="sft", help="dataset name (sft, or warmup for the warm-up episodes)")
     b.add_argument("--train", type=int, default=1400, help="training episodes (first, in name order)")
@@ -228,14 +244,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=4, help="episodes read in parallel")
     b.set_defaults(func=_cmd_build)
     s = sub.add_parser("synth", help="A small synthetic dataset in the same schema (+ its .npz episodes).")
-    s.add_argument("out")
-    s.add_argument("--episodes", type=int, default=8)
-    s.add_argument("--held-back", type=int, default=2)
-    s.add_argument("--steps", type=int, default=12)
-    s.add_argument("--height", type=int, default=480)
-    s.add_argument("--width", type=int, default=640)
-    s.add_argument("--name", default="sft")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("out", help="output directory: episodes/ (.npz) and the RLDS build under it")
+    s.add_argument("--episodes", type=int, default=8, help="episodes to generate")
+    s.add_argument("--held-back", type=int, default=2, help="last episodes left out of the RLDS build")
+    s.add_argument("--steps", type=int, default=12, help="steps per episode")
+    s.add_argument("--height", type=int, default=480, help="frame height in pixels (the collector's)")
+    s.add_argument("--width", type=int, default=640, help="frame width in pixels (the collector's)")
+    s.add_argument("--name", default="sft", help="RLDS dataset name")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generated episodes")
     s.add_argument("--no-rlds", action="store_true", help="only the .npz episodes (no tensorflow-datasets needed)")
     s.set_defaults(func=_cmd_synth)
     return p

@@ -236,17 +236,14 @@ def write_charts(report: Report, out: Path) -> List[Path]:
 
 
 def _cmd_report(args) -> int:
-    try:
-        runs = [load_run(p, obj_set=args.obj_set) for p in args.runs]
-        baseline = None
-        if args.baseline:
-            base_root = Path(args.baseline).resolve()
-            baseline = next((r for r in runs if r.root.resolve() == base_root), None)
-            if baseline is None:
-                baseline = load_run(args.baseline, obj_set=args.obj_set)
-                runs.insert(0, baseline)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"openvla-align eval report: {exc}") from exc
+    runs = [load_run(p, obj_set=args.obj_set) for p in args.runs]
+    baseline = None
+    if args.baseline:
+        base_root = Path(args.baseline).resolve()
+        baseline = next((r for r in runs if r.root.resolve() == base_root), None)
+        if baseline is None:
+            baseline = load_run(args.baseline, obj_set=args.obj_set)
+            runs.insert(0, baseline)
     report = build_report(runs, baseline)
     text = markdown(report)
     print(text)

@@ -124,14 +124,20 @@ class BatchedPolicy:
 
 
 # --------------------------------------------------------------------------------------------------- environments
-def simpler_env_factory(recipe: EvalRecipe, policy: BatchedPolicy) -> Callable:
-    """The reference's batched Simpler wrapper, when installed (untested here: no simulator on this machine).
-
-    It un-normalises actions itself from the model's statistics, so the adapter hands it normalised ones."""
+def simulator_wrapper() -> type:
+    """The reference's batched Simpler wrapper class; a clear ImportError naming what to install when absent."""
     try:
         from simpler_env.env.simpler_wrapper import SimlerWrapper  # sic, the reference's spelling
     except ImportError as exc:
-        raise SystemExit(f"openvla-align eval run: {SIMULATOR_HINT} ({exc})") from exc
+        raise ImportError(f"{SIMULATOR_HINT} ({exc})") from exc
+    return SimlerWrapper
+
+
+def simpler_env_factory(recipe: EvalRecipe, policy: BatchedPolicy, wrapper: Optional[type] = None) -> Callable:
+    """The reference's batched Simpler wrapper, when installed (untested here: no simulator on this machine).
+
+    It un-normalises actions itself from the model's statistics, so the adapter hands it normalised ones."""
+    SimlerWrapper = wrapper or simulator_wrapper()
 
     class Adapter:
         def __init__(self, env_id: str, seed: int):
@@ -205,21 +211,20 @@ def run_recipe(
 
 
 def _cmd_run(args) -> int:
-    from ..probe._model import load_vla
+    from ..probe._model import load_vla, parse_model
 
-    try:
-        recipe = EvalRecipe.load(args.recipe)
-        if args.seeds:
-            recipe.seeds = [int(s) for s in args.seeds.split(",")]
-        if args.num_envs:
-            recipe.num_envs = args.num_envs
-        loaded = load_vla(args.vla_path, args.adapter, device=args.device, dtype=args.dtype, attn_implementation=None)
-        policy = BatchedPolicy(loaded, args.unnorm_key or recipe.unnorm_key)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"openvla-align eval run: {exc}") from exc
-    env_cls = simpler_env_factory(recipe, policy)
-    out = args.out or str(Path("eval") / Path(args.adapter or args.vla_path).name)
-    meta = {"vla_path": str(args.vla_path), "adapter": str(args.adapter) if args.adapter else None}
+    recipe = EvalRecipe.load(args.recipe)  # cheap checks first: the recipe, then the simulator, then the VLA
+    if args.seeds:
+        recipe.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.num_envs:
+        recipe.num_envs = args.num_envs
+    wrapper = simulator_wrapper()
+    vla_path, adapter = parse_model(args.vla_path, args.adapter)
+    loaded = load_vla(vla_path, adapter, device=args.device, dtype=args.dtype, attn_implementation=None)
+    policy = BatchedPolicy(loaded, args.unnorm_key or recipe.unnorm_key)
+    env_cls = simpler_env_factory(recipe, policy, wrapper)
+    out = args.out or str(Path("eval") / Path(adapter or vla_path).name)
+    meta = {"vla_path": str(vla_path), "adapter": str(adapter) if adapter else None}
     summary = run_recipe(recipe, policy, env_cls, out, overwrite=args.overwrite, meta=meta)
     print(f"{len(summary['evaluated'])} evaluated, {len(summary['skipped'])} already there; results in {out}")
     return 0
@@ -234,8 +239,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--unnorm-key", default=None, help="override the recipe's unnorm key")
     p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the recipe's")
     p.add_argument("--num-envs", type=int, default=None, help="parallel environments instead of the recipe's")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the VLA")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the VLA (bfloat16, float16 or float32)")
     p.add_argument("--overwrite", action="store_true", help="re-run (env, seed) pairs that already have results")
     p.set_defaults(func=_cmd_run)
     return p

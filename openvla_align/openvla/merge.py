@@ -86,7 +86,12 @@ def merge_adapter(adapter, out, base=None, *, dtype: str = "bfloat16") -> Dict[s
     cfg_path = adapter / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json).")
-    base = Path(base or json.loads(cfg_path.read_text()).get("base_model_name_or_path") or "")
+    recorded = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+    if not base and not recorded:
+        raise ValueError(
+            f"{cfg_path} records no base model (base_model_name_or_path is empty); pass --base /path/to/openvla-7b."
+        )
+    base = Path(base or recorded)
     if not base.is_dir():
         raise FileNotFoundError(
             f"Base model {str(base)!r} is not a local directory; pass --base /path/to/openvla-7b (merging is offline)."
@@ -123,11 +128,8 @@ def merge_adapter(adapter, out, base=None, *, dtype: str = "bfloat16") -> Dict[s
 
 
 def _cmd_merge(args) -> int:
-    try:
-        out = args.out or Path(args.adapter).with_name(Path(args.adapter).name + "-merged")
-        summary = merge_adapter(args.adapter, out, args.base, dtype=args.dtype)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        raise SystemExit(f"openvla-align merge: {exc}") from exc
+    out = args.out or Path(args.adapter).with_name(Path(args.adapter).name + "-merged")
+    summary = merge_adapter(args.adapter, out, args.base, dtype=args.dtype)
     print(f"merged {summary['adapter']} into {summary['base']} -> {summary['out']}")
     if summary["unnorm_keys"]:
         keys = ", ".join(summary["unnorm_keys"])

@@ -313,15 +313,11 @@ def check_file(path, patch: Optional[Patch] = None, out=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.check:
-            return check_file(args.path)
-        if args.revert:
-            return revert_file(args.path)
-        return patch_file(args.path)
-    except (PatchError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.check:
+        return check_file(args.path)
+    if args.revert:
+        return revert_file(args.path)
+    return patch_file(args.path)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -340,10 +336,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="openvla-align")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["patch", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """``python -m openvla_align.openvla.patch PATH ...``: the same as ``openvla-align patch PATH ...``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["patch", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -114,6 +114,27 @@ class LoadedVLA:
         return getattr(cfg, "_attn_implementation", None) or "eager"
 
 
+def parse_model(model: Union[str, Path], adapter: Optional[Union[str, Path]] = None) -> Tuple[str, Optional[str]]:
+    """The one spelling of a model on every command: ``DIR`` or ``DIR::ADAPTER``, or ``DIR`` with ``--adapter``
+    -> (DIR, ADAPTER or None)."""
+    path, sep, inline = str(model).partition("::")
+    if not path or (sep and not inline):
+        raise ValueError(f"--model {str(model)!r}: write DIR or DIR::ADAPTER (or DIR with --adapter ADAPTER).")
+    if inline and adapter:
+        raise ValueError(f"--model {str(model)!r} already names an adapter; drop --adapter {adapter} or '::{inline}'.")
+    return path, inline or (str(adapter) if adapter else None)
+
+
+def apply_adapter(models: Sequence[str], adapter: Optional[str]) -> List[str]:
+    """``--adapter`` on a command that takes several ``--model``: it belongs to the single model given."""
+    if adapter is None:
+        return list(models)
+    if len(models) != 1:
+        raise ValueError(f"--adapter {adapter} with {len(models)} --model: write each model as DIR::ADAPTER instead.")
+    path, adapter = parse_model(models[0], adapter)
+    return [f"{path}::{adapter}"]
+
+
 def load_image(path: Union[str, Path]) -> Image.Image:
     p = Path(path)
     if not p.is_file():
@@ -140,7 +161,7 @@ def load_vla(
         raise FileNotFoundError(f"Model {path} is not a checkpoint directory.")
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if (path / TINY_MARKER).is_file():
-        from transformers import AutoTokenizer
+        from transformers import PreTrainedTokenizerFast
 
         from ..testing.tiny import TinyOpenVLA
 
@@ -148,7 +169,8 @@ def load_vla(
         model = TinyOpenVLA.from_pretrained(path)
         if attn_implementation:
             model.language_model.config._attn_implementation = attn_implementation
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # the tiny tokenizer's own class: AutoTokenizer would read config.json and warn about its model type
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         processor, image_size = None, int(meta.get("image_size", 224))
     else:
         from transformers import AutoProcessor
@@ -157,6 +179,12 @@ def load_vla(
             from transformers import AutoModelForVision2Seq as AutoVLA
         except ImportError:  # transformers >= 5 renamed the auto class
             from transformers import AutoModelForImageTextToText as AutoVLA
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        if "OpenVLAForActionPrediction" not in (config.get("auto_map") or {}).get("AutoModelForVision2Seq", ""):
+            raise ValueError(
+                f"Model {path} is not an OpenVLA checkpoint: its config.json maps no AutoModelForVision2Seq to "
+                "OpenVLAForActionPrediction (give the directory of openvla/openvla-7b, a fine-tuned or merged copy)."
+            )
         kwargs = dict(torch_dtype=torch_dtype, trust_remote_code=True, low_cpu_mem_usage=True)
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation

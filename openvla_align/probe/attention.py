@@ -29,7 +29,7 @@ from PIL import Image
 
 from .._io import atomic_write_bytes
 from ..hooks import check_layers
-from ._model import LoadedVLA, load_image, load_vla, token_spans, vqa_prompt
+from ._model import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
 
 LAST = "last"
 _LAYER_ITEM = re.compile(r"(-?\d+)(?:\s*-\s*(-?\d+))?")
@@ -343,8 +343,10 @@ def format_table(result: AttentionMaps) -> str:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model/--adapter/--device/--dtype, shared by the probe commands."""
     cuda = torch.cuda.is_available()
-    p.add_argument("--model", required=True, help="OpenVLA checkpoint directory (base or merged)")
-    p.add_argument("--adapter", default=None, help="optional PEFT LoRA adapter directory on top of --model")
+    p.add_argument(
+        "--model", required=True, metavar="DIR[::ADAPTER]", help="OpenVLA checkpoint directory (base or merged)"
+    )
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory on top of --model (or DIR::ADAPTER)")
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="torch device (default: cuda if available)")
     p.add_argument(
         "--dtype",
@@ -359,7 +361,8 @@ def _cmd_attention(args) -> int:
         raise ValueError(f"--out {out} should be a .png path (the JSON summary is written next to it).")
     image = load_image(args.image)  # fail on a bad image before spending time loading the model
     prompt = args.prompt if args.raw_prompt else vqa_prompt(args.prompt)
-    vla = load_vla(args.model, args.adapter, device=args.device, dtype=args.dtype, attn_implementation="eager")
+    model, adapter = parse_model(args.model, args.adapter)
+    vla = load_vla(model, adapter, device=args.device, dtype=args.dtype, attn_implementation="eager")
     result = attention_maps(vla, image, prompt, args.layers, tokens=args.tokens, keep_heads=args.keep_heads)
     png = save_attention_grid(result, out, scale=args.scale)
     js = write_summary(result, out.with_suffix(".json"))

@@ -60,7 +60,16 @@ from tqdm import tqdm
 
 from .._io import atomic_write
 from . import feature_cache
-from ._model import DTYPES, load_image, load_vla, parse_dtype, release_memory, resolve_device_dtype, vqa_prompt
+from ._model import (
+    DTYPES,
+    load_image,
+    load_vla,
+    parse_dtype,
+    parse_model,
+    release_memory,
+    resolve_device_dtype,
+    vqa_prompt,
+)
 from .feature_cache import CACHE_FORMAT  # noqa: F401  (re-exported)
 from .imagefolder import IMAGE_EXTENSIONS, ImageFolderData, ImageFolderSplit, scan_imagefolder  # noqa: F401
 
@@ -111,10 +120,8 @@ class ModelSpec:
                     "(`openvla-align teachers` lists them)."
                 )
             return cls(teacher=name, teacher_path=weights or None)
-        path, _, adapter = text.partition("::")
-        if not path:
-            raise ValueError(f"--model {text!r} has no checkpoint directory before '::'; write DIR or DIR::ADAPTER.")
-        return cls(path=path, adapter=adapter or None)
+        path, adapter = parse_model(text)
+        return cls(path=path, adapter=adapter)
 
     @property
     def is_teacher(self) -> bool:
@@ -573,33 +580,42 @@ def save_bar_chart(report: Mapping[str, Any], path: Union[str, Path]) -> Path:
 
 
 def _cmd_linear(args: argparse.Namespace) -> int:
-    models: List[Union[str, ModelSpec]] = list(args.model or [])
+    models: List[ModelSpec] = [ModelSpec.parse(m) for m in args.model or []]
+    if args.adapter:
+        vlas = [m for m in models if not m.is_teacher]
+        if len(vlas) != 1:
+            raise ValueError(f"--adapter {args.adapter} with {len(vlas)} VLA --model: write each as DIR::ADAPTER.")
+        path, adapter = parse_model(vlas[0].label, args.adapter)
+        models[models.index(vlas[0])] = ModelSpec(path=path, adapter=adapter)
     if args.teacher:
         models.append(ModelSpec(teacher=args.teacher, teacher_path=args.teacher_path))
     elif args.teacher_path:
-        raise SystemExit("--teacher-path needs --teacher NAME (or write --model teacher:NAME::WEIGHTS).")
+        bare = [m for m in models if m.is_teacher and not m.teacher_path]
+        if len(bare) != 1:
+            raise ValueError(
+                "--teacher-path needs one teacher to belong to: --teacher NAME, or a single --model teacher:NAME "
+                "(or write --model teacher:NAME::WEIGHTS)."
+            )
+        models[models.index(bare[0])] = ModelSpec(teacher=bare[0].teacher, teacher_path=args.teacher_path)
     if not models:
-        raise SystemExit("Nothing to probe: give --model DIR (or DIR::ADAPTER, teacher:NAME) or --teacher NAME.")
-    try:
-        report = run_linear_probe(
-            args.data,
-            models,
-            out=args.out,
-            cache_dir=args.cache_dir,
-            layer=args.layer,
-            device=args.device,
-            dtype=args.dtype,
-            extract_batch_size=args.extract_batch_size,
-            workers=args.workers,
-            teacher_kwargs={"allow_random": True} if args.allow_random_teacher else None,
-            epochs=args.epochs,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
-    except (FileNotFoundError, ValueError) as exc:  # bad input: the message says what to fix, a traceback would not
-        raise SystemExit(f"openvla-align probe linear: {exc}") from exc
+        raise ValueError("Nothing to probe: give --model DIR (or DIR::ADAPTER, teacher:NAME) or --teacher NAME.")
+    report = run_linear_probe(
+        args.data,
+        models,
+        out=args.out,
+        cache_dir=args.cache_dir,
+        layer=args.layer,
+        device=args.device,
+        dtype=args.dtype,
+        extract_batch_size=args.extract_batch_size,
+        workers=args.workers,
+        teacher_kwargs={"allow_random": True} if args.allow_random_teacher else None,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     for line in summary_lines(report):
         print(line)
     if len(report["results"]) > 1:
@@ -626,8 +642,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="SPEC",
         help="checkpoint DIR, DIR::LORA_ADAPTER_DIR or teacher:NAME[::WEIGHTS]; repeat to compare models",
     )
+    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter on the single VLA --model (same as DIR::ADAPTER)")
     p.add_argument("--teacher", metavar="NAME", help="also probe this teacher (`openvla-align teachers` lists them)")
-    p.add_argument("--teacher-path", metavar="P", help="weights for --teacher (default: its usual location)")
+    p.add_argument(
+        "--teacher-path",
+        metavar="P",
+        help="weights for --teacher, or for the single --model teacher:NAME (default: its usual location)",
+    )
     p.add_argument(
         "--allow-random-teacher",
         action="store_true",

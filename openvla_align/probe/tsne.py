@@ -27,7 +27,7 @@ import torch
 
 from .._io import atomic_write_bytes
 from ..hooks import check_layers
-from ._model import LoadedVLA, load_image, load_vla, token_spans, vqa_prompt
+from ._model import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
 from .attention import add_model_args, layers_arg, parse_layers
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -367,7 +367,8 @@ def _cmd_tsne(args) -> int:
     classes = parse_classes(args.classes)
     find_images(args.data, classes)  # check the data before spending time loading the model
     class_prompt(classes[0], args.template)
-    vla = load_vla(args.model, args.adapter, device=args.device, dtype=args.dtype)
+    model, adapter = parse_model(args.model, args.adapter)
+    vla = load_vla(model, adapter, device=args.device, dtype=args.dtype)
     summary = run_tsne(
         vla,
         args.data,
@@ -416,7 +417,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=METRICS, default="euclidean", help="distance for k-NN, silhouette and t-SNE")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity, clamped to (images - 1) / 3")
     p.add_argument("--seed", type=int, default=0, help="t-SNE seed")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--out", required=True, help="output PNG; a JSON summary goes next to it (same name, .json)")
     p.set_defaults(func=_cmd_tsne)
     return p

@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,17 @@ import torch
 from PIL import Image
 
 from .._io import atomic_write_bytes
-from ._model import DTYPES, LoadedVLA, load_image, load_vla, release_memory, resolve_device_dtype, vqa_prompt
+from ._model import (
+    DTYPES,
+    LoadedVLA,
+    apply_adapter,
+    load_image,
+    load_vla,
+    parse_model,
+    release_memory,
+    resolve_device_dtype,
+    vqa_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -438,11 +447,8 @@ def evaluate(
 
 
 def parse_model_spec(spec: str) -> Tuple[str, Optional[str]]:
-    """``"PATH"`` -> (PATH, None); ``"PATH::ADAPTER"`` -> (PATH, ADAPTER)."""
-    path, sep, adapter = spec.partition("::")
-    if not path or (sep and not adapter):
-        raise ValueError(f"--model {spec!r}: expected PATH or PATH::ADAPTER.")
-    return path, (adapter or None)
+    """``"PATH"`` -> (PATH, None); ``"PATH::ADAPTER"`` -> (PATH, ADAPTER) (the package's one model spelling)."""
+    return parse_model(spec)
 
 
 def _labels(specs: Sequence[Tuple[str, Optional[str]]]) -> List[str]:
@@ -666,6 +672,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="PATH[::ADAPTER]",
         help="checkpoint directory, optionally with a PEFT LoRA adapter; repeat to compare models",
     )
+    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter on the single --model (same as DIR::ADAPTER)")
     p.add_argument(
         "--data",
         metavar="FILE",
@@ -690,13 +697,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _cli_error(msg: str) -> int:
-    print(f"openvla-align probe vlthink: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def run_cli(args) -> int:
-    """Entry point of ``openvla-align probe vlthink``; returns the exit status (2 for bad input, with a message)."""
+    """Entry point of ``openvla-align probe vlthink``; bad input raises before anything is loaded or written (the
+    CLI prints it as one line, exit status 1)."""
     data = args.data
     if args.make_synthetic:
         made = make_synthetic_vlthink(args.make_synthetic)
@@ -704,32 +707,27 @@ def run_cli(args) -> int:
         data = data or str(made)
         if not args.model:
             return 0
-    if not args.model:
-        return _cli_error("give at least one --model PATH[::ADAPTER].")
+    models = apply_adapter(args.model, args.adapter)
+    if not models:
+        raise ValueError("give at least one --model DIR[::ADAPTER].")
     if not data:
-        return _cli_error("give --data FILE (or --make-synthetic DIR).")
+        raise ValueError("give --data FILE (or --make-synthetic DIR).")
     if args.batch_size < 1 or args.max_new_tokens < 1:
-        return _cli_error("--batch-size and --max-new-tokens must be >= 1.")
+        raise ValueError("--batch-size and --max-new-tokens must be >= 1.")
     if "{board}" not in args.template:
-        return _cli_error(f"--template must contain '{{board}}', got {args.template!r}.")
-    try:
-        for spec in args.model:
-            parse_model_spec(spec)
-    except ValueError as exc:
-        return _cli_error(str(exc))
-    try:
-        report = run(
-            args.model,
-            data,
-            args.out,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            device=args.device,
-            dtype=args.dtype,
-            template=args.template,
-        )
-    except (VLThinkDataError, FileNotFoundError) as exc:
-        return _cli_error(str(exc))
+        raise ValueError(f"--template must contain '{{board}}', got {args.template!r}.")
+    for spec in models:
+        parse_model(spec)
+    report = run(
+        models,
+        data,
+        args.out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        template=args.template,
+    )
     print(format_markdown(report))
     print(f"Wrote {Path(args.out) / JSON_NAME} and {Path(args.out) / MARKDOWN_NAME}")
     return 0

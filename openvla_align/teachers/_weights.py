@@ -93,8 +93,9 @@ def find_weights(
     raise TeacherWeightsNotFound(
         f"Teacher {teacher!r} needs weights and nothing is downloaded at run time. Put the file in one of:\n"
         f"  - {where}\n"
-        f"or pass teacher_path=/path/to/weights (--align.teacher_path). For a smoke test without weights, "
-        f"pass allow_random=True (--align.allow_random_teacher true)."
+        "or give the weights' path: --teacher-path (openvla-align commands), --align.teacher_path (finetune.py) or "
+        "teacher_path= (Python). For a smoke test without weights: --allow-random-teacher, "
+        "--align.allow_random_teacher true or allow_random=True."
     )
 
 
