@@ -1,7 +1,8 @@
-"""`openvla-align <command>`: thin wrappers around the package's modules.
+"""`openvla-align <command>`: the commands (one table, COMMANDS) and the one way they all behave.
 
 Each command's module is imported only when that command runs, so `openvla-align --help` and `openvla-align
-teachers` start without torch (see COMMANDS).
+teachers` start without torch. Every option shows its default and every command an example; an error is one line
+on stderr with exit status 1 (see ``main``).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ EXAMPLES = {
     "data build": "openvla-align data build mp_collect/PutOnPlateInScene25Main-v3/1400/data /data/rlds --name sft",
     "data synth": "openvla-align data synth /tmp/tiny-data --episodes 8",
     "eval run": "openvla-align eval run recipes/eval/ood.yaml --vla-path runs/warmup "
-    "--adapter runs/<align exp>--60000_chkpt --out eval/align",
+    "--adapter runs/<align-exp>--60000_chkpt --out eval/align",
     "eval report": "openvla-align eval report eval/sft eval/freeze eval/align --baseline eval/sft --out tables/table1",
     "merge": "openvla-align merge runs/<exp>--4000_chkpt --out runs/<exp>-merged",
     "patch": "openvla-align patch /path/to/openvla",
