@@ -5,6 +5,7 @@ The environment here is a STAND-IN with the batched interface of the reference i
 the simulator: it checks what the runner feeds it and declares success from the actions it receives.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -64,7 +65,13 @@ def test_recipes_name_the_papers_environments():
     ood, think = EvalRecipe.load(RECIPES / "ood.yaml"), EvalRecipe.load(RECIPES / "vlthink.yaml")
     assert tuple(ood.envs) == OOD_ENVS and len(ood.envs) == 13 and list(think.envs) == list(VL_THINK)
     for r in (ood, think):
-        assert (r.seeds, r.num_envs, r.obj_set, r.episode_len, r.unnorm_key) == (list(range(8)), 128, "test", 80, "sft")
+        assert (r.seeds, r.num_envs, r.obj_set, r.episode_len, r.unnorm_key) == (
+            [0, 1, 2, 4, 5, 6, 7, 8],
+            128,
+            "test",
+            80,
+            "sft",
+        )
 
 
 def test_policy_decodes_a_batch_like_predict_action(checkpoint):
@@ -111,11 +118,28 @@ def test_rollout_writes_results_the_report_reads_and_resumes(checkpoint, tmp_pat
     assert again["evaluated"] == [] and len(again["skipped"]) == 4  # finished pairs are not re-run
 
 
+@pytest.mark.skipif(importlib.util.find_spec("mani_skill") is not None, reason="the simulator is installed here")
 def test_cli_without_the_simulator_says_what_to_install(checkpoint, tmp_path, capsys):
-    cli_fails(capsys, ["eval", "run", str(RECIPES / "ood.yaml"), "--vla-path", str(checkpoint)], "SimplerEnv forks")
+    missing = "Simpler/ManiSkill environments are not installed"
+    cli_fails(capsys, ["eval", "run", str(RECIPES / "ood.yaml"), "--vla-path", str(checkpoint)], missing)
     # checked before the VLA loads: a path that is no checkpoint still gets the simulator message
-    cli_fails(capsys, ["eval", "run", str(RECIPES / "ood.yaml"), "--vla-path", str(tmp_path)], "SimplerEnv forks")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("suite: x\nenvs: [a]\nepisodes: 3\n")
-    cli_fails(capsys, ["eval", "run", str(bad), "--vla-path", str(checkpoint)], "unknown keys")
+    cli_fails(capsys, ["eval", "run", str(RECIPES / "ood.yaml"), "--vla-path", str(tmp_path)], missing)
     assert not (tmp_path / "eval").exists() and not Path("eval").exists()
+
+
+@pytest.mark.parametrize(
+    "recipe, args, message",
+    [
+        ("suite: x\nenvs: [a]\nepisodes: 3\n", [], "unknown keys"),
+        ("suite: x\nenvs: [a]\nseeds: [0, 1, 1]\n", [], r"seeds \[1\] are listed more than once"),
+        ("suite: x\nenvs: [a, a]\n", [], r"envs \['a'\] are listed more than once"),
+        ("suite: x\nenvs: [a]\n", ["--seeds", "2,2"], r"--seeds/--num-envs: seeds \[2\]"),
+        ("suite: x\nenvs: [a]\nnum_envs: 4\n", ["--sim-backend", "cpu"], "pass --num-envs 1 for a CPU smoke test"),
+    ],
+    ids=["unknown-key", "duplicate-seed", "duplicate-env", "duplicate-cli-seed", "cpu-with-4-envs"],
+)
+def test_bad_recipes_and_backends_fail_before_anything_loads(tmp_path, capsys, recipe, args, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe)
+    cli_fails(capsys, ["eval", "run", str(bad), "--vla-path", str(tmp_path / "no-model"), *args], message)
+    assert not Path("eval").exists()

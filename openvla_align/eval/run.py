@@ -7,16 +7,20 @@ OpenVLA's ``predict_action`` does, for the whole batch at once) and records per-
 as the reference counts it) to ``OUT/<env_id>/<obj_set>/<seed>/result.json``. Finished (environment, seed) pairs
 are skipped on a re-run, so an interrupted evaluation resumes.
 
-The environment contract (the reference implementation's batched wrapper has this shape):
+The environment contract (``simpler.SimplerEnv`` builds the paper's environments as the reference does):
 ``reset(obj_set) -> (images uint8 (B, H, W, 3), instructions [B], info)`` and
 ``step(actions float (B, 7), un-normalised) -> (images, reward, done, info)`` with ``info["success"]`` (B,) bool.
+
+Seeding, as the reference's runner: ``random``, ``numpy`` and ``torch`` are seeded with the evaluation seed before
+the environment is built; the environment's ``num_envs`` copies are seeded ``seed * 1000 + i`` once, at
+construction; each evaluation then resets with the object set only.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import types
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -30,18 +34,14 @@ logger = logging.getLogger(__name__)
 
 PROMPT = "In: What action should the robot take to {}?\nOut:"
 N_BINS = 256
-SIMULATOR_HINT = (
-    "The paper's Simpler/ManiSkill environments are not installed. Install the ManiSkill and SimplerEnv forks that "
-    "ship with the reference implementation (CognitiveAISystems/BlindVLA: `pip install -e ManiSkill` and "
-    "`pip install -e SimplerEnv`, with their assets), then run this command again."
-)
+PAPER_SEEDS = [0, 1, 2, 4, 5, 6, 7, 8]  # the reference README's evaluation loop (no seed 3)
 
 
 @dataclass
 class EvalRecipe:
     suite: str
     envs: List[str]
-    seeds: List[int] = field(default_factory=lambda: list(range(8)))
+    seeds: List[int] = field(default_factory=lambda: list(PAPER_SEEDS))
     num_envs: int = 128
     obj_set: str = "test"
     episode_len: int = 80
@@ -60,7 +60,18 @@ class EvalRecipe:
         missing = [k for k in ("suite", "envs") if k not in data]
         if missing:
             raise ValueError(f"{path}: missing {missing}.")
-        return cls(**data)
+        recipe = cls(**data)
+        recipe.check(path)
+        return recipe
+
+    def check(self, where="recipe") -> None:
+        for name in ("envs", "seeds"):
+            values = list(getattr(self, name))
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"{where}: {name} {twice} are listed more than once; each is evaluated once.")
+        if self.num_envs < 1 or self.episode_len < 1:
+            raise ValueError(f"{where}: num_envs and episode_len must be >= 1.")
 
 
 # --------------------------------------------------------------------------------------------------- policy
@@ -117,49 +128,17 @@ class BatchedPolicy:
         return self.unnormalize(np.asarray(generated))
 
     def unnormalize(self, token_ids: np.ndarray) -> np.ndarray:
-        idx = np.clip(self.vocab_size - token_ids - 1, 0, len(self.bin_centers) - 1)
-        normalized = self.bin_centers[idx]
-        actions = 0.5 * (normalized + 1) * (self.q99 - self.q01) + self.q01
-        return np.where(self.mask, actions, normalized)
+        return unnormalize_tokens(token_ids, self.vocab_size, self.q01, self.q99, self.mask)
 
 
-# --------------------------------------------------------------------------------------------------- environments
-def simulator_wrapper() -> type:
-    """The reference's batched Simpler wrapper class; a clear ImportError naming what to install when absent."""
-    try:
-        from simpler_env.env.simpler_wrapper import SimlerWrapper  # sic, the reference's spelling
-    except ImportError as exc:
-        raise ImportError(f"{SIMULATOR_HINT} ({exc})") from exc
-    return SimlerWrapper
-
-
-def simpler_env_factory(recipe: EvalRecipe, policy: BatchedPolicy, wrapper: Optional[type] = None) -> Callable:
-    """The reference's batched Simpler wrapper, when installed (untested here: no simulator on this machine).
-
-    It un-normalises actions itself from the model's statistics, so the adapter hands it normalised ones."""
-    SimlerWrapper = wrapper or simulator_wrapper()
-
-    class Adapter:
-        def __init__(self, env_id: str, seed: int):
-            args = types.SimpleNamespace(
-                env_id=env_id,
-                seed=seed,
-                num_envs=recipe.num_envs,
-                episode_len=recipe.episode_len,
-                obj_set=recipe.obj_set,
-                vla_unnorm_key=recipe.unnorm_key,
-            )
-            unnorm_state = {"q01": policy.q01, "q99": policy.q99, "mask": policy.mask}
-            self.env = SimlerWrapper(args, unnorm_state)
-
-        def reset(self, obj_set):
-            return self.env.reset(obj_set)
-
-        def step(self, actions):
-            normalized = np.where(policy.mask, 2 * (actions - policy.q01) / (policy.q99 - policy.q01) - 1, actions)
-            return self.env.step(torch.as_tensor(normalized, dtype=torch.float32))
-
-    return Adapter
+def unnormalize_tokens(token_ids, vocab_size: int, q01, q99, mask) -> np.ndarray:
+    """Action token ids (B, 7) -> un-normalised actions, as ``predict_action`` and the reference's wrapper compute
+    them: bin ``clip(vocab_size - id - 1, 0, 254)`` of 255 centres in [-1, 1], then q01/q99 on the masked dims."""
+    bins = np.linspace(-1, 1, N_BINS)
+    centers = (bins[:-1] + bins[1:]) / 2.0
+    normalized = centers[np.clip(vocab_size - np.asarray(token_ids) - 1, 0, len(centers) - 1)]
+    q01, q99 = np.asarray(q01, dtype=np.float64), np.asarray(q99, dtype=np.float64)
+    return np.where(np.asarray(mask, dtype=bool), 0.5 * (normalized + 1) * (q99 - q01) + q01, normalized)
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -185,8 +164,9 @@ def run_recipe(
             if target.is_file() and not overwrite:
                 skipped.append((env_id, seed))
                 continue
-            torch.manual_seed(seed)
+            random.seed(seed)  # as the reference's runner, before the environment is built
             np.random.seed(seed)
+            torch.manual_seed(seed)
             env = make_env(env_id, seed)
             images, instructions, _ = env.reset(recipe.obj_set)
             success = np.zeros(len(instructions), dtype=bool)
@@ -194,6 +174,8 @@ def run_recipe(
                 actions = policy(_as_numpy(images), list(instructions))
                 images, _, _, info = env.step(actions)
                 success |= _as_numpy(info["success"]).astype(bool).reshape(-1)
+            if hasattr(env, "close"):
+                env.close()
             write_result(
                 out,
                 env_id,
@@ -212,17 +194,24 @@ def run_recipe(
 
 def _cmd_run(args) -> int:
     from ..probe._model import load_vla, parse_model
+    from .simpler import SimplerEnv, check_backends, check_env_ids
 
     recipe = EvalRecipe.load(args.recipe)  # cheap checks first: the recipe, then the simulator, then the VLA
     if args.seeds:
         recipe.seeds = [int(s) for s in args.seeds.split(",")]
     if args.num_envs:
         recipe.num_envs = args.num_envs
-    wrapper = simulator_wrapper()
+    recipe.check("--seeds/--num-envs")
+    check_backends(args.sim_backend, args.render_backend, recipe.num_envs)
+    check_env_ids(recipe.envs)
     vla_path, adapter = parse_model(args.vla_path, args.adapter)
     loaded = load_vla(vla_path, adapter, device=args.device, dtype=args.dtype, attn_implementation=None)
     policy = BatchedPolicy(loaded, args.unnorm_key or recipe.unnorm_key)
-    env_cls = simpler_env_factory(recipe, policy, wrapper)
+
+    def env_cls(env_id: str, seed: int) -> SimplerEnv:
+        backends = dict(sim_backend=args.sim_backend, render_backend=args.render_backend)
+        return SimplerEnv(env_id, seed, recipe.num_envs, recipe.episode_len, **backends)
+
     out = args.out or str(Path("eval") / Path(adapter or vla_path).name)
     meta = {"vla_path": str(vla_path), "adapter": str(adapter) if adapter else None}
     summary = run_recipe(recipe, policy, env_cls, out, overwrite=args.overwrite, meta=meta)
@@ -242,5 +231,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the VLA")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the VLA (bfloat16, float16 or float32)")
     p.add_argument("--overwrite", action="store_true", help="re-run (env, seed) pairs that already have results")
+    p.add_argument("--sim-backend", default="gpu", choices=("gpu", "cpu"), help="ManiSkill physics backend")
+    p.add_argument(
+        "--render-backend", default="gpu", choices=("gpu", "cpu"), help="ManiSkill renderer (cpu: software Vulkan)"
+    )
     p.set_defaults(func=_cmd_run)
     return p

@@ -1,0 +1,134 @@
+"""The environment layer: the reference's action transform and seeds, worked out by hand from its code, and (opt-in)
+`eval run` against the real ManiSkill/SimplerEnv forks.
+
+The opt-in test needs the CPU build of the forks (`../shared/simpler/setup-cpu-simpler.sh OUT PROJECT`): source
+`OUT/env.sh` and set `SIMPLER_PYTHON=OUT/venv/bin/python`.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openvla_align.eval.envs import short_name
+from openvla_align.eval.run import unnormalize_tokens
+from openvla_align.eval.simpler import ENV_SETTINGS, check_backends, env_action, env_seeds
+
+Q01 = [-0.02, -0.03, -0.04, -0.1, -0.2, -0.3, 0.0]
+Q99 = [0.02, 0.03, 0.04, 0.1, 0.2, 0.3, 1.0]
+MASK = [True] * 6 + [False]
+
+
+def test_tokens_to_environment_actions_as_the_reference_wrapper():
+    """RL4VLA's SimlerWrapper._process_action for these tokens, by hand: dact = clip(32000 - id - 1, 0, 254), centre
+    c(k) = -1 + (2k + 1) / 255, masked dims 0.5 (c + 1)(q99 - q01) + q01, gripper 2 * (c > 0.5) - 1."""
+    tokens = np.array(
+        [[31999, 31744, 31872, 31900, 31800, 31850, 31745], [32000, 31000, 31872, 31872, 31872, 31872, 31900]]
+    )
+    # row 0: k = 0, 254, 127, 99, 199, 149, 254
+    c = {k: -1 + (2 * k + 1) / 255 for k in (0, 254, 127, 99, 199, 149)}
+    row0 = [
+        -0.02 + 0.5 * (c[0] + 1) * 0.04,
+        -0.03 + 0.5 * (c[254] + 1) * 0.06,
+        -0.04 + 0.5 * (c[127] + 1) * 0.08,  # c(127) = 0: the middle
+        -0.1 + 0.5 * (c[99] + 1) * 0.2,
+        -0.2 + 0.5 * (c[199] + 1) * 0.4,
+        -0.3 + 0.5 * (c[149] + 1) * 0.6,
+        1.0,  # c(254) = 0.996 > 0.5: open
+    ]
+    # row 1: 32000 - 32000 - 1 = -1 -> clipped to bin 0; 32000 - 31000 - 1 = 999 -> clipped to bin 254; gripper bin 99
+    row1 = [-0.02 + 0.5 * (c[0] + 1) * 0.04, -0.03 + 0.5 * (c[254] + 1) * 0.06, 0.0, 0.0, 0.0, 0.0, -1.0]
+    got = env_action(unnormalize_tokens(tokens, 32000, Q01, Q99, MASK))
+    np.testing.assert_allclose(got, [row0, row1], rtol=0, atol=1e-12)
+    assert c[127] == 0.0 and got[0, 2] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_gripper_threshold_and_shapes():
+    acts = np.zeros((3, 7))
+    acts[:, 6] = [0.5, 0.5000001, 0.0]
+    assert env_action(acts)[:, 6].tolist() == [-1.0, 1.0, -1.0]  # strictly greater than 0.5 opens
+    with pytest.raises(ValueError, match=r"shape \(B, 7\)"):
+        env_action(np.zeros((2, 6)))
+
+
+def test_seeds_and_settings_are_the_references():
+    assert env_seeds(3, 4) == [3000, 3001, 3002, 3003]
+    assert ENV_SETTINGS == {
+        "obs_mode": "rgb+segmentation",
+        "control_mode": "arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos",
+        "sim_config": {"sim_freq": 500, "control_freq": 5},
+        "sensor_configs": {"shader_pack": "default"},
+    }
+    check_backends("gpu", "gpu", 128)
+    check_backends("cpu", "cpu", 1)
+    with pytest.raises(ValueError, match="pass --num-envs 1"):
+        check_backends("cpu", "gpu", 2)
+    with pytest.raises(ValueError, match="--render-backend 'vulkan'"):
+        check_backends("gpu", "vulkan", 1)
+
+
+SIMPLER_PYTHON = os.environ.get("SIMPLER_PYTHON")
+needs_simulator = pytest.mark.skipif(
+    not SIMPLER_PYTHON,
+    reason="SIMPLER_PYTHON is unset: build the CPU simulator with ../shared/simpler/setup-cpu-simpler.sh OUT "
+    "PROJECT, source OUT/env.sh and set SIMPLER_PYTHON=OUT/venv/bin/python",
+)
+# one environment of each OOD axis and one VL-Think environment
+REAL_ENVS = [
+    "PutOnPlateInScene25Carrot-v1",
+    "PutOnPlateInScene25VisionImage-v1",
+    "PutOnPlateInScene25Position-v1",
+    "PutOnColorInSceneMulti-v1",
+]
+
+
+@needs_simulator
+def test_eval_run_in_the_real_simulator(tmp_path, vla, tokenizer):
+    """`eval run` on the real forks (CPU physics and software rendering, one env per process) for a few steps per
+    environment, with a tiny checkpoint; `eval report` reads what it wrote."""
+    from openvla_align.testing import save_tiny_checkpoint
+
+    stats = {"action": {"q01": Q01, "q99": Q99, "mask": MASK}}
+    vla.config.norm_stats = {"sft": stats}
+    save_tiny_checkpoint(tmp_path / "ckpt", vla, tokenizer)
+    recipe = tmp_path / "smoke.yaml"
+    envs = "".join(f"  - {e}\n" for e in REAL_ENVS)
+    recipe.write_text(f"suite: smoke\nenvs:\n{envs}seeds: [0]\nnum_envs: 1\nepisode_len: 3\nunnorm_key: sft\n")
+    out = tmp_path / "eval"
+    cmd = [SIMPLER_PYTHON, "-m", "openvla_align.cli", "eval", "run", str(recipe), "--vla-path", str(tmp_path / "ckpt")]
+    cmd += ["--out", str(out), "--device", "cpu", "--dtype", "float32", "--sim-backend", "cpu"]
+    cmd += ["--render-backend", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for env_id in REAL_ENVS:
+        result = json.loads((out / env_id / "test" / "0" / "result.json").read_text())
+        assert len(result["episodes"]) == 1 and result["episode_len"] == 3
+    report = subprocess.run(
+        [SIMPLER_PYTHON, "-m", "openvla_align.cli", "eval", "report", str(out), "--out", str(tmp_path / "tables")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert all(short_name(e) in report.stdout for e in REAL_ENVS)
+
+    bad = subprocess.run(
+        [
+            *cmd[:5],
+            str(_write(tmp_path / "bad.yaml", "suite: x\nenvs: [PutOnPlateInScene99-v1]\nnum_envs: 1\n")),
+            *cmd[6:],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert bad.returncode == 1 and "unknown environment id(s) ['PutOnPlateInScene99-v1']" in bad.stderr
+    assert "PutOnPlateInScene25Carrot-v1" in bad.stderr  # the known ones are listed
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
