@@ -79,12 +79,13 @@ def test_policy_decodes_a_batch_like_predict_action(checkpoint):
     policy = BatchedPolicy(loaded, "sft")
     ids = np.array([[policy.vocab_size - 1] * 7, [policy.vocab_size - 256] * 7])  # lowest and highest bins
     actions = policy.unnormalize(ids)
-    np.testing.assert_allclose(actions[0, :6], -0.5 + (policy.bin_centers[0] + 1) / 2)
-    np.testing.assert_allclose(actions[1, :6], -0.5 + (policy.bin_centers[-1] + 1) / 2)
-    assert actions[0, 6] == policy.bin_centers[0]  # masked (gripper): left normalised, as OpenVLA
+    lowest, highest = -1 + 1 / 255, 1 - 1 / 255  # the first and last of 255 bin centres in [-1, 1]
+    np.testing.assert_allclose(actions[0, :6], -0.5 + (lowest + 1) / 2)
+    np.testing.assert_allclose(actions[1, :6], -0.5 + (highest + 1) / 2)
+    assert actions[0, 6] == pytest.approx(lowest, abs=1e-15)  # masked (gripper): left normalised, as OpenVLA
     images = [np.full((64, 64, 3), v, dtype=np.uint8) for v in (10, 200)]
     batch = policy(images, ["put the carrot on the plate", "Open the drawer"])
-    one = policy(images[1:], ["open the drawer"])  # batching changes nothing (right padding, no cache)
+    one = policy(images[1:], ["open the drawer"])  # batching changes nothing (right padding, masked in the cache)
     assert batch.shape == (2, 7) and np.allclose(batch[1], one[0])
     with pytest.raises(ValueError, match="unnorm_key 'bridge_orig' is not in the model's norm_stats"):
         BatchedPolicy(loaded, "bridge_orig")
@@ -143,3 +144,20 @@ def test_bad_recipes_and_backends_fail_before_anything_loads(tmp_path, capsys, r
     bad.write_text(recipe)
     cli_fails(capsys, ["eval", "run", str(bad), "--vla-path", str(tmp_path / "no-model"), *args], message)
     assert not Path("eval").exists()
+
+
+def test_kv_cached_decoding_equals_full_forwards_for_prompts_of_different_lengths(checkpoint):
+    """One prefill + single-token steps over right-padded rows give the tokens of re-running the whole forward per
+    token; every token is one of the 256 action tokens."""
+    policy = BatchedPolicy(load_vla(checkpoint), "sft")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    instructions = ["put the carrot on the plate", "pick up the red cup and put it in the bowl near the left", "push"]
+    rows, _ = policy.prompts(images, instructions)
+    assert len({len(r) for r in rows}) == 3  # three prompt lengths in one batch
+    cached = policy.action_tokens(images, instructions)
+    full = policy.action_tokens(images, instructions, kv_cache=False)
+    assert cached.shape == (3, 7) and (cached == full).all()
+    assert ((cached >= policy.vocab_size - 256) & (cached < policy.vocab_size)).all()
+    alone = np.concatenate([policy.action_tokens(images[i : i + 1], instructions[i : i + 1]) for i in range(3)])
+    assert (alone == cached).all()  # batch-invariant

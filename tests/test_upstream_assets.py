@@ -134,3 +134,44 @@ def test_teacher_cache_over_the_rlds_pipeline_matches_training_batches(assets, t
     samples = [s for s, _ in zip(dataset, range(12))]
     pixel_values = torch.stack([s["pixel_values"] for s in samples])
     assert all(k in cache for k in keys_from_pixel_values(pixel_values))  # the processor's exact output keys
+
+
+def test_batched_kv_cached_policy_equals_predict_action_one_sample_at_a_time(assets):
+    """`eval run`'s policy on upstream's OpenVLAForActionPrediction: a batch of prompts of three lengths, decoded with
+    the KV cache and the 256-action-token restriction, gives exactly the actions of upstream `predict_action` run on
+    each sample alone (greedy, with the reference's AllowedTokensLogitsProcessor restriction)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LogitsProcessor, LogitsProcessorList
+
+    from openvla_align.eval.run import PROMPT, BatchedPolicy
+    from openvla_align.probe import load_vla
+
+    ckpt = assets[0]
+    loaded = load_vla(ckpt, dtype="float32", attn_implementation=None)
+    policy = BatchedPolicy(loaded, "sft")
+    assert policy.vocab_size == 32000
+
+    class ActionTokensOnly(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, : policy.vocab_size - 256] = -torch.inf
+            scores[:, policy.vocab_size :] = -torch.inf
+            return scores
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    instructions = ["put the carrot on the plate", "pick up the red block and put it in the bowl", "open the drawer"]
+    rows, _ = policy.prompts(images, instructions)
+    assert len({len(r) for r in rows}) == 3 and all(r[-1] == 29871 for r in rows)
+    batched = policy(images, instructions)
+    assert len(np.unique(batched[:, :6])) > 3  # not one bin everywhere: the comparison discriminates
+    processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=True)
+    for i, text in enumerate(instructions):
+        inputs = processor(PROMPT.format(text), Image.fromarray(images[i]))
+        inputs["pixel_values"] = inputs["pixel_values"].float()
+        with torch.no_grad():
+            alone = loaded.model.predict_action(
+                **inputs, unnorm_key="sft", do_sample=False, logits_processor=LogitsProcessorList([ActionTokensOnly()])
+            )
+        np.testing.assert_array_equal(batched[i], alone)

@@ -76,7 +76,8 @@ class EvalRecipe:
 
 # --------------------------------------------------------------------------------------------------- policy
 class BatchedPolicy:
-    """Images + instructions -> un-normalised 7-D actions, for a whole batch per call (greedy, no KV cache)."""
+    """Images + instructions -> un-normalised 7-D actions, for a whole batch per call: greedy over the 256 action
+    tokens with a KV cache, prompts and "▁" as upstream ``predict_action``, un-normalised as it does."""
 
     def __init__(self, loaded, unnorm_key: str):
         from ..hooks import unwrap
@@ -96,39 +97,102 @@ class BatchedPolicy:
         self.mask = np.asarray(action.get("mask", [True] * len(self.q01)), dtype=bool)
         # OpenVLA: the last N_BINS ids below the unpadded vocabulary are the action bins
         self.vocab_size = int(getattr(base, "vocab_size", None) or len(loaded.tokenizer))
-        bins = np.linspace(-1, 1, N_BINS)
-        self.bin_centers = (bins[:-1] + bins[1:]) / 2.0
         self.action_dim = len(self.q01)
         tok = loaded.tokenizer
         space = tok.convert_tokens_to_ids("▁") if "▁" in tok.get_vocab() else None
         self.space_id = space  # predict_action appends Llama's "▁" (29871) to the prompt; so do we, when it exists
 
     def __call__(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> np.ndarray:
+        return self.unnormalize(self.action_tokens(images, instructions))
+
+    def prompts(self, images: Sequence[np.ndarray], instructions: Sequence[str]):
+        """Token rows (BOS + ``predict_action``'s prompt + the "▁" it appends) and the batch's pixel values."""
         from PIL import Image
 
-        from ..probe.vlthink import next_token_logits
-
-        loaded = self.loaded
         prompts = [PROMPT.format(str(i).lower()) for i in instructions]
-        batch = loaded.batch(prompts, [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images])
+        batch = self.loaded.batch(prompts, [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images])
         lengths = batch["attention_mask"].sum(1).tolist()
         rows = [batch["input_ids"][i, : int(n)].tolist() for i, n in enumerate(lengths)]
         if self.space_id is not None:
             rows = [r if r[-1] == self.space_id else r + [self.space_id] for r in rows]
-        generated: List[List[int]] = [[] for _ in rows]
-        was_training = loaded.model.training
-        loaded.model.eval()
+        return rows, batch["pixel_values"]
+
+    @torch.no_grad()
+    def action_tokens(self, images, instructions, *, kv_cache: bool = True) -> np.ndarray:
+        """Greedy action token ids (B, action_dim), each step restricted to the 256 action tokens (as the reference's
+        ``AllowedTokensLogitsProcessor``). ``kv_cache=False`` re-runs the whole multimodal forward per token."""
+        rows, pixel_values = self.prompts(images, instructions)
+        was_training = self.loaded.model.training
+        self.loaded.model.eval()
         try:
+            if kv_cache:
+                return self._decode_cached(rows, pixel_values)
+            from ..probe.vlthink import next_token_logits
+
+            generated: List[List[int]] = [[] for _ in rows]
             for _ in range(self.action_dim):
-                logits = next_token_logits(loaded, [r + g for r, g in zip(rows, generated)], batch["pixel_values"])
-                for g, t in zip(generated, logits.argmax(-1).tolist()):
+                logits = next_token_logits(self.loaded, [r + g for r, g in zip(rows, generated)], pixel_values)
+                for g, t in zip(generated, self._pick(logits).tolist()):
                     g.append(int(t))
+            return np.asarray(generated)
         finally:
-            loaded.model.train(was_training)
-        return self.unnormalize(np.asarray(generated))
+            self.loaded.model.train(was_training)
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """Argmax over the action tokens only: ids ``[vocab_size - 256, vocab_size)``."""
+        first = self.vocab_size - N_BINS
+        return logits[:, first : self.vocab_size].float().argmax(-1) + first
+
+    def _decode_cached(self, rows: List[List[int]], pixel_values: torch.Tensor) -> np.ndarray:
+        """One multimodal prefill over the right-padded rows, then one single-token LLM step per action dimension.
+
+        Each new token sits at cache index ``width + t`` for every row, with its row's true position id and an
+        attention mask that hides the row's padding, so every row sees exactly what it would see alone."""
+        from ..hooks import language_model
+
+        loaded = self.loaded
+        device = loaded.device
+        pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.as_tensor(r)
+            mask[j, : len(r)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        out = loaded.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=True)
+        logits = out.logits
+        offset = logits.shape[1] - width  # visual tokens inserted after BOS
+        lengths = torch.tensor([len(r) + offset for r in rows], device=device)
+        last = logits[torch.arange(len(rows), device=device), lengths - 1]
+        tokens = [self._pick(last)]
+        full_mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]).expand(-1, offset), mask[:, 1:]], dim=1)
+        cache = _cache(out)
+        lm = language_model(loaded.model)
+        for t in range(1, self.action_dim):
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=1)
+            step = lm(
+                input_ids=tokens[-1][:, None],
+                attention_mask=full_mask,
+                position_ids=(lengths + t - 1)[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = _cache(step)
+            tokens.append(self._pick(step.logits[:, -1]))
+        return torch.stack(tokens, dim=1).cpu().numpy()
 
     def unnormalize(self, token_ids: np.ndarray) -> np.ndarray:
         return unnormalize_tokens(token_ids, self.vocab_size, self.q01, self.q99, self.mask)
+
+
+def _cache(out):
+    """The LLM's key/value cache of a model output (``past_key_values``; ``cache`` in transformers >= 5)."""
+    cache = getattr(out, "past_key_values", None)
+    cache = cache if cache is not None else getattr(out, "cache", None)
+    if cache is None:
+        raise RuntimeError(f"{type(out).__name__} returned no key/value cache; decode with kv_cache=False.")
+    return cache
 
 
 def unnormalize_tokens(token_ids, vocab_size: int, q01, q99, mask) -> np.ndarray:

@@ -150,6 +150,8 @@ class TinyVLAOutput(ModelOutput):
     hidden_states: Optional[tuple] = None
     attentions: Optional[tuple] = None
     projector_features: Optional[torch.Tensor] = None
+    past_key_values: Optional[object] = None  # transformers < 5
+    cache: Optional[object] = None  # transformers >= 5 renames ModelOutput's past_key_values to cache
 
 
 class TinyOpenVLA(PreTrainedModel):
@@ -193,12 +195,13 @@ class TinyOpenVLA(PreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> TinyVLAOutput:
+        use_cache = bool(kwargs.get("use_cache", False))  # as upstream: the prefill may return the LLM's cache
         lm_kwargs = dict(
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=False
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, use_cache=use_cache
         )
         if pixel_values is None:
             out = self.language_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **lm_kwargs)
-            return TinyVLAOutput(out.loss, out.logits, out.hidden_states, out.attentions, None)
+            return self._output(out, None)
         if input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError("input_ids and pixel_values must have the same batch size.")
         patches = self.projector(self.vision_backbone(pixel_values))
@@ -212,7 +215,18 @@ class TinyOpenVLA(PreTrainedModel):
             ignore = torch.full((b, n), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
             labels = torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **lm_kwargs)
-        return TinyVLAOutput(out.loss, out.logits, out.hidden_states, out.attentions, patches)
+        return self._output(out, patches)
+
+    @staticmethod
+    def _output(out, patches) -> TinyVLAOutput:
+        return TinyVLAOutput(
+            loss=out.loss,
+            logits=out.logits,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            projector_features=patches,
+            past_key_values=out.past_key_values,
+        )
 
 
 def build_tiny_vla(seed: int = 0, **overrides) -> TinyOpenVLA:
