@@ -70,6 +70,115 @@ def test_seeds_and_settings_are_the_references():
         check_backends("gpu", "vulkan", 1)
 
 
+class FakeManiSkillEnv:
+    """What the forks' `gym.make(...)` returns, as the reference uses it (written from RL4VLA's simpler_wrapper.py and
+    ManiSkill's BaseEnv): `reset(seed=[...])` once, then `reset(options={"obj_set": ...})`; observations
+    `obs["sensor_data"]["3rd_view_camera"]["rgb"]` uint8 (B, 480, 640, 3) tensors;
+    `unwrapped.get_language_instruction()` a list of B strings; `step(action (B, 7))` -> (obs, reward, terminated, truncated (B,), info) with
+    `info["success"]` (B,) bool. It succeeds once the world vector's x exceeds 0.01."""
+
+    def __init__(self, made):
+        self.made, self.calls, self.unwrapped = made, [], self
+        self.num_envs = made["num_envs"]
+
+    def _obs(self):
+        import torch
+
+        return {
+            "sensor_data": {"3rd_view_camera": {"rgb": torch.full((self.num_envs, 480, 640, 3), 7, dtype=torch.uint8)}}
+        }
+
+    def reset(self, seed=None, options=None):
+        self.calls.append(("reset", seed, options))
+        return self._obs(), {}
+
+    def get_language_instruction(self):
+        return [f"put the carrot on the plate {i}" for i in range(self.num_envs)]
+
+    def step(self, action):
+        import torch
+
+        assert isinstance(action, torch.Tensor) and action.shape == (self.num_envs, 7)
+        assert set(action[:, 6].tolist()) <= {-1.0, 1.0}
+        self.calls.append(("step", action.clone()))
+        success = action[:, 0] > 0.01
+        none = torch.zeros(self.num_envs, dtype=torch.bool)
+        return self._obs(), torch.zeros(self.num_envs), none, none, {"success": success}
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+@pytest.fixture
+def fake_simulator(monkeypatch):
+    import types
+
+    made = []
+
+    def make(env_id, **kwargs):
+        made.append(FakeManiSkillEnv({"id": env_id, **kwargs}))
+        return made[-1]
+
+    gym = types.SimpleNamespace(make=make, envs=types.SimpleNamespace(registry={"PutOnPlateInScene25Carrot-v1": None}))
+    monkeypatch.setattr("openvla_align.eval.simpler.import_simulator", lambda: gym)
+    return made
+
+
+def test_simpler_env_builds_seeds_and_steps_as_the_reference(fake_simulator):
+    from openvla_align.eval.simpler import SimplerEnv, check_env_ids
+
+    env = SimplerEnv("PutOnPlateInScene25Carrot-v1", 2, num_envs=3, episode_len=80)
+    (fake,) = fake_simulator
+    assert fake.made == {
+        "id": "PutOnPlateInScene25Carrot-v1",
+        "num_envs": 3,
+        "sim_backend": "gpu",
+        "render_backend": "gpu",
+        "max_episode_steps": 80,
+        **ENV_SETTINGS,
+    }
+    images, instructions, _ = env.reset("test")
+    assert fake.calls == [("reset", [2000, 2001, 2002], None), ("reset", None, {"obj_set": "test"})]
+    assert images.shape == (3, 480, 640, 3) and images.dtype == np.uint8 and len(instructions) == 3
+    acts = np.array([[0.02, 0, 0, 0.1, 0, 0, 0.9], [0, 0, 0, 0, 0, 0, 0.1], [0.005, 0, 0, 0, 0, 0, 0.6]])
+    _, _, done, info = env.step(acts)
+    sent = fake.calls[-1][1].numpy()
+    np.testing.assert_allclose(sent[:, :6], acts[:, :6], atol=1e-7)
+    assert sent[:, 6].tolist() == [1.0, -1.0, 1.0] and info["success"].tolist() == [True, False, False]
+    assert done.shape == (3,)
+    with pytest.raises(ValueError, match=r"unknown environment id\(s\) \['Nope-v1'\]; .*PutOnPlateInScene25Carrot-v1"):
+        check_env_ids(["Nope-v1"])
+
+
+def test_rollout_records_episodes_and_writes_videos(fake_simulator, tmp_path):
+    from PIL import Image
+
+    from openvla_align.eval.run import EvalRecipe, run_recipe
+    from openvla_align.eval.simpler import SimplerEnv
+
+    recipe = EvalRecipe(suite="ood", envs=["PutOnPlateInScene25Carrot-v1"], seeds=[4], num_envs=2, episode_len=3)
+    moves = iter([[0.0, 0.02], [0.02, 0.0], [0.0, 0.0]])  # env 1 succeeds at step 1, env 0 at step 2
+
+    def policy(images, instructions):
+        x = next(moves)
+        acts = np.zeros((len(instructions), 7))
+        acts[:, 0] = x
+        return acts
+
+    make = lambda env_id, seed: SimplerEnv(env_id, seed, 2, 3)  # noqa: E731
+    run_recipe(recipe, policy, make, tmp_path, progress=False, video=1)
+    where = tmp_path / "PutOnPlateInScene25Carrot-v1" / "test" / "4"
+    result = json.loads((where / "result.json").read_text())
+    assert result["episodes"] == [
+        {"success": True, "instruction": "put the carrot on the plate 0", "first_success_step": 2, "env_seed": 4000},
+        {"success": True, "instruction": "put the carrot on the plate 1", "first_success_step": 1, "env_seed": 4001},
+    ]
+    assert fake_simulator[0].calls[-1] == ("close",)
+    gif = Image.open(where / "episode_0.gif")
+    assert gif.n_frames == 4 and gif.size == (640, 480)  # reset + 3 steps
+    assert not (where / "episode_1.gif").exists()
+
+
 SIMPLER_PYTHON = os.environ.get("SIMPLER_PYTHON")
 needs_simulator = pytest.mark.skipif(
     not SIMPLER_PYTHON,

@@ -91,17 +91,23 @@ def load_run(root, label: Optional[str] = None, obj_set: Optional[str] = None) -
     return run
 
 
-def write_result(directory, env_id: str, obj_set: str, seed, successes: List[bool], **extra) -> Path:
-    """Write one (env, seed) result as ``directory/<env_id>/<obj_set>/<seed>/result.json`` (atomically)."""
+def write_result(
+    directory, env_id: str, obj_set: str, seed, successes: List[bool], records: Optional[List[dict]] = None, **extra
+) -> Path:
+    """Write one (env, seed) result as ``directory/<env_id>/<obj_set>/<seed>/result.json`` (atomically);
+    ``records`` adds per-episode fields (instruction, first success step, episode seed) to each episode's entry."""
     from .._io import atomic_write_bytes
 
     path = Path(directory) / env_id / obj_set / str(seed) / RESULT_FILE
+    records = records or [{} for _ in successes]
+    if len(records) != len(successes):
+        raise ValueError(f"{len(records)} episode records for {len(successes)} episodes")
     data = {
         "env_id": env_id,
         "obj_set": obj_set,
         "seed": seed,
         "success_rate": sum(map(bool, successes)) / max(1, len(successes)),
-        "episodes": [{"success": bool(s)} for s in successes],
+        "episodes": [{"success": bool(s), **r} for s, r in zip(successes, records)],
         **extra,
     }
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())

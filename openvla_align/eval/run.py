@@ -218,41 +218,71 @@ def run_recipe(
     overwrite: bool = False,
     progress: bool = True,
     meta: Optional[Dict] = None,
+    video: int = 0,
 ) -> Dict[str, object]:
-    """Evaluate every (env, seed) of ``recipe``; ``make_env(env_id, seed)`` builds a batched environment."""
+    """Evaluate every (env, seed) of ``recipe``; ``make_env(env_id, seed)`` builds a batched environment.
+
+    Each episode's record holds its instruction, "success once" (as the reference counts it), the first step at
+    which it succeeded (None if never) and its environment seed (``seed * 1000 + i``). ``video`` > 0 also writes the
+    first ``video`` episodes of each (env, seed) as GIFs beside ``result.json``."""
+    from tqdm import tqdm
+
+    from .simpler import env_seeds
+    from .video import write_episode_gif
+
     out = Path(out)
     done, skipped = [], []
+    todo = []
     for env_id in recipe.envs:
         for seed in recipe.seeds:
             target = out / env_id / recipe.obj_set / str(seed) / RESULT_FILE
-            if target.is_file() and not overwrite:
-                skipped.append((env_id, seed))
-                continue
-            random.seed(seed)  # as the reference's runner, before the environment is built
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-            env = make_env(env_id, seed)
-            images, instructions, _ = env.reset(recipe.obj_set)
-            success = np.zeros(len(instructions), dtype=bool)
-            for _ in range(recipe.episode_len):
-                actions = policy(_as_numpy(images), list(instructions))
-                images, _, _, info = env.step(actions)
-                success |= _as_numpy(info["success"]).astype(bool).reshape(-1)
-            if hasattr(env, "close"):
-                env.close()
-            write_result(
-                out,
-                env_id,
-                recipe.obj_set,
-                seed,
-                success.tolist(),
-                episode_len=recipe.episode_len,
-                suite=recipe.suite,
-                **(meta or {}),
+            (skipped if target.is_file() and not overwrite else todo).append((env_id, seed))
+    episodes = len(todo) * recipe.num_envs
+    bar = tqdm(total=episodes, unit="episode", disable=not progress, dynamic_ncols=True)
+    for env_id, seed in todo:
+        bar.set_description(f"{env_id} seed {seed}")
+        random.seed(seed)  # as the reference's runner, before the environment is built
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        env = make_env(env_id, seed)
+        images, instructions, _ = env.reset(recipe.obj_set)
+        n = len(instructions)
+        first_success = np.full(n, -1)
+        frames = [[np.asarray(im)] for im in _as_numpy(images)[: min(video, n)]]
+        for step in range(1, recipe.episode_len + 1):
+            actions = policy(_as_numpy(images), list(instructions))
+            images, _, _, info = env.step(actions)
+            now = _as_numpy(info["success"]).astype(bool).reshape(-1)
+            first_success[(first_success < 0) & now] = step
+            for kept, im in zip(frames, _as_numpy(images)):
+                kept.append(np.asarray(im))
+        if hasattr(env, "close"):
+            env.close()
+        success = first_success > 0
+        records = [
+            {"instruction": str(text), "first_success_step": int(s) if s > 0 else None, "env_seed": env_seed}
+            for text, s, env_seed in zip(instructions, first_success, env_seeds(seed, n))
+        ]
+        where = out / env_id / recipe.obj_set / str(seed)
+        for k, kept in enumerate(frames):
+            write_episode_gif(
+                where / f"episode_{k}.gif", kept, records[k]["instruction"], records[k]["first_success_step"]
             )
-            done.append((env_id, seed))
-            if progress:
-                print(f"{env_id} seed {seed}: success {success.mean():.3f} over {len(success)} episodes")
+        write_result(
+            out,
+            env_id,
+            recipe.obj_set,
+            seed,
+            success.tolist(),
+            records,
+            episode_len=recipe.episode_len,
+            suite=recipe.suite,
+            **(meta or {}),
+        )
+        done.append((env_id, seed))
+        bar.update(n)
+        bar.write(f"{env_id} seed {seed}: success {success.mean():.3f} over {n} episodes")
+    bar.close()
     return {"evaluated": done, "skipped": skipped, "out": str(out)}
 
 
@@ -278,7 +308,7 @@ def _cmd_run(args) -> int:
 
     out = args.out or str(Path("eval") / Path(adapter or vla_path).name)
     meta = {"vla_path": str(vla_path), "adapter": str(adapter) if adapter else None}
-    summary = run_recipe(recipe, policy, env_cls, out, overwrite=args.overwrite, meta=meta)
+    summary = run_recipe(recipe, policy, env_cls, out, overwrite=args.overwrite, meta=meta, video=args.video)
     print(f"{len(summary['evaluated'])} evaluated, {len(summary['skipped'])} already there; results in {out}")
     return 0
 
@@ -295,6 +325,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the VLA")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the VLA (bfloat16, float16 or float32)")
     p.add_argument("--overwrite", action="store_true", help="re-run (env, seed) pairs that already have results")
+    p.add_argument(
+        "--video", type=int, default=0, metavar="K", help="write the first K episodes of each (env, seed) as GIFs"
+    )
     p.add_argument("--sim-backend", default="gpu", choices=("gpu", "cpu"), help="ManiSkill physics backend")
     p.add_argument(
         "--render-backend", default="gpu", choices=("gpu", "cpu"), help="ManiSkill renderer (cpu: software Vulkan)"
