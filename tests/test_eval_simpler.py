@@ -74,8 +74,8 @@ class FakeManiSkillEnv:
     """What the forks' `gym.make(...)` returns, as the reference uses it (written from RL4VLA's simpler_wrapper.py and
     ManiSkill's BaseEnv): `reset(seed=[...])` once, then `reset(options={"obj_set": ...})`; observations
     `obs["sensor_data"]["3rd_view_camera"]["rgb"]` uint8 (B, 480, 640, 3) tensors;
-    `unwrapped.get_language_instruction()` a list of B strings; `step(action (B, 7))` -> (obs, reward, terminated, truncated (B,), info) with
-    `info["success"]` (B,) bool. It succeeds once the world vector's x exceeds 0.01."""
+    `unwrapped.get_language_instruction()` a list of B strings; `step(action (B, 7))` -> (obs, reward, terminated,
+    truncated (B,), info) with `info["success"]` (B,) bool. It succeeds once the world vector's x exceeds 0.01."""
 
     def __init__(self, made):
         self.made, self.calls, self.unwrapped = made, [], self
