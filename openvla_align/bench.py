@@ -511,7 +511,63 @@ def format_report(result: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def policy_throughput(scale: Scale = CPU_SCALE, batch: int = 64, rounds: int = 3, device: str = "cpu") -> Dict:
+    """Evaluation-policy throughput (actions/s): `eval run`'s KV-cached decoding vs re-running the whole multimodal
+    forward per action token (the path before), on the same model, frames and prompts of several lengths, rounds
+    interleaved; the median round of each counts."""
+    import numpy as np
+
+    from .eval.run import BatchedPolicy
+    from .hooks import unwrap
+    from .probe._model import LoadedVLA
+    from .testing import build_tokenizer
+
+    vla, _ = build(scale, device=device, with_teacher=False)
+    stats = {"q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 6 + [1.0], "mask": [True] * 6 + [False]}
+    unwrap(vla).config.norm_stats = {"bench": {"action": stats}}
+    policy = BatchedPolicy(LoadedVLA(vla.eval(), build_tokenizer(), 224, "bench"), "bench")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    texts = ["put the carrot on the plate", "put the red cup on the left plate", "put it on the board that is blue"]
+    instructions = [texts[i % len(texts)] for i in range(batch)]
+    times: Dict[str, List[float]] = {"kv_cache": [], "full_forward": []}
+    for kv in (True, False):  # warm-up
+        policy.action_tokens(images[:2], instructions[:2], kv_cache=kv)
+    for r in range(rounds):
+        for kv in (True, False) if r % 2 == 0 else (False, True):
+            start = time.perf_counter()
+            policy.action_tokens(images, instructions, kv_cache=kv)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times["kv_cache" if kv else "full_forward"].append(time.perf_counter() - start)
+    per_s = {mode: batch / statistics.median(ts) for mode, ts in times.items()}
+    return {
+        "scale": scale.name,
+        "batch": batch,
+        "rounds": rounds,
+        "actions_per_s": {k: round(v, 2) for k, v in per_s.items()},
+        "speedup": round(per_s["kv_cache"] / per_s["full_forward"], 2),
+    }
+
+
+def format_policy(result: Dict) -> str:
+    a = result["actions_per_s"]
+    return (
+        f"eval policy at batch {result['batch']} ({result['scale']}): KV cache {a['kv_cache']:.1f} actions/s, "
+        f"full re-forward per token {a['full_forward']:.1f} actions/s: {result['speedup']:.2f}x"
+    )
+
+
 def _cmd_bench(args) -> int:
+    if args.policy:
+        result = policy_throughput(SCALES[args.scale], args.policy_batch, args.rounds, args.device)
+        print(format_policy(result))
+        if args.out:
+            from ._io import atomic_write_bytes
+
+            atomic_write_bytes(Path(args.out), (json.dumps(result, indent=2) + "\n").encode())
+            print(f"wrote {args.out}")
+        return 0
     result = run(
         args.rounds, args.steps, args.batch_size, args.device, args.out, memory=not args.no_memory, scale=args.scale
     )
@@ -530,5 +586,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench.json", help="JSON with every figure, for later comparison")
     p.add_argument("--no-memory", action="store_true", help="skip the per-mode memory processes")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="model size (smoke: seconds, for tests)")
+    p.add_argument(
+        "--policy",
+        action="store_true",
+        help="instead: the evaluation policy's throughput, KV-cached decoding vs a full forward per action token",
+    )
+    p.add_argument("--policy-batch", type=int, default=64, help="frames per policy call (the reference infers 64)")
     p.set_defaults(func=_cmd_bench)
     return p

@@ -51,3 +51,32 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert set(result["time"]["median_s"]) == set(bench.MODES) and result["time"]["steps"]["sft"] == 1
     assert all(v > 0 for v in result["memory"]["peak_bytes"].values())
     assert result["time"]["ratio"]["sft"] == 1.0 and result["analytic_7b"]["time"]["sft"] == 1.0
+
+
+def test_policy_throughput_reports_both_decoding_paths(tmp_path, capsys):
+    """`bench --policy`: both decoding paths run on the same frames and the figures are printed and saved (their
+    values are the benchmark's business, not this test's)."""
+    assert (
+        main(
+            [
+                "bench",
+                "--policy",
+                "--scale",
+                "smoke",
+                "--rounds",
+                "1",
+                "--policy-batch",
+                "3",
+                "--out",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "eval policy at batch 3 (smoke scale): KV cache" in out and "full re-forward per token" in out
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert set(result["actions_per_s"]) == {"kv_cache", "full_forward"} and result["batch"] == 3
+    assert result["speedup"] == pytest.approx(
+        result["actions_per_s"]["kv_cache"] / result["actions_per_s"]["full_forward"], rel=0.02
+    )
