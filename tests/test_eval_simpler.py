@@ -209,12 +209,19 @@ def test_eval_run_in_the_real_simulator(tmp_path, vla, tokenizer):
     out = tmp_path / "eval"
     cmd = [SIMPLER_PYTHON, "-m", "openvla_align.cli", "eval", "run", str(recipe), "--vla-path", str(tmp_path / "ckpt")]
     cmd += ["--out", str(out), "--device", "cpu", "--dtype", "float32", "--sim-backend", "cpu"]
-    cmd += ["--render-backend", "cpu"]
+    cmd += ["--render-backend", "cpu", "--video", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from PIL import Image
+
     for env_id in REAL_ENVS:
-        result = json.loads((out / env_id / "test" / "0" / "result.json").read_text())
-        assert len(result["episodes"]) == 1 and result["episode_len"] == 3
+        where = out / env_id / "test" / "0"
+        result = json.loads((where / "result.json").read_text())
+        (episode,) = result["episodes"]
+        assert result["episode_len"] == 3 and episode["env_seed"] == 0 and episode["instruction"]
+        assert set(episode) == {"success", "instruction", "first_success_step", "env_seed"}
+        gif = Image.open(where / "episode_0.gif")  # --video 1: reset + 3 steps of the real renderer's frames
+        assert gif.n_frames == 4 and gif.size == (640, 480)
     report = subprocess.run(
         [SIMPLER_PYTHON, "-m", "openvla_align.cli", "eval", "report", str(out), "--out", str(tmp_path / "tables")],
         capture_output=True,
