@@ -68,6 +68,20 @@ def _example(path: Path) -> Tuple[str, dict, int]:
     return str(path.name), example, len(episode.actions) - len(steps)
 
 
+TFDS_HINT = (
+    "needs tensorflow-datasets, as OpenVLA's environment has it: pip install tensorflow==2.15.0 "
+    "tensorflow_datasets==4.9.3"
+)
+
+
+def require_tfds(what: str) -> None:
+    """Fail before anything is written when tensorflow-datasets cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow_datasets") is None:
+        raise ImportError(f"{what} {TFDS_HINT}.")
+
+
 def features(image_shape: Tuple[int, int, int]):
     import tensorflow_datasets as tfds
 
@@ -99,13 +113,9 @@ def build_rlds(
     progress: bool = True,
 ) -> Dict[str, object]:
     """Write ``out_dir/name/1.0.0`` (a tensorflow-datasets RLDS build); returns what was written and skipped."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as exc:
-        raise ImportError(
-            "Writing RLDS needs tensorflow-datasets (OpenVLA's stack: pip install tensorflow==2.15.0 "
-            "tensorflow_datasets==4.9.3)"
-        ) from exc
+    require_tfds("Writing RLDS")
+    import tensorflow_datasets as tfds
+
     files, spare = select_files(episodes_dir, train, held_back)
     problems = check_files(files, workers)
     if problems and not skip_bad:
@@ -172,22 +182,7 @@ def _emit(future, stats, shape, bar):
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-TFDS_HINT = (
-    "needs tensorflow-datasets, as OpenVLA's environment has it: pip install tensorflow==2.15.0 "
-    "tensorflow_datasets==4.9.3"
-)
-
-
-def require_tfds(what: str) -> None:
-    """Fail before anything is written when tensorflow-datasets cannot be imported."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorflow_datasets") is None:
-        raise ImportError(f"{what} {TFDS_HINT}.")
-
-
 def _cmd_build(args) -> int:
-    require_tfds("Writing RLDS")
     summary = build_rlds(
         args.episodes_dir,
         args.out_dir,
