@@ -109,13 +109,12 @@ class BatchedPolicy:
         """Token rows (BOS + ``predict_action``'s prompt + the "▁" it appends) and the batch's pixel values."""
         from PIL import Image
 
-        prompts = [PROMPT.format(str(i).lower()) for i in instructions]
-        batch = self.loaded.batch(prompts, [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images])
-        lengths = batch["attention_mask"].sum(1).tolist()
-        rows = [batch["input_ids"][i, : int(n)].tolist() for i, n in enumerate(lengths)]
+        loaded = self.loaded
+        rows = [loaded.tokenizer(PROMPT.format(str(i).lower())).input_ids for i in instructions]
         if self.space_id is not None:
             rows = [r if r[-1] == self.space_id else r + [self.space_id] for r in rows]
-        return rows, batch["pixel_values"]
+        pixels = loaded.pixel_values([Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images])
+        return rows, pixels.to(loaded.device, loaded.dtype)
 
     @torch.no_grad()
     def action_tokens(self, images, instructions, *, kv_cache: bool = True) -> np.ndarray:
@@ -152,14 +151,8 @@ class BatchedPolicy:
 
         loaded = self.loaded
         device = loaded.device
-        pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.as_tensor(r)
-            mask[j, : len(r)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = loaded.pad(rows)
+        width = ids.shape[1]
         out = loaded.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=True)
         logits = out.logits
         offset = logits.shape[1] - width  # visual tokens inserted after BOS
@@ -246,16 +239,17 @@ def run_recipe(
         torch.manual_seed(seed)
         env = make_env(env_id, seed)
         images, instructions, _ = env.reset(recipe.obj_set)
-        n = len(instructions)
+        images, n = _as_numpy(images), len(instructions)
         first_success = np.full(n, -1)
-        frames = [[np.asarray(im)] for im in _as_numpy(images)[: min(video, n)]]
+        frames = [[im] for im in images[: min(video, n)]]
         for step in range(1, recipe.episode_len + 1):
-            actions = policy(_as_numpy(images), list(instructions))
+            actions = policy(images, list(instructions))
             images, _, _, info = env.step(actions)
+            images = _as_numpy(images)  # once per step, for the policy and the videos
             now = _as_numpy(info["success"]).astype(bool).reshape(-1)
             first_success[(first_success < 0) & now] = step
-            for kept, im in zip(frames, _as_numpy(images)):
-                kept.append(np.asarray(im))
+            for kept, im in zip(frames, images):
+                kept.append(im)
         if hasattr(env, "close"):
             env.close()
         success = first_success > 0

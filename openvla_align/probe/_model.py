@@ -93,19 +93,23 @@ class LoadedVLA:
         """Right-padded ``input_ids``/``attention_mask`` plus ``pixel_values``, on the model's device and dtype."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images.")
-        rows = [self.tokenizer(p).input_ids for p in prompts]
-        width = max(len(r) for r in rows)
+        ids, mask = self.pad([self.tokenizer(p).input_ids for p in prompts])
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": self.pixel_values(images).to(self.device, self.dtype),
+        }
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Token rows right-padded into ``input_ids`` and ``attention_mask``, on the model's device."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
+            ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
             mask[i, : len(r)] = 1
-        return {
-            "input_ids": ids.to(self.device),
-            "attention_mask": mask.to(self.device),
-            "pixel_values": self.pixel_values(images).to(self.device, self.dtype),
-        }
+        return ids.to(self.device), mask.to(self.device)
 
     def attn_implementation(self) -> str:
         from ..hooks import language_model

@@ -329,18 +329,9 @@ def next_token_logits(loaded: LoadedVLA, seqs: Sequence[Sequence[int]], pixel_va
     """One multimodal forward over the right-padded token rows ``seqs`` (BOS included); returns each row's
     next-token logits ``(len(seqs), vocab)``, read at its last real token. The model inserts visual tokens after
     BOS, so text position ``j`` is logits position ``j + (logits length - padded text length)``."""
-    tok = loaded.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[j, : len(s)] = 1
-    device = loaded.device
-    out = loaded.model(
-        input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixel_values, use_cache=False
-    )
+    ids, mask = loaded.pad(seqs)
+    width = ids.shape[1]
+    out = loaded.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=False)
     logits = _logits(out)
     offset = logits.shape[1] - width  # visual tokens inserted after BOS (0 for a text-only forward)
     last = torch.tensor([len(s) - 1 + offset for s in seqs], device=logits.device)
