@@ -1,7 +1,16 @@
+"""The demo: its world and splits, batches, decoding, verdict logic, its registered teacher, and every stage end to
+end on a small setting (the README's full run takes ~3.5 minutes and is not a test)."""
+
 import json
 
+import numpy as np
+import pytest
+import torch
+
 from openvla_align.cli import main
-from openvla_align.demo import DemoConfig, linear_probe, run_demo
+from openvla_align.demo import DemoConfig, report, run_demo, stages
+from openvla_align.demo import scenes as sc
+from openvla_align.teachers import TeacherWeightsNotFound, create_teacher, teacher_spec
 
 
 def test_teachers_command_lists_width_grid_and_weights(capsys):
@@ -11,39 +20,190 @@ def test_teachers_command_lists_width_grid_and_weights(capsys):
     assert "dinov2" not in out
 
 
-def test_demo_end_to_end(tmp_path, capsys):
-    cfg = DemoConfig(out_dir=str(tmp_path / "demo"), steps=3, batch_size=4, n_train=12, n_heldout=8)
+# --- the world ---------------------------------------------------------------------------------------------------
+
+
+def test_splits_keep_their_promises():
+    train = sc.make_split("train", 200, 0)
+    assert {s.target for s in train} == set(sc.TRAIN_COMBOS) and not {s.target for s in train} & set(sc.HELD_OUT)
+    assert all(len(s.objects) == 1 and _table(s) in sc.TRAIN_TABLES for s in train)
+    objects = sc.make_split("ood_objects", 60, 0)
+    assert {s.target for s in objects} == set(sc.HELD_OUT) and all(_table(s) in sc.TRAIN_TABLES for s in objects)
+    scenes = sc.make_split("ood_scenes", 60, 0)
+    assert all(s.objects[1] == sc.PLATE and _table(s) in sc.OOD_TABLES for s in scenes)
+    assert {s.target for s in scenes} <= set(sc.TRAIN_COMBOS)
+    probe = sc.make_split("probe", 240, 0)
+    assert sorted({s.label for s in probe}) == list(range(12))
+    vl = sc.make_split("vl", 200, 0)
+    assert {s.target for s in vl} == set(sc.COMBOS) and {_table(s) for s in vl} == set(sc.ALL_TABLES)
+    assert any(sc.PLATE in s.objects for s in vl)
+    again = sc.make_split("train", 200, 0)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(train, again))  # seeded
+    with pytest.raises(ValueError, match="Unknown split 'test'"):
+        sc.make_split("test", 1, 0)
+
+
+def _table(scene):
+    """The table colour a scene was drawn on (median of the table pixels, noise removed)."""
+    rgb = np.median(scene.image[scene.cover == 0], axis=0)
+    return min(sc.ALL_TABLES, key=lambda t: np.abs(np.asarray(t) - rgb).sum())
+
+
+def test_pixels_carry_the_labels():
+    (scene,) = sc.make_split("probe", 1, 3)
+    colour, _ = scene.target
+    assert np.allclose(np.median(scene.image[scene.cover > 0], axis=0), sc.COLORS[colour], atol=0.05)
+    assert set(np.unique(scene.cover)) == {0, 1 + sc.COMBOS.index(scene.target)}
+
+
+def test_sort_bins_round_trip():
+    for obj in sc.COMBOS:
+        assert sc.sorted_right(sc.sort_action(obj), obj)
+        others = [o for o in sc.COMBOS if o != obj]
+        assert not any(sc.sorted_right(sc.sort_action(o), obj) for o in others)
+
+
+# --- batches and decoding ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from openvla_align.testing import build_tiny_vla, build_tokenizer
+    from openvla_align.testing.tiny import ActionTokenizer
+
+    tok = build_tokenizer(corpus=stages.corpus())
+    batcher = stages.Batcher(tok, ActionTokenizer(len(tok)))
+    vla = build_tiny_vla(seed=0, vocab_size=len(tok), image_size=112, llm_layers=4, vision_depth=2)
+    return vla, batcher
+
+
+def test_action_batch_labels_only_the_action_and_eos(tiny):
+    _, batcher = tiny
+    scenes = sc.make_split("id", 3, 0)
+    batch = batcher.action(scenes)
+    prompt_len = len(batcher.tok(stages.ACTION_PROMPT).input_ids)
+    assert (batch["labels"][:, :prompt_len] == -100).all()
+    actions = batch["labels"][:, prompt_len : prompt_len + 7].numpy()
+    assert (batch["labels"][:, prompt_len + 7] == batcher.tok.eos_token_id).all()
+    for row, scene in zip(actions, scenes):
+        xy = batcher.act.decode(row)[:2]
+        assert sc.sorted_right(xy, scene.target)
+    assert batch["pixel_values"].shape == (3, 6, 112, 112)
+
+
+def test_vl_questions_name_what_they_ask_about(tiny):
+    _, batcher = tiny
+    (scene,) = sc.make_split("probe", 1, 1)
+    colour, shape = scene.target
+    assert stages.vl_example(scene, "colour") == (f"What colour is the {shape}", colour)
+    assert stages.vl_example(scene, "shape") == (f"What shape is the {colour} object", shape)
+    assert stages.vl_example(scene, "what") == ("What is on the table", f"{colour} {shape}")
+    assert stages.vl_example(scene, "where")[1] == sc.where(int(scene.cells[0]))
+    batch = batcher.vl([scene], ["what"])
+    answer = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert batcher.tok.decode(answer[:-1]).strip() == f"{colour} {shape}" and answer[-1] == batcher.tok.eos_token_id
+
+
+def test_greedy_decoding_matches_a_full_forward(tiny):
+    vla, batcher = tiny
+    scenes = sc.make_split("id", 4, 0)
+    xy = stages.predict_xy(vla, batcher, scenes)
+    batch = batcher.action(scenes, with_answer=False)
+    first = batcher.act.vocab_size - 256
+    with torch.no_grad():
+        x_tok = vla(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits[:, -1, first:].argmax(-1)
+        ids = torch.cat([batch["input_ids"], (x_tok + first)[:, None]], 1)
+        y_tok = vla(input_ids=ids, pixel_values=batch["pixel_values"]).logits[:, -1, first:].argmax(-1)
+    assert np.allclose(xy[:, 0], batcher.act.decode((x_tok + first).numpy()))
+    assert np.allclose(xy[:, 1], batcher.act.decode((y_tok + first).numpy()))
+
+
+def test_object_pooling_reads_only_the_object_patches():
+    (scene,) = sc.make_split("probe", 1, 2)
+    w = stages.object_weights([scene])
+    assert w.shape == (1, 64) and 0 < (w > 0).sum() < 16
+    tokens = torch.zeros(1, 64, 3)
+    tokens[0, w[0] > 0] = 1.0
+    pooled = stages.pool(tokens, w)
+    assert torch.allclose(pooled["object"], torch.ones(1, 3)) and pooled["mean"][0, 0] < 0.25
+
+
+# --- verdict -----------------------------------------------------------------------------------------------------
+
+
+def _summary(sft, align):
+    rows = {"sft": [dict.fromkeys([k for _, k in report.METRICS], v) for v in sft]}
+    rows["align"] = [dict.fromkeys([k for _, k in report.METRICS], v) for v in align]
+    return report.summarize(rows)
+
+
+def test_verdict_counts_only_differences_beyond_the_seed_spread():
+    clear = _summary([0.40, 0.42, 0.41], [0.50, 0.51, 0.52])
+    assert report.better_with_align(clear) == [k for _, k in report.METRICS]
+    assert all("higher with Align" in line for line in report.verdict(clear))
+    noisy = _summary([0.30, 0.50, 0.40], [0.35, 0.55, 0.45])  # +0.05, SD 0.1
+    assert report.better_with_align(noisy) == []
+    assert all("no clear difference" in line for line in report.verdict(noisy))
+    assert "did NOT beat plain SFT" in report.conclusion(noisy)
+    worse = _summary([0.50, 0.51, 0.52], [0.30, 0.31, 0.32])
+    assert all("LOWER with Align" in line for line in report.verdict(worse))
+
+
+# --- its teacher, through the registry ---------------------------------------------------------------------------
+
+
+def test_demo_teacher_needs_its_weights_and_says_where_they_come_from(tmp_path):
+    with pytest.raises(TeacherWeightsNotFound, match="openvla-align demo"):
+        create_teacher("demo-scenes", grid=(8, 8))
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="does not hold its weights.*openvla-align demo"):
+        create_teacher("demo-scenes", path=str(bad), grid=(8, 8))
+    assert teacher_spec("demo-scenes").width == 32
+
+
+# --- every stage, small ------------------------------------------------------------------------------------------
+
+
+def test_demo_stages_on_a_small_setting(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    cfg = DemoConfig(
+        out_dir=str(out_dir),
+        seeds=(0,),
+        n_vl=400,
+        n_train=64,
+        n_eval=16,
+        n_probe=(144, 72),
+        teacher_steps=150,
+        vision_steps=150,
+        vl_steps=4,
+        steps=3,
+        batch_size=8,
+        attention_examples=2,
+    )
     summary = run_demo(cfg)
-    out = capsys.readouterr().out
-    assert "tiny random-weight models" in out and "SFT+Align" in out and "(OK)" in out
-    assert "held-out action loss (lower is better)" in out and "linear probe (shape), layer 16 (higher)" in out
-    assert f"{tmp_path / 'demo'}/base (the tiny base checkpoint)" in out
-    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    printed = capsys.readouterr().out
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["summary"] == json.loads(json.dumps(summary["summary"]))
+    chance = 1 / 12
+    assert metrics["teacher_probe"]["probe"] > 2 * chance  # the teacher learned the concepts
+    assert metrics["base"]["probe"] > 2 * chance  # the VL-pretrained VLA's aligned layer carries them
+    keys = {k for _, k in report.METRICS}
+    assert set(metrics["base"]) == keys
     for run in ("sft", "align"):
-        r = metrics["results"][run]
-        assert {
-            "action_loss",
-            "token_accuracy",
-            "align/cos_layer16",
-            "linear_probe_shape_layer16",
-            "linear_probe_color_layer16",
-        } <= set(r)
-        assert (tmp_path / "demo" / run / "adapter" / "adapter_config.json").is_file()
-    assert (tmp_path / "demo" / "align" / "adapter" / "align" / "projector.safetensors").is_file()
-    assert not (tmp_path / "demo" / "sft" / "adapter" / "align").exists()
-    assert metrics["results"]["align"]["reload_max_abs_logit_diff"] < 1e-4
-    assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
-    assert len(summary["history"]["align"]) == 3
-
-
-def test_linear_probe_separable_vs_shuffled():
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(90) % 3
-    x = torch.randn(90, 16, generator=g) * 0.3
-    x[torch.arange(90), y] += 3.0  # linearly separable by construction
-    assert linear_probe(x[:60], y[:60], x[60:], y[60:]) == 1.0
-    noise = torch.randn(300, 16, generator=g)
-    labels = torch.randint(0, 3, (300,), generator=g)
-    assert linear_probe(noise[:200], labels[:200], noise[200:], labels[200:]) < 0.5
+        (row,) = metrics["per_seed"][run]
+        assert set(row) == keys | {"seed"} and all(0 <= row[k] <= 1 for k in keys)
+        assert set(metrics["summary"][run]) == keys
+        assert (out_dir / run / "seed0" / "adapter" / "adapter_config.json").is_file()
+        assert len(metrics["history"][run][0]) == 3
+    assert "align/cos_layer4" in metrics["history"]["align"][0][-1]
+    assert (out_dir / "align" / "seed0" / "adapter" / "align" / "projector.safetensors").is_file()
+    assert not (out_dir / "sft" / "seed0" / "adapter" / "align").exists()
+    assert (out_dir / "teacher" / "model.safetensors").is_file() and (out_dir / "base" / "config.json").is_file()
+    assert metrics["reload_max_abs_logit_diff"] < 1e-4
+    assert set(metrics["seconds"]) >= {"data", "teacher", "base", "sft", "align", "evaluation", "total"}
+    assert len(metrics["verdict"]) == len(report.METRICS) and metrics["conclusion"] in printed
+    assert metrics["table"] in printed and "SFT+Align (1 seed)" in metrics["table"]
+    assert (out_dir / "demo.png").stat().st_size > 10_000
+    last = printed.strip().splitlines()[-1]
+    assert str(out_dir) in last and "openvla-align probe linear" in last and "openvla-align eval" in last

@@ -175,3 +175,20 @@ def _register_theia(size: str, mix: str) -> None:
 for _size in THEIA_SIZES:
     for _mix in THEIA_MIXES:
         _register_theia(_size, _mix)
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+# The CPU demo's own teacher: a small conv patch encoder that `openvla-align demo` trains on its generated scenes.
+register_builtin(
+    TeacherSpec(
+        name="demo-scenes",
+        family="demo",
+        width=32,
+        patch_size=14,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_prefix_tokens=0,
+        weights_hint="teacher_path=OUT/teacher/model.safetensors, written by `openvla-align demo --out OUT`",
+    ),
+    "openvla_align.demo.teacher",
+)

@@ -106,7 +106,21 @@ def _vit(dim: int, depth: int, heads: int, image_size: int, patch: int, siglip: 
             no_embed_class=True,
             init_values=1.0,
         )
+        for block in vit.blocks:
+            block.ls1, block.ls2 = _LayerScale(block.ls1.gamma), _LayerScale(block.ls2.gamma)
     return vit
+
+
+class _LayerScale(nn.Module):
+    """timm's LayerScale with its parameter named ``scale_factor`` instead of ``gamma``, as in upstream's HF model:
+    transformers' loader renames every ``*gamma`` key to ``*weight``, so a trained ``gamma`` would not load back."""
+
+    def __init__(self, gamma: torch.Tensor):
+        super().__init__()
+        self.scale_factor = nn.Parameter(gamma.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale_factor
 
 
 class TinyVisionBackbone(nn.Module):

@@ -1,0 +1,235 @@
+"""The demo's stages on the tiny OpenVLA-layout model: batches, training loops, evaluation.
+
+Text follows OpenVLA's layout: BOS, the visual tokens (inserted by the model), ``In: ...?\\nOut:``, then the answer
+(words for the VL stage, 7 action tokens for the robot task) and EOS; the loss is on the answer and EOS only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..hooks import VisualTokenHook
+from ..openvla.pixels import normalize_fused
+from ..testing.tiny import IGNORE_INDEX, ActionTokenizer
+from .objectives import dense_loss, patch_targets
+from .scenes import COLORS, SHAPES, Scene, images, name, sort_action, sorted_right, where
+
+ACTION_PROMPT = "In: What action should the robot take to put the object in its bin?\nOut:"
+REST = (-0.1, 0.0, 0.0, 0.0, 1.0)  # the action's other five dims (z, rotation, gripper): the same in every scene
+VL_KINDS = ("colour", "shape", "where", "what")
+
+
+def vl_example(scene: Scene, kind: str) -> Tuple[str, str]:
+    """A question of ``kind`` about the scene's target and its answer. "what" needs a one-object scene and
+    "colour"/"shape" an unambiguous one; otherwise the question becomes "where"."""
+    target = scene.target
+    shapes = [o[1] for o in scene.objects]
+    colours = [o[0] for o in scene.objects]
+    if kind == "colour" and shapes.count(target[1]) == 1:
+        return f"What colour is the {target[1]}", target[0]
+    if kind == "shape" and colours.count(target[0]) == 1:
+        return f"What shape is the {target[0]} object", target[1]
+    if kind == "what" and len(scene.objects) == 1:
+        return "What is on the table", name(target)
+    return f"Where is the {name(target)}", where(int(scene.cells[0]))
+
+
+def corpus() -> List[str]:
+    """Every phrase the demo's tokenizer must know."""
+    words = "What colour shape is the object Where is on the table top middle bottom left center right"
+    return [f"{c} {s} {words}" for c in COLORS for s in SHAPES] + [ACTION_PROMPT]
+
+
+class Batcher:
+    """Scenes -> OpenVLA-layout batches (right-padded; labels on the answer and EOS)."""
+
+    def __init__(self, tokenizer, action_tokenizer: ActionTokenizer):
+        self.tok = tokenizer
+        self.act = action_tokenizer
+
+    def action_ids(self, scene: Scene) -> List[int]:
+        return self.act.encode(np.concatenate([sort_action(scene.target), REST]))
+
+    def _rows(self, prompts: Sequence[str], answers: Sequence[Optional[List[int]]]) -> Dict[str, torch.Tensor]:
+        rows, labels = [], []
+        for prompt, answer in zip(prompts, answers):
+            ids = self.tok(prompt).input_ids
+            tail = [] if answer is None else answer + [self.tok.eos_token_id]
+            rows.append(ids + tail)
+            labels.append([IGNORE_INDEX] * len(ids) + tail)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, (ids, lbl) in enumerate(zip(rows, labels)):
+            input_ids[j, : len(ids)] = torch.tensor(ids)
+            lab[j, : len(lbl)] = torch.tensor(lbl)
+            mask[j, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": lab}
+
+    def vl(self, scenes: Sequence[Scene], kinds: Sequence[str]) -> Dict[str, torch.Tensor]:
+        qa = [vl_example(s, k) for s, k in zip(scenes, kinds)]
+        answers = [self.tok(" " + a, add_special_tokens=False).input_ids for _, a in qa]
+        batch = self._rows([f"In: {q}?\nOut:" for q, _ in qa], answers)
+        return {**batch, "pixel_values": normalize_fused(images(scenes))}
+
+    def action(self, scenes: Sequence[Scene], with_answer: bool = True) -> Dict[str, torch.Tensor]:
+        answers = [self.action_ids(s) if with_answer else None for s in scenes]
+        batch = self._rows([ACTION_PROMPT] * len(scenes), answers)
+        return {**batch, "pixel_values": normalize_fused(images(scenes))}
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+
+def lora(vla, rank: int, seed: int):
+    """OpenVLA's fine-tuning LoRA: every linear layer (vision, projector, LLM), rank ``rank``, seeded init."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=rank, lora_alpha=min(rank, 16), lora_dropout=0.0, target_modules="all-linear", init_lora_weights="gaussian"
+    )
+    with warnings.catch_warnings():  # PEFT on current transformers: an API rename notice, not the demo's business
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(vla, cfg)
+
+
+def train_loop(
+    model, make_batch: Callable[[int], dict], steps: int, lr: float, desc: str, aligner=None, warmup: int = 10
+) -> List[Dict[str, float]]:
+    """AdamW, linear warmup then cosine decay, gradients clipped at 1; an attached ``aligner`` adds its loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, min(warmup, steps // 2))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / max(steps, 1)))
+    )
+    history = []
+    model.train()
+    for step in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
+        batch = make_batch(step)
+        out = model(**batch)
+        loss = out.loss
+        record = {"step": step, "loss": out.loss.item()}
+        if aligner is not None:
+            a = aligner(pixel_values=batch["pixel_values"])
+            loss = loss + a.loss
+            record.update({k: v.item() for k, v in a.metrics.items()})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        history.append(record)
+    model.eval()
+    return history
+
+
+def pretrain_vision(vla, scenes: Sequence[Scene], n_classes: int, steps: int, lr: float, seed: int, batch_size=32):
+    """Dense pretraining of the fused vision backbone (both towers) on ``scenes``: each patch token says what covers
+    it and where it is. The demo's stand-in for the web-scale pretraining of DINOv2 and SigLIP."""
+    torch.manual_seed(seed)
+    backbone = vla.vision_backbone
+    target = torch.from_numpy(np.stack([patch_targets(s.cover, n_classes).reshape(-1, n_classes) for s in scenes]))
+    side = int(round(target.shape[1] ** 0.5))
+    pixels = normalize_fused(images(scenes))
+    head = torch.nn.Linear(backbone.embed_dim, n_classes + 2 * side)
+    opt = torch.optim.AdamW(list(backbone.parameters()) + list(head.parameters()), lr=lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    backbone.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="vision", unit="step", dynamic_ncols=True):
+        idx = torch.randint(len(scenes), (batch_size,), generator=g)
+        loss = dense_loss(head(backbone(pixels[idx])), target[idx], side)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    backbone.eval()
+    return losses
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+
+
+def object_weights(scenes: Sequence[Scene], patch: int = 14) -> torch.Tensor:
+    """(B, N): the share of each patch covered by an object (not table), for object-token pooling."""
+    cover = np.stack([s.cover > 0 for s in scenes]).astype(np.float32)
+    b, h, w = cover.shape
+    grid = cover[:, : h // patch * patch, : w // patch * patch].reshape(b, h // patch, patch, w // patch, patch)
+    return torch.from_numpy(grid.mean((2, 4)).reshape(b, -1))
+
+
+def pool(tokens: torch.Tensor, weights: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """(B, N, D) tokens -> {"mean": all tokens averaged (as the paper's probe), "object": the object's tokens}."""
+    w = weights / weights.sum(1, keepdim=True).clamp_min(1e-6)
+    return {"mean": tokens.mean(1), "object": torch.einsum("bn,bnd->bd", w, tokens)}
+
+
+@torch.no_grad()
+def pooled_features(model, batcher: Batcher, scenes: Sequence[Scene], layer: int, batch_size: int = 64):
+    """Pooled visual tokens of LLM layer ``layer`` (the linear probe's input), both poolings."""
+    feats = []
+    with VisualTokenHook(model, (layer,)) as hook:
+        for start in range(0, len(scenes), batch_size):
+            chunk = scenes[start : start + batch_size]
+            batch = batcher.action(chunk, with_answer=False)
+            batch.pop("labels")
+            model(**batch)
+            feats.append(pool(hook.pop()[layer].float(), object_weights(chunk)))
+    return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
+
+
+@torch.no_grad()
+def teacher_features(teacher, scenes: Sequence[Scene], batch_size: int = 64):
+    """Pooled teacher patch features, both poolings."""
+    feats = [
+        pool(teacher(images(scenes[i : i + batch_size])), object_weights(scenes[i : i + batch_size]))
+        for i in range(0, len(scenes), batch_size)
+    ]
+    return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
+
+
+@torch.no_grad()
+def predict_xy(model, batcher: Batcher, scenes: Sequence[Scene], batch_size: int = 64) -> np.ndarray:
+    """Greedy decoding of the first two action tokens (x, y), restricted to the 256 action tokens as OpenVLA's
+    ``predict_action`` effectively is after un-normalisation; the prompt is the same for every scene."""
+    first = batcher.act.vocab_size - 256
+    out = []
+    for start in range(0, len(scenes), batch_size):
+        batch = batcher.action(scenes[start : start + batch_size], with_answer=False)
+        ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+        tokens = []
+        for _ in range(2):
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1, first:]
+            tok = logits.argmax(-1) + first
+            ids = torch.cat([ids, tok[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            tokens.append(batcher.act.decode(tok.numpy()))
+        out.append(np.stack(tokens, 1))
+    return np.concatenate(out)
+
+
+def sort_accuracy(model, batcher: Batcher, scenes: Sequence[Scene]) -> float:
+    """Share of scenes whose greedy action puts the object in its bin (both axes right)."""
+    xy = predict_xy(model, batcher, scenes)
+    return float(np.mean([sorted_right(p, s.target) for p, s in zip(xy, scenes)]))
+
+
+@torch.no_grad()
+def attention_rows(model, batcher: Batcher, scenes: Sequence[Scene], layer: int) -> np.ndarray:
+    """(n, h, w): attention of the prompt's last token over the visual grid at decoder block ``layer``, heads
+    averaged (the paper's attention figures, at the demo's scale)."""
+    batch = batcher.action(scenes, with_answer=False)
+    batch.pop("labels")
+    out = model(**batch, output_attentions=True)
+    att = out.attentions[layer - 1].float().mean(1)[:, -1]  # (n, S): last query row
+    n_vis = att.shape[-1] - batch["input_ids"].shape[1]
+    side = int(round(n_vis**0.5))
+    return att[:, 1 : 1 + n_vis].reshape(-1, side, side).numpy()

@@ -1,0 +1,95 @@
+"""The demo's teacher: a small convolutional patch encoder that knows the demo's colours and shapes.
+
+It is a real registered teacher (``demo-scenes``: same ``Teacher`` contract, weights loaded from a file by the
+registry's factory), trained by the demo itself in a few seconds: each 14 px patch's feature must predict which
+colour x shape covers how much of that patch (soft cross-entropy over 13 classes: table + 12 objects), seeing a
+3x3-patch neighbourhood. That is the demo's stand-in for C-RADIOv3: a frozen encoder whose patch features carry
+the visual concepts the VLA should keep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..teachers.base import Teacher, wants_random
+from ..teachers.spec import TeacherSpec, TeacherWeightsNotFound
+from .objectives import PATCH, dense_loss, patch_targets
+
+HIDDEN = 64
+
+
+class SceneTeacher(Teacher):
+    def __init__(self, spec: TeacherSpec, resolution: Optional[int] = None, grid: Tuple[int, int] = (8, 8)):
+        super().__init__(spec, resolution, grid)
+        self.embed = nn.Conv2d(3, HIDDEN, PATCH, PATCH)
+        side = self.resolution // PATCH
+        self.pos = nn.Parameter(torch.randn(1, HIDDEN, side, side) * 0.5)
+        self.mix = nn.Sequential(
+            nn.GELU(), nn.Conv2d(HIDDEN, HIDDEN, 3, padding=1), nn.GELU(), nn.Conv2d(HIDDEN, spec.width, 3, padding=1)
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels -> (B, width, h, w) feature map (with gradients: the demo trains through this)."""
+        return self.mix(self.embed(x) + self.pos)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x).flatten(2).transpose(1, 2)
+
+
+def train_scene_teacher(
+    teacher: SceneTeacher, images: torch.Tensor, covers: Sequence[np.ndarray], n_classes: int, steps: int, seed: int
+) -> float:
+    """Fit the teacher (and a throw-away linear head) to the patch targets; returns the last loss."""
+    torch.manual_seed(seed)
+    target = torch.from_numpy(np.stack([patch_targets(c, n_classes).reshape(-1, n_classes) for c in covers]))
+    side = teacher.native_grid[0]
+    head = nn.Linear(teacher.spec.width, n_classes + 2 * side)
+    params = list(teacher.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    x_all = teacher.preprocess(images)
+    loss = torch.tensor(0.0)
+    for _ in tqdm(range(steps), desc="teacher", unit="step", dynamic_ncols=True):
+        idx = torch.randint(len(x_all), (32,), generator=g)
+        loss = dense_loss(head(teacher._features(x_all[idx])), target[idx], side)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    teacher.freeze()
+    return loss.item()
+
+
+def teacher_factory(spec: TeacherSpec, **_params):
+    """The registry's factory for ``demo-scenes``: weights from ``path`` (written by `openvla-align demo`)."""
+
+    def build(
+        path=None, resolution=None, grid=(8, 8), allow_random: bool = False, trust_remote_code: bool = False, arch=None
+    ) -> SceneTeacher:
+        if arch:
+            raise ValueError(f"Teacher {spec.name!r} has one architecture; arch={arch!r} is not supported.")
+        teacher = SceneTeacher(spec, resolution, grid)
+        if wants_random(spec.name, path, allow_random):
+            return teacher.freeze()
+        if path is None or not Path(path).is_file():
+            raise TeacherWeightsNotFound(
+                f"Teacher {spec.name!r} needs teacher_path=<file>: the safetensors file `openvla-align demo` writes "
+                f"to OUT/teacher/model.safetensors (got {path!r})."
+            )
+        from safetensors.torch import load_file
+
+        try:
+            teacher.load_state_dict(load_file(str(path)))
+        except Exception as exc:  # a truncated file, another model's weights, ...
+            raise ValueError(
+                f"Teacher {spec.name!r}: {path} does not hold its weights ({type(exc).__name__}: {exc}). "
+                "Run `openvla-align demo` again to write them."
+            ) from None
+        return teacher.freeze()
+
+    return build
