@@ -46,7 +46,7 @@ def _cmd_teachers(args) -> int:
 # arguments (imported only when that command runs), a nested table, or a function given the command's parser.
 COMMANDS = {
     "teachers": ("List registered teachers: width, patch, native grid, where weights go.", _add_teachers),
-    "demo": ("SFT vs SFT+Align on tiny random-weight models and generated data (CPU).", "openvla_align.demo"),
+    "demo": ("The paper's experiment in miniature on the CPU: SFT vs SFT+Align.", "openvla_align.demo"),
     "probe": (
         "Diagnostics: linear probe, attention maps, t-SNE, VL-Think questions.",
         {
@@ -89,7 +89,7 @@ COMMANDS = {
 # One example per command, shown at the end of its --help.
 EXAMPLES = {
     "teachers": "openvla-align teachers 'c-radio*'",
-    "demo": "openvla-align demo --out demo_out --steps 60",
+    "demo": "openvla-align demo --out demo_out --seeds 0 1 2",
     "probe linear": "openvla-align probe linear --data imagenet100/ --layer 16 --model openvla-7b/ "
     "--model openvla-7b/::runs/align/adapter --model teacher:c-radio-v3-l --out tables/table3.json",
     "probe attention": "openvla-align probe attention --model openvla-7b/ --adapter runs/align/adapter "

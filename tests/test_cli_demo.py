@@ -207,3 +207,11 @@ def test_demo_stages_on_a_small_setting(tmp_path, capsys):
     assert (out_dir / "demo.png").stat().st_size > 10_000
     last = printed.strip().splitlines()[-1]
     assert str(out_dir) in last and "openvla-align probe linear" in last and "openvla-align eval" in last
+
+
+def test_vlthink_tells_the_demo_runs_apart_by_run_and_seed():
+    from openvla_align.probe.vlthink import _labels
+
+    specs = [("out/base", None), ("out/base", "out/sft/seed0/adapter"), ("out/base", "out/align/seed0/adapter")]
+    assert _labels(specs) == ["base", "base+sft/seed0", "base+align/seed0"]
+    assert _labels([("m", "runs/align/adapter"), ("m", "x/lora")]) == ["m+align", "m+lora"]

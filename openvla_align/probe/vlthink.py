@@ -448,8 +448,14 @@ def _labels(specs: Sequence[Tuple[str, Optional[str]]]) -> List[str]:
         label = Path(path).name or path
         if adapter:
             a = Path(adapter)
-            # `RUN/adapter` (as the demo and PEFT runs lay them out) is better told apart by its run name
-            label += f"+{a.parent.name if a.name == 'adapter' and a.parent.name else a.name or adapter}"
+            # `RUN/adapter` (as PEFT runs lay them out) is better told apart by its run name, and the demo's
+            # `RUN/seedN/adapter` by both
+            name = a.name or adapter
+            if a.name == "adapter" and a.parent.name:
+                name = a.parent.name
+                if re.fullmatch(r"seed\d+", name) and a.parent.parent.name:
+                    name = f"{a.parent.parent.name}/{name}"
+            label += f"+{name}"
         seen[label] = seen.get(label, 0) + 1
         labels.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
     return labels
