@@ -24,11 +24,12 @@ import torch.nn as nn
 
 from ._io import atomic_write
 from .config import AlignConfig
-from .hooks import VisualTokenHook, llm_hidden_size, unwrap
+from .hooks import VisualTokenHook
 from .losses import get_loss
-from .openvla.pixels import rgb_from_pixel_values
 from .projector import build_projector, fingerprint
 from .teachers import Teacher, create_teacher
+from .vla.layout import llm_hidden_size, student_grid, unwrap
+from .vla.pixels import rgb_from_pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,6 @@ class AlignOutput:
     loss: torch.Tensor  # coeff * sum of per-layer losses: add it to the action loss
     layer_losses: Dict[int, torch.Tensor] = field(default_factory=dict)  # unweighted, with grad
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # detached; `.item()` only when logging
-
-
-def student_grid(vla: nn.Module) -> Optional[Tuple[int, int]]:
-    """The VLA's visual token grid, read from its (first) timm featurizer."""
-    backbone = getattr(unwrap(vla), "vision_backbone", None)
-    featurizer = getattr(backbone, "featurizer", None)
-    grid = getattr(getattr(featurizer, "patch_embed", None), "grid_size", None)
-    return tuple(int(g) for g in grid) if grid is not None else None
 
 
 class Aligner(nn.Module):

@@ -256,7 +256,7 @@ class Runner:
                 out = self.vla(**model_batch, output_hidden_states=True)
                 hidden = out.hidden_states[self.scale.layer][:, 1 : 1 + VISUAL_TOKENS]
                 with torch.no_grad():
-                    from .openvla.pixels import rgb_from_pixel_values
+                    from .vla.pixels import rgb_from_pixel_values
 
                     targets = self.aligner.teacher(rgb_from_pixel_values(model_batch["pixel_values"]))
                 proj = self.aligner.projectors[str(self.scale.layer)]
@@ -518,9 +518,9 @@ def policy_throughput(scale: Scale = CPU_SCALE, batch: int = 64, rounds: int = 3
     import numpy as np
 
     from .eval.run import BatchedPolicy
-    from .hooks import unwrap
-    from .probe._model import LoadedVLA
     from .testing import build_tokenizer
+    from .vla.checkpoint import LoadedVLA
+    from .vla.layout import unwrap
 
     vla, _ = build(scale, device=device, with_teacher=False)
     stats = {"q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 6 + [1.0], "mask": [True] * 6 + [False]}

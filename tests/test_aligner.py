@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 
 from openvla_align import AlignConfig, Aligner
 from openvla_align.losses import cosine_loss
-from openvla_align.openvla.pixels import rgb_from_pixel_values
+from openvla_align.vla.pixels import rgb_from_pixel_values
 
 from conftest import PatchTeacher
 

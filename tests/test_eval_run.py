@@ -16,8 +16,8 @@ import torch
 from openvla_align.eval import load_run
 from openvla_align.eval.report import build_report
 from openvla_align.eval.run import BatchedPolicy, EvalRecipe, run_recipe
-from openvla_align.probe import load_vla
 from openvla_align.testing import save_tiny_checkpoint
+from openvla_align.vla.checkpoint import load_vla
 
 from conftest import cli_fails
 

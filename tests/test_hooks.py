@@ -4,7 +4,8 @@ import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from openvla_align.hooks import NotAnOpenVLAModel, VisualTokenHook, check_layers
+from openvla_align.hooks import VisualTokenHook
+from openvla_align.vla.layout import NotAnOpenVLAModel, check_layers
 
 from conftest import make_batch
 

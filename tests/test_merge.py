@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 from openvla_align import AlignConfig
 from openvla_align.cli import main
 from openvla_align.openvla.plugin import AlignPlugin
-from openvla_align.probe import load_vla
 from openvla_align.testing import save_tiny_checkpoint, tiny_teacher
+from openvla_align.vla.checkpoint import load_vla
 
 from conftest import cli_fails, make_batch
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from openvla_align.openvla.pixels import (
+from openvla_align.vla.pixels import (
     DINO_MEAN_BF16,
     DINO_STD_BF16,
     normalize_fused,

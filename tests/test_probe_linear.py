@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from openvla_align.probe import linear
-from openvla_align.probe._model import load_vla
 from openvla_align.probe.linear import (
     DEFAULT_PROMPT,
     ModelSpec,
@@ -21,6 +20,7 @@ from openvla_align.probe.linear import (
 )
 from openvla_align.teachers.radio import TINY_ARCH
 from openvla_align.testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
+from openvla_align.vla.checkpoint import load_vla
 
 from conftest import cli_fails
 

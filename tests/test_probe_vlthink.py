@@ -9,7 +9,6 @@ import torch.nn as nn
 from PIL import Image
 
 from openvla_align.probe import vlthink
-from openvla_align.probe._model import LoadedVLA, load_image, load_vla, vqa_prompt
 from openvla_align.probe.vlthink import (
     VLThinkDataError,
     VLThinkItem,
@@ -23,6 +22,7 @@ from openvla_align.probe.vlthink import (
     summarize,
 )
 from openvla_align.testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
+from openvla_align.vla.checkpoint import LoadedVLA, load_image, load_vla, vqa_prompt
 
 IMAGE_SIZE = 56  # 4x4 patches: fast, same code paths as 224
 

@@ -146,7 +146,7 @@ def test_batched_kv_cached_policy_equals_predict_action_one_sample_at_a_time(ass
     from transformers import AutoProcessor, LogitsProcessor, LogitsProcessorList
 
     from openvla_align.eval.run import PROMPT, BatchedPolicy
-    from openvla_align.probe import load_vla
+    from openvla_align.vla.checkpoint import load_vla
 
     ckpt = assets[0]
     loaded = load_vla(ckpt, dtype="float32", attn_implementation=None)

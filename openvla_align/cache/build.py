@@ -19,7 +19,7 @@ import torch
 
 from ..config import TEACHER_DTYPES
 from .keys import frame_key, pixel_values_from_frames
-from .store import CacheSpec, CacheWriter, TeacherCache, file_sha256, read_manifest
+from .store import CacheSpec, CacheWriter, TeacherCache, file_sha256, read_manifest, rlds_identity
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +73,6 @@ def rlds_frames(data_root, dataset_name: str, size: int = 224) -> Tuple[Iterator
             yield from (np.asarray(f, dtype=np.uint8) for f in episode)
 
     return frames(), {"kind": "rlds", **rlds_identity(data_root, dataset_name), "size": size}
-
-
-def rlds_identity(data_root, dataset_name: str) -> Dict[str, object]:
-    """Which build of ``dataset_name`` this is: its version directory and the SHA-256 of its dataset_info.json."""
-    infos = sorted((Path(data_root) / dataset_name).glob("*/dataset_info.json"))
-    if not infos:
-        return {"dataset": dataset_name}
-    info = infos[-1]
-    return {"dataset": dataset_name, "version": info.parent.name, "dataset_info_sha256": file_sha256(info)}
 
 
 # --------------------------------------------------------------------------------------------------- the build
@@ -139,7 +130,7 @@ def build_cache(
             pixel_values = pixel_values_from_frames([batch[i] for i in todo]).to(device)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                from ..openvla.pixels import rgb_from_pixel_values
+                from ..vla.pixels import rgb_from_pixel_values
 
                 feats = teacher(rgb_from_pixel_values(pixel_values)).to("cpu")
             compute_time += time.perf_counter() - t0

@@ -15,7 +15,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from ..openvla.pixels import (
+from ..vla.pixels import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SIGLIP_MEAN,

@@ -287,8 +287,6 @@ def open_for_training(config, dataset_name: Optional[str] = None, data_root=None
         problems.append(f"it was built from other teacher weights than {config.teacher_path}")
     source = spec.source or {}
     if source.get("kind") == "rlds" and dataset_name is not None:
-        from .build import rlds_identity
-
         now = rlds_identity(data_root, dataset_name) if data_root is not None else {"dataset": dataset_name}
         if source.get("dataset") != dataset_name:
             problems.append(f"it was built on dataset {source.get('dataset')!r}, training uses {dataset_name!r}")
@@ -311,3 +309,12 @@ __all__ = [
     "open_for_training",
     "read_manifest",
 ]
+
+
+def rlds_identity(data_root, dataset_name: str) -> Dict[str, object]:
+    """Which build of ``dataset_name`` this is: its version directory and the SHA-256 of its dataset_info.json."""
+    infos = sorted((Path(data_root) / dataset_name).glob("*/dataset_info.json"))
+    if not infos:
+        return {"dataset": dataset_name}
+    info = infos[-1]
+    return {"dataset": dataset_name, "version": info.parent.name, "dataset_info_sha256": file_sha256(info)}

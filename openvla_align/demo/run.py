@@ -261,7 +261,7 @@ def _save_safetensors(path: Path, state) -> None:
 def _check_reload(model, base_dir: Path, run_dir: Path, teacher, batcher, evals) -> float:
     """Load the base checkpoint + the Align adapter the way a user would, and compare logits; the sidecar must load."""
     from ..aligner import Aligner
-    from ..probe import load_vla
+    from ..vla.checkpoint import load_vla
 
     reloaded = load_vla(base_dir, run_dir / "adapter").model
     Aligner.load(run_dir / "adapter" / "align", teacher=teacher)

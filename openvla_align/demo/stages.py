@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from ..hooks import VisualTokenHook
-from ..openvla.pixels import normalize_fused
 from ..testing.tiny import IGNORE_INDEX, ActionTokenizer
+from ..vla.pixels import normalize_fused
 from .objectives import dense_loss, patch_targets
 from .scenes import COLORS, SHAPES, Scene, images, name, sort_action, sorted_right, where
 

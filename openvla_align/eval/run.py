@@ -80,7 +80,7 @@ class BatchedPolicy:
     tokens with a KV cache, prompts and "▁" as upstream ``predict_action``, un-normalised as it does."""
 
     def __init__(self, loaded, unnorm_key: str):
-        from ..hooks import unwrap
+        from ..vla.layout import unwrap
 
         self.loaded = loaded
         base = unwrap(loaded.model)
@@ -126,7 +126,7 @@ class BatchedPolicy:
         try:
             if kv_cache:
                 return self._decode_cached(rows, pixel_values)
-            from ..probe.vlthink import next_token_logits
+            from ..vla.decoding import next_token_logits
 
             generated: List[List[int]] = [[] for _ in rows]
             for _ in range(self.action_dim):
@@ -147,7 +147,7 @@ class BatchedPolicy:
 
         Each new token sits at cache index ``width + t`` for every row, with its row's true position id and an
         attention mask that hides the row's padding, so every row sees exactly what it would see alone."""
-        from ..hooks import language_model
+        from ..vla.layout import language_model
 
         loaded = self.loaded
         device = loaded.device
@@ -281,7 +281,7 @@ def run_recipe(
 
 
 def _cmd_run(args) -> int:
-    from ..probe._model import load_vla, parse_model
+    from ..vla.checkpoint import load_vla, parse_model
     from .simpler import SimplerEnv, check_backends, check_env_ids
 
     recipe = EvalRecipe.load(args.recipe)  # cheap checks first: the recipe, then the simulator, then the VLA

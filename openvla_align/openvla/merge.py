@@ -80,7 +80,7 @@ def merge_adapter(adapter, out, base=None, *, dtype: str = "bfloat16") -> Dict[s
     Written into a temporary sibling directory and renamed into place, so an interrupted merge leaves no
     half-written model. Returns a summary (paths, unnorm keys).
     """
-    from ..probe._model import TINY_MARKER, load_vla
+    from ..vla.checkpoint import load_vla
 
     adapter, out = Path(adapter), Path(out)
     cfg_path = adapter / "adapter_config.json"
@@ -110,7 +110,7 @@ def merge_adapter(adapter, out, base=None, *, dtype: str = "bfloat16") -> Dict[s
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=str(out.parent)))
     try:
         merged.save_pretrained(tmp)
-        for name in (*PROCESSOR_FILES, TINY_MARKER):  # the processor (and, for OpenVLA, its remote code) travels
+        for name in PROCESSOR_FILES:  # the processor (and, for OpenVLA, its remote code) travels
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)
         for py in base.glob("*.py"):

@@ -333,14 +333,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     mode.add_argument("--revert", action="store_true", help="restore the original finetune.py")
     p.set_defaults(func=run)
     return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m openvla_align.openvla.patch PATH ...``: the same as ``openvla-align patch PATH ...``."""
-    from ..cli import main as cli_main
-
-    return cli_main(["patch", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..aligner import CONFIG_NAME, Aligner
 from ..config import AlignConfig
-from ..hooks import check_layers
+from ..vla.layout import check_layers
 from .env import warn_if_broken
 from .merge import STATS_NAME, fold_norm_stats
 
@@ -181,7 +181,7 @@ class AlignPlugin(FinetunePlugin):
     def freeze_vision(vla: nn.Module) -> int:
         """The paper's Freeze baseline: every vision-backbone parameter, LoRA adapters included, loses its gradient
         (before the script builds its optimizer from the parameters that require one). Returns how many."""
-        from ..hooks import unwrap
+        from ..vla.layout import unwrap
 
         frozen = [p for p in unwrap(vla).vision_backbone.parameters() if p.requires_grad]
         for param in frozen:

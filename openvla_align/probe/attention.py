@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from .._io import atomic_write_bytes
-from ..hooks import check_layers
-from ._model import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
+from ..vla.checkpoint import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
+from ..vla.layout import check_layers
 
 LAST = "last"
 _LAYER_ITEM = re.compile(r"(-?\d+)(?:\s*-\s*(-?\d+))?")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from .._io import atomic_write, sha256_file
-from ._model import parse_dtype
+from ..vla.checkpoint import parse_dtype
 
 if TYPE_CHECKING:
     from .imagefolder import ImageFolderSplit

@@ -59,8 +59,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .._io import atomic_write
-from . import feature_cache
-from ._model import (
+from ..vla.checkpoint import (
     DTYPES,
     load_image,
     load_vla,
@@ -70,6 +69,7 @@ from ._model import (
     resolve_device_dtype,
     vqa_prompt,
 )
+from . import feature_cache
 from .feature_cache import CACHE_FORMAT  # noqa: F401  (re-exported)
 from .imagefolder import IMAGE_EXTENSIONS, ImageFolderData, ImageFolderSplit, scan_imagefolder  # noqa: F401
 
@@ -157,7 +157,7 @@ class _VLAEncoder:
     """PIL images -> (B, d) mean visual-token hidden states at one LLM layer."""
 
     def __init__(self, spec: ModelSpec, layer: int, prompt: str, device: str, dtype: str):
-        from ..hooks import decoder_layers, layer_output_module
+        from ..vla.layout import decoder_layers, layer_output_module
 
         self.vla = load_vla(spec.path, spec.adapter, device=device, dtype=dtype, attn_implementation=None)
         n = len(decoder_layers(self.vla.model))

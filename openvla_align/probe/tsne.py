@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from .._io import atomic_write_bytes
-from ..hooks import check_layers
-from ._model import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
+from ..vla.checkpoint import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
+from ..vla.layout import check_layers
 from .attention import add_model_args, layers_arg, parse_layers
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from .._io import atomic_write_bytes
-from ._model import (
+from ..vla.checkpoint import (
     DTYPES,
     LoadedVLA,
     apply_adapter,
@@ -51,6 +51,7 @@ from ._model import (
     resolve_device_dtype,
     vqa_prompt,
 )
+from ..vla.decoding import next_token_logits
 
 logger = logging.getLogger(__name__)
 
@@ -318,24 +319,6 @@ def score_answers(items: Sequence[VLThinkItem], texts: Sequence[str]) -> List[Di
 
 
 # --- greedy decoding ------------------------------------------------------------------------------------------
-
-
-def _logits(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-@torch.no_grad()
-def next_token_logits(loaded: LoadedVLA, seqs: Sequence[Sequence[int]], pixel_values: torch.Tensor) -> torch.Tensor:
-    """One multimodal forward over the right-padded token rows ``seqs`` (BOS included); returns each row's
-    next-token logits ``(len(seqs), vocab)``, read at its last real token. The model inserts visual tokens after
-    BOS, so text position ``j`` is logits position ``j + (logits length - padded text length)``."""
-    ids, mask = loaded.pad(seqs)
-    width = ids.shape[1]
-    out = loaded.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=False)
-    logits = _logits(out)
-    offset = logits.shape[1] - width  # visual tokens inserted after BOS (0 for a text-only forward)
-    last = torch.tensor([len(s) - 1 + offset for s in seqs], device=logits.device)
-    return logits[torch.arange(len(seqs), device=logits.device), last]
 
 
 @torch.no_grad()

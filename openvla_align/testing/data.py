@@ -15,7 +15,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from ..openvla.pixels import normalize_fused
+from ..vla.pixels import normalize_fused
 from .tiny import IGNORE_INDEX, ActionTokenizer
 
 SHAPES = ("square", "circle", "triangle")

@@ -337,13 +337,18 @@ def tiny_teacher(name: str, seed: int = 0, grid=(16, 16), **kwargs):
 
 
 def save_tiny_checkpoint(directory, model: "TinyOpenVLA", tokenizer) -> None:
-    """Write a tiny model + tokenizer so that ``openvla_align.probe.load_vla`` loads it like a real checkpoint."""
-    import json
-    from pathlib import Path
-
-    from ..probe._model import TINY_MARKER
-
-    directory = Path(directory)
+    """Write a tiny model + tokenizer; ``openvla_align.vla.checkpoint.load_vla`` loads it like a real checkpoint
+    (its config.json ``model_type`` names the loader below)."""
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    (directory / TINY_MARKER).write_text(json.dumps({"image_size": model.config.image_size}))
+
+
+def load_tiny_checkpoint(path, attn_implementation=None):
+    """The registered loader of ``tiny_openvla`` checkpoints: (model, tokenizer, image_size)."""
+    from transformers import PreTrainedTokenizerFast
+
+    model = TinyOpenVLA.from_pretrained(path)
+    if attn_implementation:
+        model.language_model.config._attn_implementation = attn_implementation
+    # the tiny tokenizer's own class: AutoTokenizer would read config.json and warn about its model type
+    return model, PreTrainedTokenizerFast.from_pretrained(path), int(model.config.image_size)

@@ -1,8 +1,10 @@
-"""Load any OpenVLA checkpoint (or a tiny test model) for diagnostics, and turn (prompt, image) into a batch.
+"""Load any OpenVLA checkpoint for the tools, and turn (prompt, image) into a batch.
 
 A checkpoint is a directory: a merged/base OpenVLA model loaded with the stock AutoClasses and
-``trust_remote_code=True`` (its processor comes along), optionally with a PEFT LoRA adapter on top. A directory
-written by ``save_tiny_checkpoint`` (``openvla_align.testing``) loads the same way, through our tiny classes.
+``trust_remote_code=True`` (its processor comes along), optionally with a PEFT LoRA adapter on top. Checkpoints of
+other model classes with OpenVLA's layout load through a loader registered for their ``config.json`` ``model_type``
+(``LOADERS``: data naming ``module:function``, imported only when such a checkpoint is loaded; the tiny test models
+of ``openvla_align.testing`` register theirs there).
 """
 
 from __future__ import annotations
@@ -18,7 +20,25 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-TINY_MARKER = "openvla_align_tiny.json"
+# config.json model_type -> "module:function" returning (model, tokenizer, image_size) for
+# ``function(path, attn_implementation)``; OpenVLA's own class needs no entry.
+LOADERS: Dict[str, str] = {"tiny_openvla": "openvla_align.testing.tiny:load_tiny_checkpoint"}
+
+
+def register_loader(model_type: str, target: str) -> None:
+    """Load checkpoints whose config.json says ``model_type`` with ``target`` ("module:function")."""
+    prior = LOADERS.get(model_type)
+    if prior is not None and prior != target:
+        raise ValueError(f"model_type {model_type!r} already loads with {prior}.")
+    LOADERS[model_type] = target
+
+
+def _registered_loader(model_type: str):
+    import importlib
+
+    module, _, name = LOADERS[model_type].partition(":")
+    return getattr(importlib.import_module(module), name)
+
 
 DTYPES = {
     "float32": torch.float32,
@@ -81,7 +101,7 @@ class LoadedVLA:
         """Fused 6-channel pixel values, exactly as the checkpoint's processor would make them."""
         if self._processor is not None:
             return torch.as_tensor(self._processor.image_processor(list(images), return_tensors="pt")["pixel_values"])
-        from ..openvla.pixels import normalize_fused
+        from .pixels import normalize_fused
 
         rgb = [
             torch.from_numpy(np.asarray(im.convert("RGB").resize((self.image_size,) * 2, Image.BILINEAR)).copy())
@@ -112,7 +132,7 @@ class LoadedVLA:
         return ids.to(self.device), mask.to(self.device)
 
     def attn_implementation(self) -> str:
-        from ..hooks import language_model
+        from .layout import language_model
 
         cfg = language_model(self.model).config
         return getattr(cfg, "_attn_implementation", None) or "eager"
@@ -158,24 +178,20 @@ def load_vla(
     dtype: Union[str, torch.dtype] = "float32",
     attn_implementation: Optional[str] = "eager",
 ) -> LoadedVLA:
-    """Load a base/merged OpenVLA checkpoint (``trust_remote_code=True``) or a tiny test checkpoint, plus an optional
-    LoRA adapter. ``attn_implementation="eager"`` keeps attention weights available (needed for attention maps)."""
+    """Load a base/merged OpenVLA checkpoint (``trust_remote_code=True``) or one of a registered model class
+    (``LOADERS``), plus an optional LoRA adapter. ``attn_implementation="eager"`` keeps attention weights available
+    (needed for attention maps)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"Model {path} is not a checkpoint directory.")
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    if (path / TINY_MARKER).is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        from ..testing.tiny import TinyOpenVLA
-
-        meta = json.loads((path / TINY_MARKER).read_text())
-        model = TinyOpenVLA.from_pretrained(path)
-        if attn_implementation:
-            model.language_model.config._attn_implementation = attn_implementation
-        # the tiny tokenizer's own class: AutoTokenizer would read config.json and warn about its model type
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        processor, image_size = None, int(meta.get("image_size", 224))
+    try:
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"Model {path}: config.json is not valid JSON ({exc}); the checkpoint is damaged.") from None
+    if config.get("model_type") in LOADERS:
+        model, tokenizer, image_size = _registered_loader(config["model_type"])(path, attn_implementation)
+        processor = None
     else:
         from transformers import AutoProcessor
 
@@ -183,7 +199,6 @@ def load_vla(
             from transformers import AutoModelForVision2Seq as AutoVLA
         except ImportError:  # transformers >= 5 renamed the auto class
             from transformers import AutoModelForImageTextToText as AutoVLA
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         if "OpenVLAForActionPrediction" not in (config.get("auto_map") or {}).get("AutoModelForVision2Seq", ""):
             raise ValueError(
                 f"Model {path} is not an OpenVLA checkpoint: its config.json maps no AutoModelForVision2Seq to "

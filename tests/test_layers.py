@@ -1,0 +1,139 @@
+"""The package's layers, and a walk over every import in it (module level and inside functions) that keeps them.
+
+Bottom to top; a module may import its own layer and the ones below, never one above:
+
+0. foundation   ``_io``, ``config``: atomic writes, the alignment config (torch-free data)
+1. OpenVLA      ``vla``: the only code that knows OpenVLA's layout, pixels, checkpoints and logits
+   teachers     ``teachers``: the teacher registry (data), specs, weight lookup, one module per family
+   (``vla`` and ``teachers`` are independent: neither imports the other)
+2. core         ``losses``, ``projector``, ``hooks``, ``aligner``, ``cache.keys``, ``cache.store``: what a
+                training step computes and the feature cache it may read
+3. integration  ``openvla``: the finetune.py plugin, its patch, merging, dataset registration
+4. tools        ``cache.build``, ``probe``, ``eval``, ``data``, ``testing``: each stands alone (no tool imports
+                another tool)
+5. apps         ``cli``, ``bench``, ``demo``, the package root: compose the tools
+
+Imports under ``if TYPE_CHECKING:`` are annotations only and are not counted.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "openvla_align"
+LAYERS = (
+    ("foundation", ("_io", "config")),
+    ("openvla+teachers", ("vla", "teachers")),
+    ("core", ("losses", "projector", "hooks", "aligner", "cache.keys", "cache.store")),
+    ("integration", ("openvla",)),
+    ("tools", ("cache.build", "cache", "probe", "eval", "data", "testing")),
+    ("apps", ("cli", "bench", "demo", "")),
+)
+INDEPENDENT = {("vla", "teachers"), ("teachers", "vla")}
+TOOLS = dict(LAYERS)["tools"]
+
+
+def modules():
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _runtime_nodes(tree):
+    """Every node except those under ``if TYPE_CHECKING:``."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def imports():
+    """{module: {imported module}} inside the package (``""`` is the package root)."""
+    mods = modules()
+    graph = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in _runtime_nodes(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".") if package else []
+                    base = base[: len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                elif (node.module or "").startswith("openvla_align"):
+                    target = node.module[len("openvla_align") :].lstrip(".")
+                else:
+                    continue
+                submodules = [f"{target}.{a.name}".lstrip(".") for a in node.names]
+                found = [m for m in submodules if m in mods]
+                edges.update(found or ([target] if target in mods else []))
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("openvla_align"):
+                        edges.add(alias.name[len("openvla_align") :].lstrip("."))
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+def place(module):
+    """(layer index, unit) of a module: the longest listed prefix decides (``cache.store`` before ``cache``)."""
+    best = None
+    for index, (_, units) in enumerate(LAYERS):
+        for unit in units:
+            if unit == "" or module == unit or module.startswith(unit + "."):
+                if best is None or len(unit) > len(best[1]):
+                    best = (index, unit)
+    return best
+
+
+def test_every_module_has_a_layer():
+    assert all(place(m) is not None for m in modules())
+    assert place("cache.store") == (2, "cache.store") and place("cache.build") == (4, "cache.build")
+    assert place("vla.checkpoint") == (1, "vla") and place("") == (5, "")
+
+
+def test_no_import_points_up_and_tools_stand_alone():
+    bad = []
+    for module, targets in imports().items():
+        (layer, unit) = place(module)
+        for target in targets:
+            t_layer, t_unit = place(target)
+            if t_layer > layer:
+                bad.append(f"{module} -> {target} (up: {LAYERS[layer][0]} -> {LAYERS[t_layer][0]})")
+            elif (unit, t_unit) in INDEPENDENT:
+                bad.append(f"{module} -> {target} ({unit} and {t_unit} are independent)")
+            elif unit in TOOLS and t_unit in TOOLS and unit != t_unit and t_unit != "cache":
+                bad.append(f"{module} -> {target} (one tool importing another)")
+    assert not bad, "imports against the layering (see this file's docstring):\n" + "\n".join(sorted(bad))
+
+
+def test_no_import_cycles():
+    graph = imports()
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_walk_sees_function_level_imports():
+    graph = imports()
+    assert "vla.decoding" in graph["eval.run"]  # imported inside a method
+    assert "vla.pixels" in graph["aligner"]
