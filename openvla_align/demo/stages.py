@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from ..hooks import VisualTokenHook
-from ..testing.tiny import IGNORE_INDEX, ActionTokenizer
+from ..testing.data import answer_batch
+from ..testing.tiny import ActionTokenizer
 from ..vla.pixels import normalize_fused
 from .objectives import dense_loss, patch_targets
 from .scenes import COLORS, SHAPES, Scene, images, name, sort_action, sorted_right, where
@@ -56,21 +57,7 @@ class Batcher:
         return self.act.encode(np.concatenate([sort_action(scene.target), REST]))
 
     def _rows(self, prompts: Sequence[str], answers: Sequence[Optional[List[int]]]) -> Dict[str, torch.Tensor]:
-        rows, labels = [], []
-        for prompt, answer in zip(prompts, answers):
-            ids = self.tok(prompt).input_ids
-            tail = [] if answer is None else answer + [self.tok.eos_token_id]
-            rows.append(ids + tail)
-            labels.append([IGNORE_INDEX] * len(ids) + tail)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
-        lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, (ids, lbl) in enumerate(zip(rows, labels)):
-            input_ids[j, : len(ids)] = torch.tensor(ids)
-            lab[j, : len(lbl)] = torch.tensor(lbl)
-            mask[j, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": lab}
+        return answer_batch([self.tok(p).input_ids for p in prompts], answers, self.tok)
 
     def vl(self, scenes: Sequence[Scene], kinds: Sequence[str]) -> Dict[str, torch.Tensor]:
         qa = [vl_example(s, k) for s, k in zip(scenes, kinds)]

@@ -79,12 +79,20 @@ def collate(
 ) -> Dict[str, torch.Tensor]:
     """OpenVLA-style batch: BOS + prompt + 7 action tokens + EOS, right-padded (to at least ``pad_to``), loss on
     action tokens + EOS."""
+    prompts = [tokenizer(prompt(scenes.instructions[i])).input_ids for i in index]
+    answers = [action_tokenizer.encode(scenes.actions[i]) for i in index]
+    batch = answer_batch(prompts, answers, tokenizer, pad_to)
+    return {**batch, "pixel_values": normalize_fused(scenes.images[torch.as_tensor(index)])}
+
+
+def answer_batch(prompts, answers, tokenizer, pad_to: int = 0) -> Dict[str, torch.Tensor]:
+    """Token rows ``prompt + answer + EOS`` right-padded (to at least ``pad_to``), labels on the answer and EOS only;
+    an answer of ``None`` leaves the row as its prompt (for generation)."""
     rows, labels = [], []
-    for i in index:
-        ids = tokenizer(prompt(scenes.instructions[i])).input_ids
-        act = action_tokenizer.encode(scenes.actions[i])
-        rows.append(ids + act + [tokenizer.eos_token_id])
-        labels.append([IGNORE_INDEX] * len(ids) + act + [tokenizer.eos_token_id])
+    for ids, answer in zip(prompts, answers):
+        tail = [] if answer is None else list(answer) + [tokenizer.eos_token_id]
+        rows.append(list(ids) + tail)
+        labels.append([IGNORE_INDEX] * len(ids) + tail)
     width = max(pad_to, max(len(r) for r in rows))
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -93,8 +101,7 @@ def collate(
         input_ids[j, : len(ids)] = torch.tensor(ids)
         lab[j, : len(lbl)] = torch.tensor(lbl)
         mask[j, : len(ids)] = 1
-    pixel_values = normalize_fused(scenes.images[torch.as_tensor(index)])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "pixel_values": pixel_values}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab}
 
 
 def write_image_folder(root, n_train: int = 24, n_val: int = 12, label: str = "shape", seed: int = 0, size: int = 224):
