@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from openvla_align.probe import vlthink
+from openvla_align.probe import vlthink, vlthink_synth
 from openvla_align.probe.vlthink import (
     VLThinkDataError,
     VLThinkItem,
@@ -423,5 +423,5 @@ def test_synthetic_set_matches_its_ground_truth(tmp_path):
         if it.present and it.domain == "color":
             colour = it.board.split()[1]
             px = np.asarray(load_image(it.image))[:, slot_x[it.position]].astype(int)
-            dist = np.abs(px - np.array(vlthink.SYNTH_COLORS[colour])).sum(1)
+            dist = np.abs(px - np.array(vlthink_synth.SYNTH_COLORS[colour])).sum(1)
             assert (dist < 40).sum() > 10  # a band of the board's colour crosses that slot's column

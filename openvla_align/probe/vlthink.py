@@ -30,14 +30,8 @@ import argparse
 import json
 import logging
 import re
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
-
-import numpy as np
-import torch
-from PIL import Image
 
 from .._io import atomic_write_bytes
 from ..vla.checkpoint import (
@@ -49,152 +43,21 @@ from ..vla.checkpoint import (
     parse_model,
     release_memory,
     resolve_device_dtype,
-    vqa_prompt,
 )
-from ..vla.decoding import next_token_logits
+from ..vla.decoding import decode_answer, greedy_answer, greedy_decode, next_token_logits
+from .vlthink_items import (
+    DOMAINS,
+    POSITIONS,
+    QUESTION_TEMPLATE,
+    VLThinkDataError,
+    VLThinkItem,
+    load_items,
+)
+from .vlthink_synth import make_synthetic_vlthink
 
 logger = logging.getLogger(__name__)
 
-QUESTION_TEMPLATE = "Do you see {board}? Answer yes or no. If yes, specify where: left, center, or right."
-POSITIONS = ("left", "center", "right")
-# Paper order (and board counts), used to order report rows; any other domain name is accepted too.
-DOMAINS = {
-    "shape": 13,
-    "color": 8,
-    "traffic": 24,
-    "laundry": 17,
-    "weather": 9,
-    "arrow": 4,
-    "public_info": 14,
-    "parity": 8,
-}
-DEFAULT_DOMAIN = "all"
-REQUIRED_KEYS = ("image", "board", "present")
-KNOWN_KEYS = frozenset(REQUIRED_KEYS + ("position", "domain", "question", "id"))
 JSON_NAME, MARKDOWN_NAME = "vlthink.json", "vlthink.md"
-
-
-class VLThinkDataError(ValueError):
-    """The ground-truth file is unreadable or one of its items is invalid (the message says which and why)."""
-
-
-# --- ground truth ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VLThinkItem:
-    image: Path
-    board: str
-    present: bool
-    position: Optional[str]
-    domain: str = DEFAULT_DOMAIN
-    question: Optional[str] = None
-    id: Optional[Any] = None
-    where: str = ""  # "file:line" for messages
-
-    def prompt(self, template: str = QUESTION_TEMPLATE) -> str:
-        return vqa_prompt(self.question if self.question else template.format(board=self.board))
-
-
-def _read_records(path: Path) -> List[Tuple[str, Any]]:
-    """(location, record) pairs from a JSON list, a {"items": [...]} object, or JSON Lines."""
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise VLThinkDataError(f"{path} is empty: it needs at least one item (JSON Lines or a JSON list).")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise VLThinkDataError(f"{path} starts with '[' but is not a valid JSON list: {exc}") from exc
-        return [(f"{path} item {i}", r) for i, r in enumerate(data)]
-    if stripped.startswith("{"):
-        try:  # a single JSON object holding the list ({"items": [...]})
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # JSON Lines
-        if isinstance(data, dict) and isinstance(data.get("items"), list):
-            return [(f"{path} item {i}", r) for i, r in enumerate(data["items"])]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            records.append((f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise VLThinkDataError(f"{path}:{lineno} is not valid JSON ({exc}); expected one item per line.") from exc
-    return records
-
-
-def _position(value: Any, where: str) -> Optional[str]:
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() in POSITIONS:
-        return value.strip().lower()
-    raise VLThinkDataError(f"{where}: position {value!r} is not one of {list(POSITIONS)} (or null when absent).")
-
-
-def _validate(record: Any, where: str, root: Path, check_images: bool) -> VLThinkItem:
-    if not isinstance(record, dict):
-        raise VLThinkDataError(f"{where}: an item must be a JSON object, got {type(record).__name__}.")
-    missing = [k for k in REQUIRED_KEYS if k not in record]
-    if missing:
-        raise VLThinkDataError(f"{where}: missing required key(s) {missing}; every item needs {list(REQUIRED_KEYS)}.")
-    unknown = sorted(set(record) - KNOWN_KEYS)
-    if unknown:
-        msg = f"{where}: ignoring unknown key(s) {unknown} (known: {sorted(KNOWN_KEYS)})."
-        warnings.warn(msg, stacklevel=4)
-        logger.warning(msg)
-    board = record["board"]
-    if not isinstance(board, str) or not board.strip():
-        raise VLThinkDataError(f"{where}: board must be a non-empty string, got {board!r}.")
-    present = record["present"]
-    if not isinstance(present, bool):
-        raise VLThinkDataError(f"{where}: present must be true or false (a JSON boolean), got {present!r}.")
-    position = _position(record.get("position"), where)
-    if present and position is None:
-        raise VLThinkDataError(f"{where}: board {board!r} is present, so position must be one of {list(POSITIONS)}.")
-    if not present and position is not None:
-        raise VLThinkDataError(
-            f"{where}: board {board!r} is absent (present=false) but has position {position!r}; use null."
-        )
-    domain = record.get("domain", DEFAULT_DOMAIN)
-    if not isinstance(domain, str) or not domain.strip():
-        raise VLThinkDataError(f"{where}: domain must be a non-empty string, got {domain!r}.")
-    question = record.get("question")
-    if question is not None and (not isinstance(question, str) or not question.strip()):
-        raise VLThinkDataError(f"{where}: question must be a non-empty string when given, got {question!r}.")
-    image = record["image"]
-    if not isinstance(image, str) or not image.strip():
-        raise VLThinkDataError(f"{where}: image must be a path string, got {image!r}.")
-    image_path = Path(image)
-    if not image_path.is_absolute():
-        image_path = root / image_path
-    if check_images:
-        if not image_path.is_file():
-            raise VLThinkDataError(f"{where}: image {image_path} does not exist (paths are relative to the data file).")
-        try:
-            with Image.open(image_path) as im:  # reads the header only
-                im.size
-        except Exception as exc:
-            raise VLThinkDataError(f"{where}: cannot read image {image_path}: {exc}") from exc
-    return VLThinkItem(image_path, board.strip(), present, position, domain.strip(), question, record.get("id"), where)
-
-
-def load_items(path: Union[str, Path], *, check_images: bool = True) -> List[VLThinkItem]:
-    """Read and validate a VL-Think ground-truth file (JSON Lines, a JSON list, or ``{"items": [...]}``).
-
-    Raises :class:`VLThinkDataError` naming the offending item (file and line) for a missing image, a bad
-    ``position``/``present`` value, a missing key or an empty file; unknown keys only warn."""
-    path = Path(path)
-    if not path.is_file():
-        raise VLThinkDataError(f"Data file {path} does not exist.")
-    records = _read_records(path)
-    if not records:
-        raise VLThinkDataError(f"{path} holds no items (only blank or comment lines).")
-    root = path.resolve().parent
-    return [_validate(r, where, root, check_images) for where, r in records]
-
 
 # --- answers --------------------------------------------------------------------------------------------------
 
@@ -316,79 +179,6 @@ def score_answers(items: Sequence[VLThinkItem], texts: Sequence[str]) -> List[Di
         row.update(score(item, present, position))
         rows.append(row)
     return rows
-
-
-# --- greedy decoding ------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def greedy_decode(
-    loaded: LoadedVLA,
-    prompts: Sequence[str],
-    images: Sequence[Image.Image],
-    max_new_tokens: int = 12,
-) -> List[List[int]]:
-    """Greedy continuation token ids for each (prompt, image), batched; see :func:`greedy_answer`.
-
-    A row stops after emitting EOS (kept as its last id) or a token whose text completes a newline (kept too),
-    or after ``max_new_tokens`` ids."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    tok = loaded.tokenizer
-    batch = loaded.batch(prompts, images)
-    pixel_values = batch["pixel_values"]
-    lengths = batch["attention_mask"].sum(1).tolist()
-    rows = [batch["input_ids"][i, : int(n)].tolist() for i, n in enumerate(lengths)]
-    eos = tok.eos_token_id
-    generated: List[List[int]] = [[] for _ in rows]
-    active = list(range(len(rows)))
-    was_training = loaded.model.training
-    loaded.model.eval()
-    try:
-        for _ in range(max_new_tokens):
-            if not active:
-                break
-            index = torch.as_tensor(active, device=pixel_values.device)
-            logits = next_token_logits(loaded, [rows[i] + generated[i] for i in active], pixel_values[index])
-            next_ids = logits.argmax(-1).tolist()
-            still = []
-            for i, t in zip(active, next_ids):
-                generated[i].append(int(t))
-                done = (eos is not None and t == eos) or "\n" in tok.decode(generated[i], skip_special_tokens=True)
-                if not done:
-                    still.append(i)
-            active = still
-    finally:
-        loaded.model.train(was_training)
-    return generated
-
-
-def decode_answer(tokenizer, ids: Sequence[int]) -> str:
-    """Text of generated ids: special tokens dropped, cut at the first newline, stripped."""
-    return tokenizer.decode(list(ids), skip_special_tokens=True).split("\n", 1)[0].strip()
-
-
-def greedy_answer(
-    loaded: LoadedVLA,
-    prompts: Sequence[str],
-    images: Sequence[Image.Image],
-    max_new_tokens: int = 12,
-) -> List[str]:
-    """Greedy answers to a batch of (prompt, image) pairs, WITHOUT ``.generate`` or a KV cache.
-
-    Each step runs the ordinary multimodal forward on the whole right-padded batch of growing sequences, reads
-    each row's logits at its last real token (shifted by the visual tokens the model inserts after BOS), appends
-    the argmax, and drops rows that emitted EOS or a newline. This works for any model with OpenVLA's forward
-    (real OpenVLA, whose ``generate`` only supports batch size 1; PEFT-wrapped models; the tiny test model, which
-    has no ``generate``) and gives the same tokens as decoding one sequence at a time.
-
-    Cost trade-off: without a cache every step recomputes the vision backbone and the full prompt (~256 visual +
-    ~30 text tokens for OpenVLA-7B), so an answer of ``T`` tokens costs about ``T`` full forwards instead of one
-    forward plus ``T`` single-token steps. VL-Think answers are a few tokens ("yes, left" + EOS) and finished
-    rows leave the batch, so in practice this is a few forwards per batch -- and the batching (which cached
-    OpenVLA generation cannot do) more than pays for it. Keep ``max_new_tokens`` small."""
-    ids = greedy_decode(loaded, prompts, images, max_new_tokens=max_new_tokens)
-    return [decode_answer(loaded.tokenizer, g) for g in ids]
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------
@@ -545,90 +335,6 @@ def run(
     atomic_write_bytes(out / JSON_NAME, json.dumps(report, indent=2).encode())
     atomic_write_bytes(out / MARKDOWN_NAME, format_markdown(report).encode())
     return report
-
-
-# --- synthetic data -------------------------------------------------------------------------------------------
-
-SYNTH_COLORS = {
-    "black": (20, 20, 20),
-    "red": (220, 30, 30),
-    "green": (30, 170, 60),
-    "blue": (40, 70, 230),
-    "orange": (245, 140, 20),
-    "purple": (140, 50, 170),
-    "yellow": (240, 215, 30),
-    "brown": (120, 70, 30),
-}
-SYNTH_SHAPES = ("square", "circle", "triangle", "cross")
-
-
-def _shape_mask(shape: str, size: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size]
-    c, h = (size - 1) / 2.0, size * 0.32
-    dx, dy = xx - c, yy - c
-    if shape == "square":
-        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
-    if shape == "circle":
-        return dx**2 + dy**2 <= h**2
-    if shape == "triangle":
-        return (dy >= -h) & (dy <= h) & (np.abs(dx) <= (dy + h) / 2)
-    if shape == "cross":
-        return ((np.abs(dx) <= h / 3) & (np.abs(dy) <= h)) | ((np.abs(dy) <= h / 3) & (np.abs(dx) <= h))
-    raise ValueError(f"Unknown shape {shape!r}; choose from {SYNTH_SHAPES}.")
-
-
-def make_synthetic_vlthink(directory: Union[str, Path], n_scenes: int = 12, seed: int = 0, size: int = 224) -> Path:
-    """Write a small VL-Think-style set for tests and smoke runs: ``directory/images/*.png`` and
-    ``directory/vlthink.jsonl``.
-
-    Each scene is a table with 2-3 boards in left/center/right slots; even scenes are *color* scenes (plain
-    boards of different colours, board = "the red board"), odd scenes *shape* scenes (white boards with a black
-    shape, board = "the circle board"). Every scene gets one question about a present board and one about an
-    absent one. Synthetic: it exercises the pipeline, it is not the paper's benchmark."""
-    directory = Path(directory)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    board_px = size // 4
-    slot_x = {"left": size // 6, "center": size // 2, "right": 5 * size // 6}
-    items = []
-    for s in range(n_scenes):
-        img = np.empty((size, size, 3), np.uint8)
-        img[:] = rng.integers(120, 170, 3)  # table
-        domain = "color" if s % 2 == 0 else "shape"
-        names = list(SYNTH_COLORS) if domain == "color" else list(SYNTH_SHAPES)
-        k = int(rng.integers(2, 4))
-        chosen = [names[i] for i in rng.permutation(len(names))[: k + 1]]
-        shown, absent = chosen[:k], chosen[k]
-        slots = [POSITIONS[i] for i in sorted(rng.permutation(3)[:k])]
-        top = size // 2 - board_px // 2 + int(rng.integers(-size // 10, size // 10))
-        for name, slot in zip(shown, slots):
-            left = slot_x[slot] - board_px // 2
-            region = img[top : top + board_px, left : left + board_px]
-            if domain == "color":
-                region[:] = SYNTH_COLORS[name]
-            else:
-                region[:] = (235, 235, 235)
-                region[_shape_mask(name, board_px)] = (15, 15, 15)
-        noise = rng.normal(0, 4, img.shape)
-        img = np.clip(img.astype(np.float64) + noise, 0, 255).astype(np.uint8)
-        rel = f"images/scene_{s:03d}.png"
-        Image.fromarray(img).save(directory / rel)
-        target = int(rng.integers(k))
-        items.append(
-            {
-                "image": rel,
-                "board": f"the {shown[target]} board",
-                "present": True,
-                "position": slots[target],
-                "domain": domain,
-            }
-        )
-        items.append(
-            {"image": rel, "board": f"the {absent} board", "present": False, "position": None, "domain": domain}
-        )
-    path = directory / "vlthink.jsonl"
-    path.write_text("".join(json.dumps(it) + "\n" for it in items))
-    return path
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""Next-token logits of a loaded VLA over right-padded token rows: the one place that knows where OpenVLA's logits
-sit once the visual tokens are inserted after BOS."""
+"""Decoding a loaded VLA: next-token logits over right-padded token rows (where OpenVLA's logits sit once the visual
+tokens are inserted after BOS) and batched greedy answers built on them."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
+from PIL import Image
 
 from .checkpoint import LoadedVLA
 
@@ -26,3 +27,73 @@ def next_token_logits(loaded: LoadedVLA, seqs: Sequence[Sequence[int]], pixel_va
     offset = logits.shape[1] - width  # visual tokens inserted after BOS (0 for a text-only forward)
     last = torch.tensor([len(s) - 1 + offset for s in seqs], device=logits.device)
     return logits[torch.arange(len(seqs), device=logits.device), last]
+
+
+@torch.no_grad()
+def greedy_decode(
+    loaded: LoadedVLA,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image],
+    max_new_tokens: int = 12,
+) -> List[List[int]]:
+    """Greedy continuation token ids for each (prompt, image), batched; see :func:`greedy_answer`.
+
+    A row stops after emitting EOS (kept as its last id) or a token whose text completes a newline (kept too),
+    or after ``max_new_tokens`` ids."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    tok = loaded.tokenizer
+    batch = loaded.batch(prompts, images)
+    pixel_values = batch["pixel_values"]
+    lengths = batch["attention_mask"].sum(1).tolist()
+    rows = [batch["input_ids"][i, : int(n)].tolist() for i, n in enumerate(lengths)]
+    eos = tok.eos_token_id
+    generated: List[List[int]] = [[] for _ in rows]
+    active = list(range(len(rows)))
+    was_training = loaded.model.training
+    loaded.model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            if not active:
+                break
+            index = torch.as_tensor(active, device=pixel_values.device)
+            logits = next_token_logits(loaded, [rows[i] + generated[i] for i in active], pixel_values[index])
+            next_ids = logits.argmax(-1).tolist()
+            still = []
+            for i, t in zip(active, next_ids):
+                generated[i].append(int(t))
+                done = (eos is not None and t == eos) or "\n" in tok.decode(generated[i], skip_special_tokens=True)
+                if not done:
+                    still.append(i)
+            active = still
+    finally:
+        loaded.model.train(was_training)
+    return generated
+
+
+def decode_answer(tokenizer, ids: Sequence[int]) -> str:
+    """Text of generated ids: special tokens dropped, cut at the first newline, stripped."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True).split("\n", 1)[0].strip()
+
+
+def greedy_answer(
+    loaded: LoadedVLA,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image],
+    max_new_tokens: int = 12,
+) -> List[str]:
+    """Greedy answers to a batch of (prompt, image) pairs, WITHOUT ``.generate`` or a KV cache.
+
+    Each step runs the ordinary multimodal forward on the whole right-padded batch of growing sequences, reads
+    each row's logits at its last real token (shifted by the visual tokens the model inserts after BOS), appends
+    the argmax, and drops rows that emitted EOS or a newline. This works for any model with OpenVLA's forward
+    (real OpenVLA, whose ``generate`` only supports batch size 1; PEFT-wrapped models; the tiny test model, which
+    has no ``generate``) and gives the same tokens as decoding one sequence at a time.
+
+    Cost trade-off: without a cache every step recomputes the vision backbone and the full prompt (~256 visual +
+    ~30 text tokens for OpenVLA-7B), so an answer of ``T`` tokens costs about ``T`` full forwards instead of one
+    forward plus ``T`` single-token steps. VL-Think answers are a few tokens ("yes, left" + EOS) and finished
+    rows leave the batch, so in practice this is a few forwards per batch -- and the batching (which cached
+    OpenVLA generation cannot do) more than pays for it. Keep ``max_new_tokens`` small."""
+    ids = greedy_decode(loaded, prompts, images, max_new_tokens=max_new_tokens)
+    return [decode_answer(loaded.tokenizer, g) for g in ids]
