@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from openvla_align.probe import linear
+from openvla_align.probe import features, linear
 from openvla_align.probe.linear import (
     DEFAULT_PROMPT,
     ModelSpec,
@@ -230,7 +230,7 @@ def test_end_to_end_with_cache(ckpt, tmp_path, monkeypatch, caplog):
 
     with monkeypatch.context() as m:
         m.setattr(linear, "extract_features", no_extraction)
-        m.setattr(linear, "_VLAEncoder", no_extraction)  # not even the model is loaded
+        m.setattr(features, "_VLAEncoder", no_extraction)  # not even the model is loaded
         again = run_linear_probe(data, [str(ckpt)], out=out, layer=2, epochs=30, lr=0.05, batch_size=4)
     assert again["results"][str(ckpt)]["cache"] == {"train": "hit", "val": "hit"}
     assert again["results"][str(ckpt)]["settings"]["epochs"] == 30

@@ -20,7 +20,7 @@ from ..vla.checkpoint import parse_dtype
 
 if TYPE_CHECKING:
     from .imagefolder import ImageFolderSplit
-    from .linear import ModelSpec
+    from .features import ModelSpec
 
 logger = logging.getLogger(__name__)
 
