@@ -19,8 +19,8 @@ from .._io import atomic_write, sha256_file
 from ..vla.checkpoint import parse_dtype
 
 if TYPE_CHECKING:
-    from .imagefolder import ImageFolderSplit
     from .features import ModelSpec
+    from .imagefolder import ImageFolderSplit
 
 logger = logging.getLogger(__name__)
 
