@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from openvla_align.teachers import TeacherWeightsNotFound, radio, teacher_spec
+from openvla_align.testing.tiny import TINY_VIT
 
 WIDTH, DEPTH, HEADS, MLP, PREFIX, GRID = 32, 2, 2, 64, 8, 128
-ARCH = dict(radio.TINY_ARCH)
+ARCH = dict(TINY_VIT)
 assert (ARCH["embed_dim"], ARCH["depth"], ARCH["num_heads"]) == (WIDTH, DEPTH, HEADS)
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])

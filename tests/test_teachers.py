@@ -152,7 +152,8 @@ def test_a_broken_plugin_is_reported_once_and_hides_no_other(tmp_path, monkeypat
         second,
         "good_teacher_pkg",
         """
-        from openvla_align.teachers.radio import TINY_ARCH, build_radio_teacher
+        from openvla_align.teachers.radio import build_radio_teacher
+        from openvla_align.testing.tiny import TINY_VIT as TINY_ARCH
 
         def make(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):
             args = (path, resolution, grid, allow_random, trust_remote_code, TINY_ARCH)

@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(not _OK, reason=_WHY)
 
 TEACHER_PLUGIN = '''
 """A third-party teacher: C-RADIOv3-L's architecture at tiny width, weights from `teacher_path`."""
-from openvla_align.teachers.radio import TINY_ARCH, build_radio_teacher
+from openvla_align.teachers.radio import build_radio_teacher
+from openvla_align.testing.tiny import TINY_VIT as TINY_ARCH
 
 
 def tiny_c_radio(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):

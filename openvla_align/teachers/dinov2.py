@@ -26,8 +26,6 @@ from .base import (
     wants_random,
 )
 
-TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
-
 # Where a checkpoint may sit in the HF cache: (repo id, file names in that snapshot), in search order.
 RepoFiles = Sequence[Tuple[str, Sequence[str]]]
 
@@ -114,7 +112,7 @@ def timm_teacher_factory(
 ) -> Callable[..., Teacher]:
     """The registry factory of a timm ViT teacher; ``locate(name, path)`` finds its weights file.
 
-    ``module`` is the module that registers it (shown as the teacher's source, and where ``TINY_ARCH`` is read).
+    ``module`` is the module that registers it (shown as the teacher's source).
     """
 
     def factory(

@@ -53,7 +53,6 @@ __all__ = [
     "RadioViT",
     "RadioTeacher",
     "RadioHubTeacher",
-    "TINY_ARCH",
     "ARCH_KEYS",
     "load_radio_state_dict",
     "convert_radio_state_dict",
@@ -66,9 +65,6 @@ __all__ = [
     "teacher_factory",
 ]
 
-
-# Tiny architecture for random-weight tests and demos (no download, milliseconds on CPU).
-TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
 
 # Keys `arch` may override. Everything but embed_dim/num_heads/align_corners must match a loaded checkpoint.
 ARCH_KEYS = (

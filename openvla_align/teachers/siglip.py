@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from . import dinov2
 
-TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
-
 
 def teacher_factory(spec, model_name: str, repos):
     """The registry's hook (see ``catalog``): a built-in SigLIP tower, built like the DINOv2 timm teachers."""

@@ -39,8 +39,6 @@ from .base import (
     wants_random,
 )
 
-TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
-
 BACKBONE_PREFIX = "backbone.model."
 _ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size")
 

@@ -324,15 +324,18 @@ class ActionTokenizer:
         return self.bin_centers[idx]
 
 
+# The built-in ViT teacher families at tiny width and depth (no download, milliseconds on CPU); the demo's teacher is
+# tiny already and has no architecture to override.
+TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
+TINY_TEACHER_ARCH = {family: TINY_VIT for family in ("radio", "dinov2", "siglip", "theia")}
+
+
 def tiny_teacher(name: str, seed: int = 0, grid=(16, 16), **kwargs):
     """A registered teacher's real architecture at tiny width/depth with random weights (warns loudly)."""
-    import importlib
+    from ..teachers import create_teacher, teacher_spec
 
-    from ..teachers import create_teacher, get_teacher_factory
-
-    module = importlib.import_module(get_teacher_factory(name).__module__)
-    arch = getattr(module, "TINY_ARCH", None)
     torch.manual_seed(seed)
+    arch = TINY_TEACHER_ARCH.get(teacher_spec(name).family)
     return create_teacher(name, allow_random=True, arch=arch, grid=grid, **kwargs)
 
 
