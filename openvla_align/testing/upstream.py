@@ -21,6 +21,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..norms import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
+
 HF_FILES = ("configuration_prismatic.py", "modeling_prismatic.py", "processing_prismatic.py")
 # The same shape as the released openvla/openvla-7b files.
 MODEL_AUTO_MAP = {
@@ -32,7 +34,6 @@ PROCESSOR_AUTO_MAP = {
     "AutoProcessor": "processing_prismatic.PrismaticProcessor",
 }
 TINY_TIMM_IDS = ["vit_small_patch14_reg4_dinov2.lvd142m", "vit_small_patch14_reg4_dinov2.lvd142m"]
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ACTION_DIM = 7
 RARE_CHAR_START, N_RARE_CHARS = 0x4E00, 320  # CJK unified ideographs
 LLAMA2_VOCAB_SIZE, LLAMA2_SPACE_ID = 32000, 29871  # Llama-2's vocabulary and its "▁" id (predict_action appends it)
@@ -260,8 +261,8 @@ def build_tiny_openvla_checkpoint(
         image_resize_strategy="resize-naive",
         input_sizes=[(3, 224, 224), (3, 224, 224)],
         interpolations=["bicubic", "bicubic"],
-        means=[IMAGENET_MEAN, (0.5, 0.5, 0.5)],
-        stds=[IMAGENET_STD, (0.5, 0.5, 0.5)],
+        means=[IMAGENET_MEAN, SIGLIP_MEAN],
+        stds=[IMAGENET_STD, SIGLIP_STD],
     )
     processor = proc_mod.PrismaticProcessor(image_processor=image_processor, tokenizer=tokenizer)
     # auto_map makes AutoProcessor/AutoImageProcessor resolve the remote code; register_for_auto_class writes it.

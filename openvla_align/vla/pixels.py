@@ -12,8 +12,7 @@ from typing import Sequence
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..norms import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
 
 
 def _bf16(values: Sequence[float]) -> tuple:
@@ -23,8 +22,6 @@ def _bf16(values: Sequence[float]) -> tuple:
 # (0.484375, 0.455078125, 0.40625) and (0.228515625, 0.2236328125, 0.224609375)
 DINO_MEAN_BF16 = _bf16(IMAGENET_MEAN)
 DINO_STD_BF16 = _bf16(IMAGENET_STD)
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
