@@ -27,9 +27,9 @@ from .config import AlignConfig
 from .hooks import VisualTokenHook
 from .losses import get_loss
 from .projector import build_projector, fingerprint
+from .targets import as_source
 from .teachers import Teacher, create_teacher
 from .vla.layout import llm_hidden_size, student_grid, unwrap
-from .vla.pixels import rgb_from_pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,17 @@ class Aligner(nn.Module):
     def __init__(
         self,
         config: AlignConfig,
-        teacher: Optional[Teacher] = None,
+        teacher=None,
         *,
         target_width: Optional[int] = None,
         target_grid: Optional[Tuple[int, int]] = None,
     ):
-        """``teacher`` runs live on each batch; without one, pass ``target_width`` (and ``target_grid``, e.g. a
-        feature cache's) and give precomputed ``targets`` to ``forward``."""
+        """``teacher`` gives each batch's targets (a target source, ``targets.py``): a ``Teacher`` (run live), a
+        feature cache, or any other source; ``target_width`` (and ``target_grid``) instead say the caller passes
+        ``targets`` itself."""
         super().__init__()
         self.config = config
-        self.teacher = teacher
-        self.target_width = target_width
-        self.target_grid = tuple(target_grid) if target_grid is not None else None
+        self.source = as_source(teacher, target_width=target_width, target_grid=target_grid)
         self.device: Optional[torch.device] = None  # the VLA's, set by attach()
         self.projectors = nn.ModuleDict()
         self._hook: Optional[VisualTokenHook] = None
@@ -87,12 +86,15 @@ class Aligner(nn.Module):
         return (0,) if self.config.target == "encoder" else self.config.layers
 
     @property
+    def teacher(self) -> Optional[Teacher]:
+        """The live teacher, when targets come from one."""
+        return getattr(self.source, "teacher", None)
+
+    @property
     def teacher_width(self) -> int:
-        if self.teacher is not None:
-            return self.teacher.width
-        if self.target_width is not None:
-            return self.target_width
-        raise RuntimeError("This Aligner has no teacher; build it with a teacher or with target_width=<cache width>.")
+        if self.source is None:
+            raise RuntimeError("This Aligner has no target source; build it with a teacher, a cache or target_width.")
+        return self.source.width
 
     def attach(self, vla: nn.Module) -> "Aligner":
         """Hook ``vla`` and build (or check) the projector(s). Call after LoRA wrapping, before DDP or after."""
@@ -102,11 +104,14 @@ class Aligner(nn.Module):
         base = unwrap(vla)
         in_dim = base.vision_backbone.embed_dim if self.config.target == "encoder" else llm_hidden_size(vla)
         grid = student_grid(vla)
-        expected = tuple(self.teacher.grid) if self.teacher is not None else self.target_grid
-        if expected is not None and grid is not None and expected != grid:
+        expected = self.source.grid if self.source is not None else None
+        if expected is not None and grid is not None and tuple(expected) != grid:
             fix = f"build the teacher with grid={grid}" if self.teacher is not None else "rebuild them for this model"
-            source = f"Teacher {self.teacher.spec.name} is set up for" if self.teacher is not None else "Targets are on"
-            raise ValueError(f"{source} a {expected} grid but the VLA has a {grid} visual token grid; {fix}.")
+            name = self.source.name
+            raise ValueError(
+                f"{name[:1].upper() + name[1:]} gives targets on a {tuple(expected)} grid but the VLA has a {grid} "
+                f"visual token grid; {fix}."
+            )
         if len(self.projectors) == 0:
             for key in self.keys:
                 self.projectors[str(key)] = build_projector(
@@ -121,12 +126,12 @@ class Aligner(nn.Module):
             self._check_projectors(in_dim)
         self.device = next(base.parameters()).device
         self.projectors.to(self.device)
-        if self.teacher is not None:
-            self.teacher.to(self.device)
+        if hasattr(self.source, "place"):
+            dtype = None
             if self.config.teacher_dtype == "auto":
                 dtype = self.config.resolved_teacher_dtype(self.device.type)
                 logger.info("teacher_dtype auto: the teacher runs in %s on %s", dtype, self.device.type)
-                self.teacher.to(getattr(torch, dtype))
+            self.source.place(self.device, dtype)
         self._hook = hook.attach()
         return self
 
@@ -142,10 +147,10 @@ class Aligner(nn.Module):
             last = [m for m in proj.modules() if isinstance(m, nn.Linear)][-1]
             if got_in != in_dim:
                 raise ValueError(f"Projector for layer {key} takes width {got_in}, but the VLA gives {in_dim}.")
-            if self.teacher is not None and last.out_features != self.teacher.width:
+            if self.source is not None and last.out_features != self.source.width:
                 raise ValueError(
-                    f"Projector for layer {key} outputs width {last.out_features}, but teacher "
-                    f"{self.teacher.spec.name} has width {self.teacher.width}; use the teacher it was trained with."
+                    f"Projector for layer {key} outputs width {last.out_features}, but {self.source.name} has width "
+                    f"{self.source.width}; use the teacher it was trained with."
                 )
 
     def remove(self) -> None:
@@ -157,8 +162,6 @@ class Aligner(nn.Module):
         super().train(mode)
         if self.config.freeze_projector:
             self.projectors.eval()
-        if self.teacher is not None:
-            self.teacher.eval()
         return self
 
     def trainable_parameters(self) -> List[nn.Parameter]:
@@ -170,13 +173,10 @@ class Aligner(nn.Module):
 
     # --- the step ---
     def teacher_targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Teacher patch features (B, N, D) for OpenVLA ``pixel_values`` (fused 6-channel or 3-channel)."""
-        if self.teacher is None:
-            raise RuntimeError("This Aligner has no teacher; pass precomputed `targets`.")
-        with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
-            targets = self.teacher(rgb_from_pixel_values(pixel_values))  # cast to the teacher's dtype inside
-        # Inference tensors cannot be saved for the loss's backward: one (B, N, D) copy, a few MB at 7B scale.
-        return targets.clone()
+        """The target source's (B, N, D) targets for OpenVLA ``pixel_values`` (fused 6-channel or 3-channel)."""
+        if self.source is None:
+            raise RuntimeError("This Aligner has no target source; pass precomputed `targets`.")
+        return self.source.targets(pixel_values)
 
     def forward(
         self, pixel_values: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None
@@ -193,7 +193,7 @@ class Aligner(nn.Module):
         if targets is None:
             if pixel_values is None:
                 raise ValueError("Pass the batch's pixel_values (live teacher) or precomputed teacher targets.")
-            targets = self.teacher_targets(pixel_values.to(self.device))
+            targets = self.teacher_targets(pixel_values)  # the source moves what it needs (a cache hashes on CPU)
         targets = targets.to(self.device, non_blocking=True)  # once, not per layer
         total = None
         layer_losses: Dict[int, torch.Tensor] = {}
@@ -226,7 +226,7 @@ class Aligner(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.projectors.state_dict().items()}
         # One metadata entry: safetensors stores metadata in a hash map, so several keys would come out in a random
         # order and identical projectors would not give identical files.
-        width = self.teacher.width if self.teacher is not None else self.target_width
+        width = self.source.width if self.source is not None else None
         info = {"format": 1, "teacher_width": width}
         meta = {"openvla-align": json.dumps(info, sort_keys=True)}
         atomic_write(directory / PROJECTOR_NAME, lambda tmp: save_file(state, str(tmp), metadata=meta))
@@ -237,13 +237,13 @@ class Aligner(nn.Module):
     def load(
         cls,
         directory: Union[str, Path],
-        teacher: Optional[Teacher] = None,
+        teacher=None,
         *,
         target_width: Optional[int] = None,
         **teacher_kwargs,
     ) -> "Aligner":
-        """Restore config and projector(s) saved by ``save``; the teacher is rebuilt from the config unless given
-        (or unless ``target_width`` says targets come precomputed)."""
+        """Restore config and projector(s) saved by ``save``; the teacher is rebuilt from the config unless a target
+        source (``teacher``: a teacher or a cache) is given, or ``target_width`` says targets come precomputed."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -298,11 +298,10 @@ class Aligner(nn.Module):
                     f"Saved projector for layer {key} does not match config {self.config.projector!r}: {exc}"
                 ) from exc
             self.projectors[str(key)] = proj
-        if self.teacher is not None or self.target_width is not None:
+        if self.source is not None:
             out_dim = [m for m in self.projectors.modules() if isinstance(m, nn.Linear)][-1].out_features
-            if out_dim != self.teacher_width:
-                source = f"teacher {self.teacher.spec.name} has" if self.teacher is not None else "cached targets have"
+            if out_dim != self.source.width:
                 raise ValueError(
-                    f"Saved projector outputs width {out_dim} but {source} width {self.teacher_width}; load it with "
-                    "the teacher it was trained with."
+                    f"Saved projector outputs width {out_dim} but {self.source.name} has width {self.source.width}; "
+                    "load it with the teacher it was trained with."
                 )

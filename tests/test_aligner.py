@@ -106,7 +106,9 @@ def test_load_refuses_corrupt_or_mismatched_state(tmp_path, vla, teacher):
 
 
 def test_attach_checks_grid_and_steps_check_tokens(vla, batch):
-    with pytest.raises(ValueError, match=r"set up for a \(8, 8\) grid but the VLA has a \(16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"Teacher patch-test gives targets on a \(8, 8\) grid but the VLA has a \(16, 16\)"
+    ):
         Aligner(AlignConfig(enabled=True, projector_dim=32), PatchTeacher(grid=(8, 8))).attach(vla)
     aligner = Aligner(AlignConfig(enabled=True, projector_dim=32), PatchTeacher()).attach(vla)
     with torch.no_grad():

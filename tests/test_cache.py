@@ -256,5 +256,5 @@ def test_cache_for_another_grid_is_refused_when_the_model_is_ready(tmp_path, vla
     CacheWriter(tmp_path / "c", spec).close()
     plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=32, teacher_cache=str(tmp_path / "c")))
     plugin.setup(_Cfg())
-    with pytest.raises(ValueError, match=r"Targets are on a \(8, 8\) grid but the VLA has a \(16, 16\) visual token"):
+    with pytest.raises(ValueError, match=r"gives targets on a \(8, 8\) grid but the VLA has a \(16, 16\) visual token"):
         plugin.on_model_ready(vla)

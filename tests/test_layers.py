@@ -6,8 +6,8 @@ Bottom to top; a module may import its own layer and the ones below, never one a
 1. OpenVLA      ``vla``: the only code that knows OpenVLA's layout, pixels, checkpoints and logits
    teachers     ``teachers``: the teacher registry (data), specs, weight lookup, one module per family
    (``vla`` and ``teachers`` are independent: neither imports the other)
-2. core         ``losses``, ``projector``, ``hooks``, ``aligner``, ``cache.keys``, ``cache.store``: what a
-                training step computes and the feature cache it may read
+2. core         ``losses``, ``projector``, ``hooks``, ``targets``, ``aligner``, ``cache.keys``, ``cache.store``:
+                what a training step computes, and where its targets come from (a live teacher or the cache)
 3. integration  ``openvla``: the finetune.py plugin, its patch, merging, dataset registration
 4. tools        ``cache.build``, ``probe``, ``eval``, ``data``, ``testing``: each stands alone (no tool imports
                 another tool)
@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "openvla_align"
 LAYERS = (
     ("foundation", ("_io", "config", "norms")),
     ("openvla+teachers", ("vla", "teachers")),
-    ("core", ("losses", "projector", "hooks", "aligner", "cache.keys", "cache.store")),
+    ("core", ("losses", "projector", "hooks", "targets", "aligner", "cache.keys", "cache.store")),
     ("integration", ("openvla",)),
     ("tools", ("cache.build", "cache", "probe", "eval", "data", "testing")),
     ("apps", ("cli", "bench", "demo", "")),
@@ -136,4 +136,4 @@ def test_no_import_cycles():
 def test_the_walk_sees_function_level_imports():
     graph = imports()
     assert "vla.decoding" in graph["eval.run"]  # imported inside a method
-    assert "vla.pixels" in graph["aligner"]
+    assert "vla.pixels" in graph["targets"] and "targets" in graph["aligner"]

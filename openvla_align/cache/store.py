@@ -238,6 +238,14 @@ class TeacherCache:
     def width(self) -> int:
         return self.spec.width
 
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return tuple(self.spec.grid)
+
+    @property
+    def name(self) -> str:
+        return f"teacher cache {self.dir} ({self.spec.teacher})"
+
     def __contains__(self, key: bytes) -> bool:
         return key in self.index
 

@@ -168,7 +168,7 @@ class AlignPlugin(FinetunePlugin):
         if not self.enabled:
             return []
         if self.cache is not None:
-            aligner = Aligner(self.config, target_width=self.cache.width, target_grid=self.cache.spec.grid)
+            aligner = Aligner(self.config, self.cache)
         else:
             if self.teacher is None:  # `setup` builds it; callers driving the plugin by hand may skip that
                 self.teacher = self._build_teacher()
@@ -207,12 +207,9 @@ class AlignPlugin(FinetunePlugin):
     def loss(self, vla: nn.Module, batch: Dict[str, Any], output: Any, step: int) -> Tuple[Optional[Tensor], dict]:
         if self.aligner is None:
             return None, {}
-        if self.cache is not None:
-            # The loader's batch is still on the CPU: keys are hashed there (no device sync); one batch of targets
-            # is copied out of the memory-mapped shards.
-            out = self.aligner(targets=self.cache.targets(batch["pixel_values"]))
-        else:
-            out = self.aligner(pixel_values=batch["pixel_values"])
+        # One path for a live teacher and a cache: the target source takes the loader's batch as it is (a cache
+        # hashes its keys on the CPU, with no device sync, and copies one batch of targets out of its shards).
+        out = self.aligner(pixel_values=batch["pixel_values"])
         return out.loss, out.metrics
 
     def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
@@ -235,7 +232,7 @@ class AlignPlugin(FinetunePlugin):
         if self.aligner is None:
             return
         sidecar = Path(save_dir) / SIDECAR_DIR
-        saved = Aligner.load(sidecar, teacher=self.aligner.teacher, target_width=self.aligner.target_width)
+        saved = Aligner.load(sidecar, self.aligner.source)
         mismatched = [
             f"{name}: saved {getattr(saved.config, name)!r}, now {getattr(self.config, name)!r}"
             for name in ("teacher", "layers", "target", "projector", "projector_dim", "loss")

@@ -1,0 +1,82 @@
+"""Where the alignment targets come from: one interface, so the Aligner has one mode.
+
+A *target source* has a ``name`` (for messages), a ``width`` (the teacher's feature width), a ``grid`` (the token grid
+its targets are on, or None when unknown) and ``targets(pixel_values) -> (B, N, width)`` for a batch of OpenVLA
+``pixel_values``. Three implement it:
+
+- ``LiveTeacher``: runs a frozen ``Teacher`` on the batch (the paper's setup);
+- ``openvla_align.cache.TeacherCache``: reads the targets a teacher wrote ahead of time (keys hashed from the pixels);
+- ``FixedTargets``: only a width (and grid), for projectors restored without their teacher; its targets are passed
+  to the Aligner directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+import torch
+
+from .teachers import Teacher
+from .vla.pixels import rgb_from_pixel_values
+
+logger = logging.getLogger(__name__)
+
+
+class LiveTeacher:
+    """A frozen teacher run on each batch, on the VLA's device (``place``), in the configured dtype."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    @property
+    def name(self) -> str:
+        return f"teacher {self.teacher.spec.name}"
+
+    @property
+    def width(self) -> int:
+        return self.teacher.width
+
+    @property
+    def grid(self) -> Optional[Tuple[int, int]]:
+        return tuple(self.teacher.grid)
+
+    def place(self, device: torch.device, dtype: Optional[str] = None) -> None:
+        self.teacher.to(device)
+        if dtype is not None:
+            self.teacher.to(getattr(torch, dtype))
+
+    def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        device = next(self.teacher.parameters(), pixel_values).device
+        with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
+            targets = self.teacher(rgb_from_pixel_values(pixel_values.to(device)))  # cast to its dtype inside
+        # Inference tensors cannot be saved for the loss's backward: one (B, N, D) copy, a few MB at 7B scale.
+        return targets.clone()
+
+
+class FixedTargets:
+    """A width (and grid) without a teacher: the caller passes each batch's targets."""
+
+    def __init__(self, width: int, grid: Optional[Tuple[int, int]] = None):
+        self.width = int(width)
+        self.grid = tuple(grid) if grid is not None else None
+        self.name = "the given targets"
+
+    def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("This Aligner has no teacher; pass precomputed `targets`.")
+
+
+def as_source(source=None, *, target_width: Optional[int] = None, target_grid=None):
+    """A target source from what callers pass: a Teacher, a source, or a width (and grid) for precomputed targets."""
+    if source is not None and target_width is not None:
+        raise ValueError("Give a teacher/target source or target_width, not both.")
+    if isinstance(source, Teacher):
+        return LiveTeacher(source)
+    if source is not None:
+        missing = [a for a in ("name", "width", "grid", "targets") if not hasattr(source, a)]
+        if missing:
+            raise TypeError(f"{type(source).__name__} is not a target source: it lacks {missing}.")
+        return source
+    if target_width is not None:
+        return FixedTargets(target_width, target_grid)
+    return None
