@@ -28,7 +28,8 @@ from .hooks import VisualTokenHook
 from .losses import get_loss
 from .projector import build_projector, fingerprint
 from .targets import as_source
-from .teachers import Teacher, create_teacher
+from .teachers import Teacher
+from .teachers.build import teacher_from_config
 from .vla.layout import llm_hidden_size, student_grid, unwrap
 
 logger = logging.getLogger(__name__)
@@ -67,18 +68,8 @@ class Aligner(nn.Module):
     @classmethod
     def from_config(cls, config: AlignConfig, *, grid: Tuple[int, int] = (16, 16), **teacher_kwargs) -> "Aligner":
         """Build the configured teacher from the registry (extra kwargs, e.g. ``arch``, go to its factory)."""
-        teacher = create_teacher(
-            config.teacher,
-            path=config.teacher_path,
-            resolution=config.teacher_resolution,
-            grid=grid,
-            allow_random=config.allow_random_teacher,
-            trust_remote_code=config.trust_remote_code,
-            **teacher_kwargs,
-        )
-        if config.teacher_dtype != "auto":  # auto is resolved in attach(), where the device is known
-            teacher = teacher.to(getattr(torch, config.teacher_dtype))
-        return cls(config, teacher)
+        # no device yet: an `auto` dtype is resolved in attach(), where the VLA's device is known
+        return cls(config, teacher_from_config(config, grid=grid, **teacher_kwargs))
 
     # --- keys: projector per aligned layer (0 = the encoder output for target="encoder") ---
     @property

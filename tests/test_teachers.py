@@ -183,3 +183,25 @@ def test_a_broken_plugin_is_reported_once_and_hides_no_other(tmp_path, monkeypat
         _registry._BROKEN.pop("broken", None)
         for name in ("broken_teacher_pkg", "good_teacher_pkg"):
             sys.modules.pop(name, None)
+
+
+def test_build_teacher_is_the_one_way_in():
+    import warnings
+
+    from openvla_align.config import AlignConfig
+    from openvla_align.teachers import build_teacher, teacher_from_config
+    from openvla_align.testing.tiny import TINY_VIT
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights, on purpose
+        a = build_teacher("c-radio-v3-l", allow_random=True, arch=TINY_VIT, seed=3)
+        b = build_teacher("c-radio-v3-l", allow_random=True, arch=TINY_VIT, seed=3)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        assert next(a.parameters()).dtype == torch.float32  # auto without a device: left to the Aligner
+        c = build_teacher("c-radio-v3-l", allow_random=True, arch=TINY_VIT, device="cpu")  # auto on CPU: fp32
+        assert next(c.parameters()).dtype == torch.float32
+        d = build_teacher("c-radio-v3-l", allow_random=True, arch=TINY_VIT, dtype="bfloat16")
+        assert next(d.parameters()).dtype == torch.bfloat16 and not d.training
+        cfg = AlignConfig(enabled=True, allow_random_teacher=True, teacher_dtype="float16")
+        e = teacher_from_config(cfg, grid=(8, 8), arch=TINY_VIT)
+        assert next(e.parameters()).dtype == torch.float16 and e.grid == (8, 8)

@@ -155,8 +155,7 @@ def build_cache(
 
 # --------------------------------------------------------------------------------------------------- CLI
 def _cmd_build(args) -> int:
-    from ..config import resolve_teacher_dtype
-    from ..teachers import create_teacher
+    from ..teachers.build import build_teacher
 
     if bool(args.images) == bool(args.dataset):
         raise ValueError("give exactly one frame source, --images DIR or --dataset NAME.")
@@ -164,13 +163,15 @@ def _cmd_build(args) -> int:
         frames, source = image_dir_frames(args.images, size=args.size)
     else:
         frames, source = rlds_frames(args.data_root, args.dataset, size=args.size)
-    teacher = create_teacher(
+    teacher = build_teacher(
         args.teacher,
         path=args.teacher_path,
         resolution=args.teacher_resolution,
         allow_random=args.allow_random_teacher,
         trust_remote_code=args.trust_remote_code,
-    ).to(getattr(torch, resolve_teacher_dtype(args.teacher_dtype, torch.device(args.device).type)))
+        dtype=args.teacher_dtype,
+        device=args.device,
+    )
     summary = build_cache(
         args.out,
         teacher,

@@ -69,7 +69,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
     from ..aligner import Aligner
     from ..config import AlignConfig
     from ..probe import linear as probe_linear
-    from ..teachers import create_teacher, teacher_spec
+    from ..teachers import build_teacher, teacher_spec
     from ..testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
     from ..testing.tiny import ActionTokenizer
     from . import report
@@ -123,7 +123,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
     train_scene_teacher(trained, images(vl), [s.cover for s in vl], N_CLASSES, cfg.teacher_steps, cfg.seed)
     weights = out / "teacher" / "model.safetensors"
     _save_safetensors(weights, trained.state_dict())
-    teacher = create_teacher("demo-scenes", path=str(weights), grid=grid)  # through the registry, as a run would
+    teacher = build_teacher("demo-scenes", path=str(weights), grid=grid)  # through the registry, as a run would
     clock.add("teacher", t)
     teacher_probe = probe(S.teacher_features(teacher, probe_tr), S.teacher_features(teacher, probe_te))
     print(

@@ -109,15 +109,14 @@ class _TeacherEncoder:
     """PIL images -> (B, D) mean final patch features of a registered teacher."""
 
     def __init__(self, spec: ModelSpec, device: str, dtype: str, teacher_kwargs: Mapping[str, Any]):
-        from ..teachers import create_teacher
+        from ..teachers.build import build_teacher
 
         kwargs = dict(teacher_kwargs)
         if spec.teacher_path:
             kwargs["path"] = spec.teacher_path
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # random-weight smoke-test teachers must give the same features on every run
-            teacher = create_teacher(spec.teacher, **kwargs)
-        self.teacher = teacher.to(device=device, dtype=parse_dtype(dtype))
+        # seeded: random-weight smoke-test teachers must give the same features on every run
+        dtype_name = str(parse_dtype(dtype)).replace("torch.", "")
+        self.teacher = build_teacher(spec.teacher, device=device, dtype=dtype_name, seed=0, **kwargs)
         self.device = torch.device(device)
 
     @torch.no_grad()

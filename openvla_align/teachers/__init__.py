@@ -15,6 +15,7 @@ from ._registry import (
 from .spec import STUDENT_GRID, TeacherSpec, TeacherWeightsNotFound
 
 _TORCH_NAMES = {"Teacher", "resample_grid"}  # from .base, imported on first use (the rest needs no torch)
+_BUILD_NAMES = {"build_teacher", "teacher_from_config"}  # from .build, likewise
 
 
 def __getattr__(name: str):
@@ -22,6 +23,10 @@ def __getattr__(name: str):
         from . import base
 
         return getattr(base, name)
+    if name in _BUILD_NAMES:
+        from . import build
+
+        return getattr(build, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -33,6 +38,7 @@ __all__ = [
     "TeacherSpec",
     "TeacherWeightsNotFound",
     "broken_plugins",
+    "build_teacher",
     "create_teacher",
     "get_teacher_factory",
     "list_teachers",
@@ -40,5 +46,6 @@ __all__ = [
     "register_builtin",
     "register_teacher",
     "resample_grid",
+    "teacher_from_config",
     "teacher_spec",
 ]

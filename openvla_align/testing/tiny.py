@@ -332,11 +332,12 @@ TINY_TEACHER_ARCH = {family: TINY_VIT for family in ("radio", "dinov2", "siglip"
 
 def tiny_teacher(name: str, seed: int = 0, grid=(16, 16), **kwargs):
     """A registered teacher's real architecture at tiny width/depth with random weights (warns loudly)."""
-    from ..teachers import create_teacher, teacher_spec
+    from ..teachers import teacher_spec
+    from ..teachers.build import build_teacher
 
     torch.manual_seed(seed)
     arch = TINY_TEACHER_ARCH.get(teacher_spec(name).family)
-    return create_teacher(name, allow_random=True, arch=arch, grid=grid, **kwargs)
+    return build_teacher(name, allow_random=True, arch=arch, grid=grid, **kwargs)
 
 
 def save_tiny_checkpoint(directory, model: "TinyOpenVLA", tokenizer) -> None:

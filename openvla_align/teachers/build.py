@@ -1,0 +1,64 @@
+"""The one way to build a teacher: from the registry, seeded when asked, on a device, in a dtype.
+
+``build_teacher`` takes the fields by name (the CLI tools have them as options); ``teacher_from_config`` reads them
+from an ``AlignConfig`` (the training path). Every caller in the package builds its teacher through one of the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+
+from ..config import resolve_teacher_dtype
+from ._registry import create_teacher
+from .spec import STUDENT_GRID
+
+
+def build_teacher(
+    name: str,
+    *,
+    path: Optional[str] = None,
+    resolution: Optional[int] = None,
+    grid: Tuple[int, int] = STUDENT_GRID,
+    allow_random: bool = False,
+    trust_remote_code: bool = False,
+    dtype: str = "auto",
+    device: Optional[str] = None,
+    seed: Optional[int] = None,
+    **factory_kwargs: Any,
+):
+    """The registered teacher ``name``, frozen. ``dtype``: ``auto`` (bfloat16 on CUDA, float32 elsewhere; left to
+    the caller when ``device`` is None, e.g. the Aligner resolves it on the VLA's device), or a torch dtype name.
+    ``seed`` makes random-weight (smoke-test) teachers the same on every call without touching the global RNG."""
+    kwargs = dict(
+        path=path, resolution=resolution, grid=grid, allow_random=allow_random, trust_remote_code=trust_remote_code
+    )
+    if seed is None:
+        teacher = create_teacher(name, **kwargs, **factory_kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            teacher = create_teacher(name, **kwargs, **factory_kwargs)
+    if device is not None:
+        teacher = teacher.to(device)
+    if dtype != "auto" or device is not None:
+        teacher = teacher.to(getattr(torch, resolve_teacher_dtype(dtype, torch.device(device or "cpu").type)))
+    return teacher
+
+
+def teacher_from_config(
+    config, *, grid: Tuple[int, int] = STUDENT_GRID, device: Optional[str] = None, **factory_kwargs
+):
+    """The teacher an ``AlignConfig`` names, with its path, resolution, weights policy and dtype."""
+    return build_teacher(
+        config.teacher,
+        path=config.teacher_path,
+        resolution=config.teacher_resolution,
+        grid=grid,
+        allow_random=config.allow_random_teacher,
+        trust_remote_code=config.trust_remote_code,
+        dtype=config.teacher_dtype,
+        device=device,
+        **factory_kwargs,
+    )
