@@ -366,7 +366,9 @@ def checkout(tmp_path):
 
 
 def cli(capsys, *args):
-    code = P.main(list(args))
+    from openvla_align.cli import main
+
+    code = main(["patch", *args])
     return code, capsys.readouterr()
 
 
