@@ -1,11 +1,14 @@
-"""The dense objective of the demo's vision pretraining and of its teacher: each patch says what covers it and where
-it is."""
+"""The dense objective of the demo's vision pretraining and of its teacher, and the loop that fits it: each patch says
+what covers it and where it is."""
 
 from __future__ import annotations
+
+from typing import Callable, Iterable, List, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 PATCH = 14
 
@@ -28,3 +31,35 @@ def dense_loss(logits: torch.Tensor, target: torch.Tensor, side: int) -> torch.T
     b = logits.shape[0]
     where = F.cross_entropy(rows, (pos // side).repeat(b)) + F.cross_entropy(cols, (pos % side).repeat(b))
     return concept + 0.5 * where
+
+
+def fit_dense(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    params: Iterable[torch.nn.Parameter],
+    inputs: torch.Tensor,
+    covers: Sequence[np.ndarray],
+    width: int,
+    n_classes: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    desc: str,
+    batch_size: int = 32,
+) -> List[float]:
+    """Fit ``encode`` (inputs -> (B, N, width) patch features; ``params`` are its weights) and a throw-away linear
+    head to ``dense_loss`` on the scenes' pixel class maps; seeded, AdamW; returns the loss of every step."""
+    torch.manual_seed(seed)
+    target = torch.from_numpy(np.stack([patch_targets(c, n_classes).reshape(-1, n_classes) for c in covers]))
+    side = int(round(target.shape[1] ** 0.5))
+    head = torch.nn.Linear(width, n_classes + 2 * side)
+    opt = torch.optim.AdamW(list(params) + list(head.parameters()), lr=lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
+        idx = torch.randint(len(inputs), (batch_size,), generator=g)
+        loss = dense_loss(head(encode(inputs[idx])), target[idx], side)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -17,7 +17,7 @@ from ..hooks import VisualTokenHook
 from ..testing.data import answer_batch
 from ..testing.tiny import ActionTokenizer
 from ..vla.pixels import normalize_fused
-from .objectives import dense_loss, patch_targets
+from .objectives import fit_dense
 from .scenes import COLORS, SHAPES, Scene, images, name, sort_action, sorted_right, where
 
 ACTION_PROMPT = "In: What action should the robot take to put the object in its bin?\nOut:"
@@ -118,26 +118,16 @@ def train_loop(
     return history
 
 
-def pretrain_vision(vla, scenes: Sequence[Scene], n_classes: int, steps: int, lr: float, seed: int, batch_size=32):
+def pretrain_vision(vla, scenes: Sequence[Scene], n_classes: int, steps: int, lr: float, seed: int) -> List[float]:
     """Dense pretraining of the fused vision backbone (both towers) on ``scenes``: each patch token says what covers
     it and where it is. The demo's stand-in for the web-scale pretraining of DINOv2 and SigLIP."""
-    torch.manual_seed(seed)
     backbone = vla.vision_backbone
-    target = torch.from_numpy(np.stack([patch_targets(s.cover, n_classes).reshape(-1, n_classes) for s in scenes]))
-    side = int(round(target.shape[1] ** 0.5))
-    pixels = normalize_fused(images(scenes))
-    head = torch.nn.Linear(backbone.embed_dim, n_classes + 2 * side)
-    opt = torch.optim.AdamW(list(backbone.parameters()) + list(head.parameters()), lr=lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
     backbone.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="vision", unit="step", dynamic_ncols=True):
-        idx = torch.randint(len(scenes), (batch_size,), generator=g)
-        loss = dense_loss(head(backbone(pixels[idx])), target[idx], side)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    pixels = normalize_fused(images(scenes))
+    covers = [s.cover for s in scenes]
+    losses = fit_dense(
+        backbone, backbone.parameters(), pixels, covers, backbone.embed_dim, n_classes, steps, lr, seed, "vision"
+    )
     backbone.eval()
     return losses
 

@@ -15,11 +15,10 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from ..teachers.base import Teacher, wants_random
 from ..teachers.spec import TeacherSpec, TeacherWeightsNotFound
-from .objectives import PATCH, dense_loss, patch_targets
+from .objectives import PATCH, fit_dense
 
 HIDDEN = 64
 
@@ -46,23 +45,12 @@ def train_scene_teacher(
     teacher: SceneTeacher, images: torch.Tensor, covers: Sequence[np.ndarray], n_classes: int, steps: int, seed: int
 ) -> float:
     """Fit the teacher (and a throw-away linear head) to the patch targets; returns the last loss."""
-    torch.manual_seed(seed)
-    target = torch.from_numpy(np.stack([patch_targets(c, n_classes).reshape(-1, n_classes) for c in covers]))
-    side = teacher.native_grid[0]
-    head = nn.Linear(teacher.spec.width, n_classes + 2 * side)
-    params = list(teacher.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    x_all = teacher.preprocess(images)
-    loss = torch.tensor(0.0)
-    for _ in tqdm(range(steps), desc="teacher", unit="step", dynamic_ncols=True):
-        idx = torch.randint(len(x_all), (32,), generator=g)
-        loss = dense_loss(head(teacher._features(x_all[idx])), target[idx], side)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    x = teacher.preprocess(images)
+    losses = fit_dense(
+        teacher._features, teacher.parameters(), x, covers, teacher.spec.width, n_classes, steps, 3e-3, seed, "teacher"
+    )
     teacher.freeze()
-    return loss.item()
+    return losses[-1]
 
 
 def teacher_factory(spec: TeacherSpec, **_params):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..vla.checkpoint import load_image, load_vla, parse_dtype, parse_model, release_memory, vqa_prompt
+from ..vla.checkpoint import load_image, load_vla, parse_model, release_memory, vqa_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +110,13 @@ class _TeacherEncoder:
 
     def __init__(self, spec: ModelSpec, device: str, dtype: str, teacher_kwargs: Mapping[str, Any]):
         from ..teachers.build import build_teacher
+        from .feature_cache import canonical_dtype
 
         kwargs = dict(teacher_kwargs)
         if spec.teacher_path:
             kwargs["path"] = spec.teacher_path
         # seeded: random-weight smoke-test teachers must give the same features on every run
-        dtype_name = str(parse_dtype(dtype)).replace("torch.", "")
-        self.teacher = build_teacher(spec.teacher, device=device, dtype=dtype_name, seed=0, **kwargs)
+        self.teacher = build_teacher(spec.teacher, device=device, dtype=canonical_dtype(dtype), seed=0, **kwargs)
         self.device = torch.device(device)
 
     @torch.no_grad()
