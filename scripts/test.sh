@@ -8,7 +8,9 @@
 #                 upstream tests skip and say why.
 #   current       current releases of everything; the upstream tests skip (upstream pins transformers 4.40.1).
 # Both use the CPU-runnable torch wheel of this machine kind (OpenVLA pins torch 2.2, which no CPU-only wheel here
-# provides).
+# provides). That wheel is a CUDA build (~5.5 GB a venv; openvla-pins is ~7.7 GB with tensorflow), so each venv is
+# removed once its tests ran and a green run keeps no pytest temp dirs (the upstream end-to-end test alone writes
+# ~1 GB): peak disk is one venv, not two. KEEP_VENVS=1 keeps the venvs (e.g. to rerun one test file by hand).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 torch_pins=(torch==2.14.1 torchvision==0.29.1)
@@ -23,6 +25,7 @@ status=0
 for env in "${envs[@]}"; do
   venv=".venv-$env"
   rm -rf "$venv"
+  echo "== $env: $(df -Ph . | awk 'NR==2 {print $4}') free on disk before the install"
   python3 -m venv "$venv"
   extra=()
   [ "$env" = openvla-pins ] && extra=("${openvla_pins[@]}" "${openvla_stack[@]}")
@@ -43,7 +46,8 @@ for env in "${envs[@]}"; do
   fi
   echo "== $env: $("$venv/bin/python" -c 'import torch, transformers, timm, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, peft {peft.__version__}")')"
   start=$SECONDS
-  "${run_env[@]}" "$venv/bin/python" -m pytest -q -rs tests || status=1
+  "${run_env[@]}" "$venv/bin/python" -m pytest -q -rs -o tmp_path_retention_policy=failed tests || status=1
   echo "== $env: tests took $((SECONDS - start)) s"
+  [ "${KEEP_VENVS:-0}" = 1 ] || rm -rf "$venv"
 done
 exit $status
