@@ -10,104 +10,102 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
+from . import dtypes
+
 logger = logging.getLogger(__name__)
 
 LOSSES = ("cosine", "l2", "ntxent")
-TEACHER_DTYPES = ("auto", "bfloat16", "float16", "float32")
+TEACHER_DTYPES = ("auto", *dtypes.NAMES)
 PROJECTORS = ("mlp", "linear", "cosine", "orthogonal", "spectral", "film", "whitening")
 TARGETS = ("backbone", "encoder")
 
 
-def resolve_teacher_dtype(name: str, device_type: str) -> str:
-    """``auto`` -> bfloat16 on CUDA (the reference's choice), float32 elsewhere; explicit dtypes are kept."""
-    if name != "auto":
-        return name
-    return "bfloat16" if device_type == "cuda" else "float32"
-
-
-def _help(text: str) -> Dict[str, Any]:
+def help_field(text: str) -> Dict[str, Any]:
     # draccus reads `custom_args`; `help` is the conventional key other tools (and readers) look for.
     return {"help": text, "custom_args": {"help": text}}
 
 
 @dataclass
 class AlignConfig:
-    enabled: bool = field(default=False, metadata=_help("Add the alignment loss to the action loss."))
+    enabled: bool = field(default=False, metadata=help_field("Add the alignment loss to the action loss."))
     teacher: str = field(
         default="c-radio-v3-l",
-        metadata=_help(
+        metadata=help_field(
             "Registered teacher name; `openvla-align teachers` lists them (C-RADIOv3-L is the paper's best)."
         ),
     )
     teacher_path: Optional[str] = field(
         default=None,
-        metadata=_help(
+        metadata=help_field(
             "Local teacher weights: a checkpoint file, an HF snapshot directory or a torch.hub checkout. "
             "None looks in the HF cache and the torch.hub directory, offline."
         ),
     )
     layers: Tuple[int, ...] = field(
         default=(16,),
-        metadata=_help("LLM layers to align; layer L is output_hidden_states[L], the output of decoder block L-1."),
+        metadata=help_field(
+            "LLM layers to align; layer L is output_hidden_states[L], the output of decoder block L-1."
+        ),
     )
-    coeff: float = field(default=0.2, metadata=_help("Weight of the alignment loss: L = L_action + coeff * L_align."))
-    loss: str = field(default="cosine", metadata=_help("Alignment loss: cosine (paper), l2 or ntxent."))
-    ntxent_temperature: float = field(default=0.1, metadata=_help("Temperature of the NT-Xent loss."))
+    coeff: float = field(
+        default=0.2, metadata=help_field("Weight of the alignment loss: L = L_action + coeff * L_align.")
+    )
+    loss: str = field(default="cosine", metadata=help_field("Alignment loss: cosine (paper), l2 or ntxent."))
+    ntxent_temperature: float = field(default=0.1, metadata=help_field("Temperature of the NT-Xent loss."))
     projector: str = field(
         default="mlp",
-        metadata=_help("Projector type: mlp (paper's Ln&D), linear, cosine, orthogonal, spectral, film or whitening."),
+        metadata=help_field(
+            "Projector type: mlp (paper's Ln&D), linear, cosine, orthogonal, spectral, film or whitening."
+        ),
     )
-    projector_dim: int = field(default=2048, metadata=_help("Hidden width of the MLP projector."))
+    projector_dim: int = field(default=2048, metadata=help_field("Hidden width of the MLP projector."))
     freeze_projector: bool = field(
-        default=True, metadata=_help("Keep the randomly initialised projector frozen (the paper's choice).")
+        default=True, metadata=help_field("Keep the randomly initialised projector frozen (the paper's choice).")
     )
     projector_seed: int = field(
-        default=0, metadata=_help("Seed of the projector's initialisation; identical on every process.")
+        default=0, metadata=help_field("Seed of the projector's initialisation; identical on every process.")
     )
     target: str = field(
         default="backbone",
-        metadata=_help(
+        metadata=help_field(
             "backbone: align an LLM layer (Backbone2Enc); encoder: align the vision encoder's output (Enc2Enc)."
         ),
     )
     teacher_resolution: Optional[int] = field(
         default=None,
-        metadata=_help(
+        metadata=help_field(
             "Square input size for the teacher. None picks grid x patch so the teacher's grid equals the student's "
             "16x16 (256 px for patch-16 teachers, 224 px for patch-14)."
         ),
     )
     allow_random_teacher: bool = field(
         default=False,
-        metadata=_help("Build the teacher with random weights (smoke tests only; never a silent fallback)."),
+        metadata=help_field("Build the teacher with random weights (smoke tests only; never a silent fallback)."),
     )
     trust_remote_code: bool = field(
-        default=False, metadata=_help("Allow teachers that need remote code (e.g. Theia's HF implementation).")
+        default=False, metadata=help_field("Allow teachers that need remote code (e.g. Theia's HF implementation).")
     )
     freeze_vision: bool = field(
         default=False,
-        metadata=_help(
-            "Freeze baseline: no gradient for any vision-backbone parameter (LoRA ones included); applies with or "
-            "without alignment."
-        ),
+        metadata=help_field("Old spelling of --freeze.vision (the Freeze baseline is its own plugin); still honoured."),
     )
     teacher_dtype: str = field(
         default="auto",
-        metadata=_help(
+        metadata=help_field(
             "dtype of the teacher's weights and inference: auto = bfloat16 on CUDA (as the reference), float32 "
             "elsewhere (CPUs without native bf16 run it ~4x slower); or bfloat16, float16, float32."
         ),
     )
     teacher_cache: Optional[str] = field(
         default=None,
-        metadata=_help(
+        metadata=help_field(
             "Directory written by `openvla-align cache build`: read teacher targets from it instead of running the "
             "teacher (needs image_aug false)."
         ),
     )
     verify_cache: bool = field(
         default=True,
-        metadata=_help("Check every shard's SHA-256 of teacher_cache before training (false: sizes only)."),
+        metadata=help_field("Check every shard's SHA-256 of teacher_cache before training (false: sizes only)."),
     )
 
     def __post_init__(self) -> None:
@@ -147,7 +145,7 @@ class AlignConfig:
 
     def resolved_teacher_dtype(self, device_type: str) -> str:
         """``teacher_dtype`` for a teacher running on ``device_type`` ("cuda", "cpu", ...); explicit values stay."""
-        return resolve_teacher_dtype(self.teacher_dtype, device_type)
+        return dtypes.resolve(self.teacher_dtype, device_type)
 
     # --- serialisation: sorted JSON; newer keys are tolerated with a warning ---
     def to_dict(self) -> Dict[str, Any]:

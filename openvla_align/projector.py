@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable
+from typing import Dict, Iterable, Type
 
 import torch
 import torch.nn as nn
@@ -120,7 +120,17 @@ def _orthogonal_(linear: nn.Linear, gen: torch.Generator) -> None:
         linear.weight.copy_(q if rows >= cols else q.T)
 
 
-PROJECTOR_KINDS = ("mlp", "linear", "cosine", "orthogonal", "spectral", "film", "whitening")
+# The module behind each name `AlignConfig.projector` accepts (`config.PROJECTORS`, the one list of names);
+# orthogonal and spectral are linear maps with a constraint added after initialisation.
+PROJECTOR_CLASSES: Dict[str, Type[nn.Module]] = {
+    "mlp": MLPProjector,
+    "linear": LinearProjector,
+    "cosine": CosineProjector,
+    "orthogonal": LinearProjector,
+    "spectral": LinearProjector,
+    "film": FiLMProjector,
+    "whitening": WhiteningAffineProjector,
+}
 
 
 def build_projector(
@@ -132,18 +142,12 @@ def build_projector(
     inputs and weight rows), ``orthogonal`` (semi-orthogonal weight; kept orthogonal while training),
     ``spectral`` (spectral-normalised linear), ``film`` (LayerNorm, FiLM conditioned on the mean token, linear),
     ``whitening`` (per-channel whitening over the batch's tokens, then an affine map)."""
+    if kind not in PROJECTOR_CLASSES:
+        raise ValueError(f"Unknown projector {kind!r}; known: {', '.join(PROJECTOR_CLASSES)}.")
     if kind == "mlp":
         proj: nn.Module = MLPProjector(in_dim, out_dim, hidden_dim)
-    elif kind in ("linear", "orthogonal", "spectral"):
-        proj = LinearProjector(in_dim, out_dim)
-    elif kind == "cosine":
-        proj = CosineProjector(in_dim, out_dim)
-    elif kind == "film":
-        proj = FiLMProjector(in_dim, out_dim)
-    elif kind == "whitening":
-        proj = WhiteningAffineProjector(in_dim, out_dim)
     else:
-        raise ValueError(f"Unknown projector {kind!r}; known: {', '.join(PROJECTOR_KINDS)}.")
+        proj = PROJECTOR_CLASSES[kind](in_dim, out_dim)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for module in proj.modules():
         if isinstance(module, nn.Linear):

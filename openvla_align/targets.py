@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .dtypes import torch_dtype
 from .teachers import Teacher
 from .vla.pixels import rgb_from_pixel_values
 
@@ -44,7 +45,7 @@ class LiveTeacher:
     def place(self, device: torch.device, dtype: Optional[str] = None) -> None:
         self.teacher.to(device)
         if dtype is not None:
-            self.teacher.to(getattr(torch, dtype))
+            self.teacher.to(torch_dtype(dtype))
 
     def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
         device = next(self.teacher.parameters(), pixel_values).device

@@ -19,7 +19,7 @@ import torch
 
 from ..config import TEACHER_DTYPES
 from .keys import frame_key, pixel_values_from_frames
-from .store import CacheSpec, CacheWriter, TeacherCache, file_sha256, read_manifest, rlds_identity
+from .store import STORAGE_DTYPES, CacheSpec, CacheWriter, TeacherCache, file_sha256, read_manifest, rlds_identity
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="allow a teacher checkpoint's own code to run (Theia, RADIO hub)",
     )
-    b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="storage dtype")
+    b.add_argument("--dtype", default="bfloat16", choices=STORAGE_DTYPES, help="storage dtype")
     b.add_argument("--batch-size", type=int, default=32, help="frames per teacher forward pass")
     b.add_argument("--shard-rows", type=int, default=4096, help="frames per shard")
     b.add_argument(

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from .._io import atomic_write_bytes, sha256_file
+from ..dtypes import canonical, torch_dtype
 from .keys import KEY_BYTES
 
 FORMAT = "openvla-align-teacher-cache/1"
 MANIFEST = "manifest.json"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = ("bfloat16", "float16")  # 16-bit: the shards are int16 memmaps viewed as this dtype
 
 
 class CacheError(RuntimeError):
@@ -87,8 +88,7 @@ class CacheWriter:
     keys already stored are reported by ``has`` and skipped by ``add``."""
 
     def __init__(self, directory, spec: CacheSpec, shard_rows: int = 4096):
-        if spec.dtype not in DTYPES:
-            raise ValueError(f"dtype {spec.dtype!r} is not one of {sorted(DTYPES)}.")
+        canonical(spec.dtype, "cache dtype", STORAGE_DTYPES)
         self.dir = Path(directory)
         self.spec, self.shard_rows = spec, int(shard_rows)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ class CacheWriter:
         """Add rows (features (B, tokens, width)); rows whose key is stored already are skipped. Returns rows added."""
         if feats.ndim != 3 or tuple(feats.shape[1:]) != (self.spec.tokens, self.spec.width):
             raise ValueError(f"features must be (B, {self.spec.tokens}, {self.spec.width}); got {tuple(feats.shape)}.")
-        feats = feats.detach().to("cpu", DTYPES[self.spec.dtype])
+        feats = feats.detach().to("cpu", torch_dtype(self.spec.dtype))
         added = 0
         for key, row in zip(keys, feats):
             if len(key) != KEY_BYTES:
@@ -215,7 +215,7 @@ class TeacherCache:
                 f"{self.dir} is an unfinished cache build ({manifest.get('rows', 0)} frames so far); "
                 "run `openvla-align cache build` again to finish it."
             )
-        self.dtype = DTYPES[self.spec.dtype]
+        self.dtype = torch_dtype(self.spec.dtype)
         self.index: Dict[bytes, Tuple[int, int]] = {}
         self.maps: List[np.memmap] = []
         for s, shard in enumerate(manifest["shards"]):

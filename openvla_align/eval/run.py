@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .. import dtypes
 from .results import RESULT_FILE, write_result
 
 logger = logging.getLogger(__name__)
@@ -317,7 +318,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the recipe's")
     p.add_argument("--num-envs", type=int, default=None, help="parallel environments instead of the recipe's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the VLA")
-    p.add_argument("--dtype", default="bfloat16", help="dtype of the VLA (bfloat16, float16 or float32)")
+    p.add_argument("--dtype", default="bfloat16", choices=dtypes.CHOICES, help="dtype of the VLA")
     p.add_argument("--overwrite", action="store_true", help="re-run (env, seed) pairs that already have results")
     p.add_argument(
         "--video", type=int, default=0, metavar="K", help="write the first K episodes of each (env, seed) as GIFs"

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .. import dtypes
 from .._io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter directory (RUN/STEP) written by the patched finetune.py")
     p.add_argument("--base", default=None, help="base model directory (default: the adapter's base_model_name_or_path)")
     p.add_argument("--out", default=None, help="output directory (default: ADAPTER-merged)")
-    p.add_argument("--dtype", default="bfloat16", help="dtype to merge and save in (bfloat16, float32, ...)")
+    p.add_argument("--dtype", default="bfloat16", choices=dtypes.CHOICES, help="dtype to merge and save in")
     p.set_defaults(func=_cmd_merge)
     return p

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from .. import dtypes
 from .._io import atomic_write_bytes
 from ..vla.checkpoint import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
 from ..vla.layout import check_layers
@@ -351,7 +352,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="bfloat16" if cuda else "float32",
-        help="bfloat16 | float16 | float32 (default: bfloat16 on CUDA, float32 on CPU)",
+        choices=dtypes.CHOICES,
+        help="default: bfloat16 on CUDA, float32 on CPU",
     )
 
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
+from .. import dtypes
 from .._io import atomic_write, sha256_file
-from ..vla.checkpoint import parse_dtype
 
 if TYPE_CHECKING:
     from .features import ModelSpec
@@ -46,7 +46,7 @@ def _dir_stats(path: Optional[str]) -> Optional[List[list]]:
 
 
 def canonical_dtype(dtype: str) -> str:
-    return str(parse_dtype(dtype)).replace("torch.", "")
+    return dtypes.canonical(dtype)
 
 
 def check_model(spec: ModelSpec) -> None:

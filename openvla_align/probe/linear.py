@@ -54,9 +54,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .. import dtypes
 from .._io import atomic_write
 from ..vla.checkpoint import (
-    DTYPES,
     parse_model,
     resolve_device_dtype,
 )
@@ -453,7 +453,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--layer", type=int, default=16, help="LLM layer of the VLA's visual tokens (default: 16)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on cuda, else float32")
+    p.add_argument("--dtype", default=None, choices=dtypes.CHOICES, help="default: bfloat16 on cuda, else float32")
     p.add_argument("--extract-batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     p.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: 4)")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="classifier epochs (default: %(default)s)")

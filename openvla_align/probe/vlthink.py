@@ -33,9 +33,9 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from .. import dtypes
 from .._io import atomic_write_bytes
 from ..vla.checkpoint import (
-    DTYPES,
     LoadedVLA,
     apply_adapter,
     load_image,
@@ -368,7 +368,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=12, help="answer length cap (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="bfloat16 on cuda, else float32")
+    p.add_argument("--dtype", default=None, choices=dtypes.CHOICES, help="bfloat16 on cuda, else float32")
     p.add_argument(
         "--template",
         default=QUESTION_TEMPLATE,

@@ -10,7 +10,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from ..config import resolve_teacher_dtype
+from .. import dtypes
 from ._registry import create_teacher
 from .spec import STUDENT_GRID
 
@@ -43,7 +43,7 @@ def build_teacher(
     if device is not None:
         teacher = teacher.to(device)
     if dtype != "auto" or device is not None:
-        teacher = teacher.to(getattr(torch, resolve_teacher_dtype(dtype, torch.device(device or "cpu").type)))
+        teacher = teacher.to(dtypes.torch_dtype(dtypes.resolve(dtype, torch.device(device or "cpu").type)))
     return teacher
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from .. import dtypes
+
 # config.json model_type -> "module:function" returning (model, tokenizer, image_size) for
 # ``function(path, attn_implementation)``; OpenVLA's own class needs no entry.
 LOADERS: Dict[str, str] = {"tiny_openvla": "openvla_align.testing.tiny:load_tiny_checkpoint"}
@@ -38,22 +40,6 @@ def _registered_loader(model_type: str):
 
     module, _, name = LOADERS[model_type].partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r} is not one of {sorted(DTYPES)}.")
-    return DTYPES[name]
 
 
 def resolve_device_dtype(device: Optional[str], dtype: Optional[str]) -> tuple:
@@ -184,7 +170,7 @@ def load_vla(
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"Model {path} is not a checkpoint directory.")
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = dtypes.torch_dtype(dtype) if isinstance(dtype, str) else dtype
     try:
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     except json.JSONDecodeError as exc:
