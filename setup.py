@@ -41,6 +41,11 @@ setup(
         # The built-ins as data (spec + family module, imported when one of them is created).
         "openvla_align.teachers": ["builtin=openvla_align.teachers.catalog"],
         # The generic plugin group the patched vla-scripts/finetune.py discovers (see patches/).
-        "openvla.finetune_plugins": ["align=openvla_align.openvla.plugin:AlignPlugin"],
+        "openvla.finetune_plugins": [
+            "align=openvla_align.openvla.plugins.align:AlignPlugin",
+            "datasets=openvla_align.openvla.plugins.datasets:DatasetsPlugin",
+            "freeze=openvla_align.openvla.plugins.freeze:FreezePlugin",
+            "norm_stats=openvla_align.openvla.plugins.norm_stats:NormStatsPlugin",
+        ],
     },
 )

@@ -23,7 +23,7 @@ from openvla_align.cache import (
 from openvla_align.cache.build import build_cache, image_dir_frames
 from openvla_align.cache.store import open_for_training
 from openvla_align.cli import main
-from openvla_align.openvla.plugin import AlignPlugin
+from openvla_align.openvla.plugins import AlignPlugin
 from openvla_align.testing import tiny_teacher
 from openvla_align.vla.pixels import IMAGENET_MEAN, IMAGENET_STD
 
@@ -183,13 +183,7 @@ class _Cfg:
     data_root_dir, dataset_name, image_aug, vla_path = "unused", "sft", False, None
 
 
-@pytest.fixture
-def no_prismatic(monkeypatch):
-    monkeypatch.setattr("openvla_align.openvla.datasets.register_paper_datasets", lambda: [])
-    monkeypatch.setattr("openvla_align.openvla.datasets.check_dataset", lambda *a: None)
-
-
-def test_training_reads_targets_instead_of_running_the_teacher(tmp_path, vla, tokenizer, no_prismatic):
+def test_training_reads_targets_instead_of_running_the_teacher(tmp_path, vla, tokenizer):
     teacher = radio()
     fs = frames(4, seed=5)
     build(tmp_path / "c", teacher, iter(fs), dtype="float16")
@@ -224,7 +218,7 @@ def test_training_reads_targets_instead_of_running_the_teacher(tmp_path, vla, to
         resumed.loss(vla, batch, vla(**batch), 1)
 
 
-def test_cache_with_image_augmentation_is_refused(built, no_prismatic):
+def test_cache_with_image_augmentation_is_refused(built):
     class Aug(_Cfg):
         image_aug = True
 
@@ -251,7 +245,7 @@ def test_cli_build_and_verify(tmp_path, capsys):
     cli_fails(capsys, ["cache", "build", str(tmp_path / "d")], "exactly one frame source")
 
 
-def test_cache_for_another_grid_is_refused_when_the_model_is_ready(tmp_path, vla, no_prismatic):
+def test_cache_for_another_grid_is_refused_when_the_model_is_ready(tmp_path, vla):
     spec = CacheSpec("c-radio-v3-l", "", 128, (8, 8), 32, "bfloat16", {"kind": "test"})
     CacheWriter(tmp_path / "c", spec).close()
     plugin = AlignPlugin(AlignConfig(enabled=True, projector_dim=32, teacher_cache=str(tmp_path / "c")))

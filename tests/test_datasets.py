@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from openvla_align import AlignConfig
 from openvla_align.openvla.datasets import PAPER_DATASETS, check_dataset, register_paper_datasets
-from openvla_align.openvla.plugin import AlignPlugin
+from openvla_align.openvla.plugins import DatasetsConfig, DatasetsPlugin
 
 STAND_IN = {
     "configs.py": """
@@ -73,10 +72,20 @@ def test_check_dataset(prismatic, tmp_path):
         check_dataset(root, "bridge_mix")
 
 
-def test_plugin_setup_checks_before_the_model_loads(prismatic, tmp_path):
-    plugin = AlignPlugin(AlignConfig(enabled=True))
-    with pytest.raises(FileNotFoundError, match="lacks the RLDS build"):
+def test_plugin_registers_and_checks_before_the_model_loads(prismatic, tmp_path):
+    plugin = DatasetsPlugin(DatasetsConfig())
+    with pytest.raises(FileNotFoundError, match=r"lacks the RLDS build.*--datasets\.check false skips this check"):
         plugin.setup(SimpleNamespace(data_root_dir=tmp_path, dataset_name="warmup"))
+    from prismatic.vla.datasets.rlds.oxe import configs
+
+    assert set(PAPER_DATASETS) <= set(configs.OXE_DATASET_CONFIGS)  # registered before the check
+    with pytest.raises(ValueError, match="'nope' is neither"):
+        plugin.setup(SimpleNamespace(data_root_dir=tmp_path, dataset_name="nope"))
+    (tmp_path / "warmup" / "1.0.0").mkdir(parents=True)
+    (tmp_path / "warmup" / "1.0.0" / "dataset_info.json").write_text("{}")
+    plugin.setup(SimpleNamespace(data_root_dir=tmp_path, dataset_name="warmup"))
+    # a remote build (tensorflow-datasets reads gs:// itself) is not looked for on the local disk
+    plugin.setup(SimpleNamespace(data_root_dir="gs://bucket/rlds", dataset_name="bridge_orig"))
 
 
 @pytest.mark.skipif(not os.environ.get("OPENVLA_SRC"), reason="set OPENVLA_SRC to an OpenVLA checkout to run")
@@ -91,12 +100,20 @@ def test_real_registries(monkeypatch):
     assert kwargs["image_obs_keys"] == {"primary": "image"} and kwargs["action_normalization_mask"][-1] is False
 
 
-def test_disabled_plugin_registers_but_never_checks(prismatic, tmp_path):
-    plugin = AlignPlugin(AlignConfig(enabled=False))
-    plugin.setup(SimpleNamespace(data_root_dir=tmp_path, dataset_name="anything_upstream_knows"))
+def test_each_half_of_the_plugin_switches_off(prismatic, tmp_path):
+    DatasetsPlugin(DatasetsConfig(check=False)).setup(SimpleNamespace(data_root_dir=tmp_path, dataset_name="nope"))
     from prismatic.vla.datasets.rlds.oxe import configs
 
     assert set(PAPER_DATASETS) <= set(configs.OXE_DATASET_CONFIGS)
+    for name in PAPER_DATASETS:
+        del configs.OXE_DATASET_CONFIGS[name]
+    off = DatasetsPlugin(DatasetsConfig(register_paper=False, check=False))
+    off.setup(SimpleNamespace(data_root_dir=tmp_path, dataset_name="sft"))
+    assert not off.enabled and not set(PAPER_DATASETS) & set(configs.OXE_DATASET_CONFIGS)
+    with pytest.raises(ValueError, match="'sft' is neither"):  # unregistered: the check says so
+        DatasetsPlugin(DatasetsConfig(register_paper=False)).setup(
+            SimpleNamespace(data_root_dir=tmp_path, dataset_name="sft")
+        )
 
 
 def test_our_loggers_survive_prismatic_logging_setup(prismatic):

@@ -70,7 +70,7 @@ def _mismatch_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from openvla_align import AlignConfig
-        from openvla_align.openvla.plugin import AlignPlugin
+        from openvla_align.openvla.plugins import AlignPlugin
         from openvla_align.testing import build_tiny_vla, build_tokenizer
 
         from conftest import PatchTeacher

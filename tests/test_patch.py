@@ -26,6 +26,7 @@ import _cpu_shim
 import pytest
 
 from openvla_align.openvla import patch as P
+from openvla_align.openvla.plugins import PLUGINS
 
 PATCH_DIR = P.patch_dir()  # patches/ at the repository root (or inside the package)
 TESTS_DIR = Path(__file__).resolve().parent
@@ -312,7 +313,7 @@ def test_draccus_parses_plugin_fields(tmp_path, config_source):
     module = f"toyplug_{uuid.uuid4().hex[:8]}"
     site = make_dist(
         tmp_path / "site",
-        {"toy": f"{module}:ToyPlugin", "align": "openvla_align.openvla.plugin:AlignPlugin"},
+        {"toy": f"{module}:ToyPlugin", **{cls.name: f"{cls.__module__}:{cls.__name__}" for cls in PLUGINS}},
         module,
         TOY_PLUGIN,
     )
@@ -337,7 +338,12 @@ def test_draccus_parses_plugin_fields(tmp_path, config_source):
     assert cfg["align"]["enabled"] is True and cfg["align"]["layers"] == [8, 16]
     assert cfg["toy"] == {"enabled": False, "layers": [16], "mode": "slow"}
     assert cfg["merge_on_save"] is False and cfg["resume_from"] is None
-    assert parsed()["align"]["enabled"] is False  # stock defaults when no plugin flag is given
+    defaults = parsed()  # stock defaults when no plugin flag is given
+    assert defaults["align"]["enabled"] is False and defaults["freeze"] == {"vision": False}
+    assert defaults["datasets"] == {"register_paper": True, "check": True} and defaults["norm_stats"] == {"fold": True}
+    cfg = parsed("--freeze.vision", "true", "--datasets.check", "false", "--norm_stats.fold", "false")
+    assert cfg["freeze"]["vision"] is True and cfg["datasets"]["check"] is False and cfg["norm_stats"]["fold"] is False
+    assert parsed("--align.freeze_vision", "true")["align"]["freeze_vision"] is True  # the old spelling still parses
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
@@ -349,7 +355,8 @@ def test_draccus_parses_plugin_fields(tmp_path, config_source):
     assert cfg["toy"]["layers"] == [1, 2] and cfg["merge_on_save"] is False and cfg["resume_from"] == "runs/ckpt"
 
     help_text = run("--help")
-    for flag in ("--align.enabled", "--align.layers", "--align.teacher", "--toy.mode", "--merge_on_save"):
+    flags = ("--align.enabled", "--align.layers", "--align.teacher", "--toy.mode", "--merge_on_save", "--freeze.vision")
+    for flag in flags + ("--datasets.register_paper", "--datasets.check", "--norm_stats.fold"):
         assert flag in help_text
     assert "Toy mode" in help_text  # the plugin's field comments
     assert "If False, save LoRA adapters only" in help_text  # the script's own comments survive the extension

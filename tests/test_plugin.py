@@ -1,6 +1,7 @@
 """openvla-align's finetune plugin driven the way the patched finetune.py drives it, on tiny models."""
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +9,17 @@ from peft import LoraConfig, get_peft_model
 
 from openvla_align import AlignConfig
 from openvla_align.openvla.env import environment_problems, warn_if_broken
-from openvla_align.openvla.plugin import AlignPlugin, FinetunePlugin, load_reference_projector
+from openvla_align.openvla.plugins import (
+    ENTRY_POINT_GROUP,
+    PLUGINS,
+    AlignPlugin,
+    FinetunePlugin,
+    FreezeConfig,
+    FreezePlugin,
+    NormStatsConfig,
+    NormStatsPlugin,
+    load_reference_projector,
+)
 from openvla_align.teachers import TeacherWeightsNotFound
 from openvla_align.testing import tiny_teacher
 
@@ -116,24 +127,24 @@ class _Cfg:
     data_root_dir, dataset_name = "unused", "sft"
 
 
-@pytest.fixture
-def no_prismatic(monkeypatch):
-    """`setup` registers datasets in OpenVLA's registries; without OpenVLA here, record the calls instead."""
-    calls = []
-    monkeypatch.setattr("openvla_align.openvla.datasets.register_paper_datasets", lambda: calls.append("register"))
-    monkeypatch.setattr("openvla_align.openvla.datasets.check_dataset", lambda *a: calls.append(("check", *a)))
-    return calls
+def test_each_plugin_is_an_installed_entry_point_with_one_job():
+    from importlib.metadata import entry_points
+
+    eps = entry_points()
+    eps = eps.select(group=ENTRY_POINT_GROUP) if hasattr(eps, "select") else eps.get(ENTRY_POINT_GROUP, [])
+    installed = {ep.name: ep.load() for ep in eps}
+    assert {cls.name: cls for cls in PLUGINS} == {
+        name: installed[name] for name in ("align", "datasets", "freeze", "norm_stats")
+    }
+    assert [cls.name for cls in PLUGINS] == sorted(cls.name for cls in PLUGINS)  # the script's order
 
 
-@pytest.mark.parametrize("enabled", [True, False], ids=["align", "sft-baseline"])
-def test_merged_model_gets_norm_stats_and_the_unnorm_key_is_printed(vla, tmp_path, capsys, no_prismatic, enabled):
+def test_merged_model_gets_norm_stats_and_the_unnorm_key_is_printed(tmp_path, capsys):
     """Aligned or not (the SFT and Freeze baselines), every merged model carries the run's dataset statistics."""
     import json
 
-    plugin = AlignPlugin(AlignConfig(enabled=enabled, projector_dim=32), _teacher())
+    plugin = NormStatsPlugin(NormStatsConfig())
     plugin.setup(_Cfg(), is_main_process=True)
-    assert no_prismatic == (["register", ("check", "unused", "sft")] if enabled else ["register"])
-    assert plugin.on_model_ready(vla) == [] or enabled
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "config.json").write_text(json.dumps({"norm_stats": {"bridge_orig": {"action": {}}}, "x": 1}))
@@ -141,6 +152,9 @@ def test_merged_model_gets_norm_stats_and_the_unnorm_key_is_printed(vla, tmp_pat
     assert json.loads((merged / "config.json").read_text())["norm_stats"] == {"bridge_orig": {"action": {}}}
     stats = {"sft": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}, "num_transitions": 5}}
     (merged / "dataset_statistics.json").write_text(json.dumps(stats))
+    before = (merged / "config.json").read_bytes()
+    NormStatsPlugin(NormStatsConfig(fold=False)).on_merged(merged)  # --norm_stats.fold false: untouched
+    assert (merged / "config.json").read_bytes() == before
     plugin.on_merged(merged)
     config = json.loads((merged / "config.json").read_text())
     assert config["x"] == 1 and set(config["norm_stats"]) == {"bridge_orig", "sft"}
@@ -156,12 +170,18 @@ def test_merged_model_gets_norm_stats_and_the_unnorm_key_is_printed(vla, tmp_pat
 
 
 @pytest.mark.parametrize("enabled", [True, False], ids=["align", "sft-baseline"])
-def test_adapter_only_run_says_how_to_merge(vla, tmp_path, capsys, no_prismatic, enabled):
-    plugin = AlignPlugin(AlignConfig(enabled=enabled, projector_dim=32), _teacher())
-    plugin.setup(_Cfg(), is_main_process=True)
-    plugin.on_model_ready(vla)
-    plugin.on_save(tmp_path)
-    plugin.on_end()
+def test_adapter_only_run_says_how_to_merge(vla, tmp_path, capsys, enabled):
+    plugins = [
+        AlignPlugin(AlignConfig(enabled=enabled, projector_dim=32), _teacher()),
+        NormStatsPlugin(NormStatsConfig()),
+    ]
+    for plugin in plugins:
+        plugin.setup(_Cfg(), is_main_process=True)
+        plugin.on_model_ready(vla)
+    for plugin in plugins:
+        plugin.on_save(tmp_path)
+    for plugin in plugins:
+        plugin.on_end()
     assert "openvla-align merge" in capsys.readouterr().out
     assert (tmp_path / "align").is_dir() == enabled  # a sidecar only for an aligned run
 
@@ -202,7 +222,7 @@ def test_environment_warnings():
         warn_if_broken(bad)
 
 
-def test_layers_beyond_depth_fail_before_the_model_loads(tmp_path, no_prismatic):
+def test_layers_beyond_depth_fail_before_the_model_loads(tmp_path):
     import json
 
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 18}}))
@@ -217,7 +237,7 @@ def test_layers_beyond_depth_fail_before_the_model_loads(tmp_path, no_prismatic)
     AlignPlugin(AlignConfig(enabled=True, layers=(40,)), _teacher()).setup(Cfg())
 
 
-def test_teacher_is_built_in_setup_before_the_model_loads(tmp_path, no_prismatic, monkeypatch):
+def test_teacher_is_built_in_setup_before_the_model_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(ValueError, match="Unknown teacher 'c-radio-v9'"):
@@ -231,14 +251,39 @@ def test_teacher_is_built_in_setup_before_the_model_loads(tmp_path, no_prismatic
     assert plugin.teacher is not None and plugin.teacher.width == 384 and plugin.aligner is None
 
 
-def test_freeze_vision_leaves_no_vision_gradient_with_or_without_alignment(vla, tokenizer):
+@pytest.mark.parametrize("spelling", ["freeze.vision", "align.freeze_vision"])
+def test_freeze_vision_leaves_no_vision_gradient_with_or_without_alignment(vla, tokenizer, spelling):
     model = _lora(vla)
     vision = [n for n, p in model.named_parameters() if "vision_backbone" in n and p.requires_grad]
     assert vision and all("lora_" in n for n in vision)  # LoRA adapters on the vision towers are trainable ...
-    plugin = AlignPlugin(AlignConfig(enabled=False, freeze_vision=True))
-    assert plugin.on_model_ready(model) == []
+    old = spelling == "align.freeze_vision"
+    cfg = SimpleNamespace(align=AlignConfig(enabled=False, freeze_vision=old), dataset_name="sft")
+    align, freeze = AlignPlugin(cfg.align), FreezePlugin(FreezeConfig(vision=not old))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for plugin in (align, freeze):
+            plugin.setup(cfg)
+    said = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert said == (
+        [
+            "--align.freeze_vision is now --freeze.vision (in a recipe: `freeze:` / `vision: true`); the old "
+            "spelling still works and will be removed in a later release."
+        ]
+        if old
+        else []
+    )
+    assert freeze.enabled and align.on_model_ready(model) == [] and freeze.on_model_ready(model) == []
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and not any("vision_backbone" in n for n in trainable)  # ... and none after the switch
     assert any("language_model" in n for n in trainable)
-    _steps(model, plugin, tokenizer, n=1)
+    _steps(model, align, tokenizer, n=1)
     assert all(p.grad is None for n, p in model.named_parameters() if "vision_backbone" in n)
+
+
+def test_freeze_off_freezes_nothing(vla):
+    model = _lora(vla)
+    before = [n for n, p in model.named_parameters() if p.requires_grad]
+    plugin = FreezePlugin(FreezeConfig())
+    plugin.setup(SimpleNamespace(align=AlignConfig()))
+    assert not plugin.enabled and plugin.on_model_ready(model) == []
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == before

@@ -19,7 +19,7 @@ from test_patch import PATCH_DIR, exec_block, upstream_config_source
 
 from openvla_align import AlignConfig
 from openvla_align.openvla import patch as P
-from openvla_align.openvla.plugin import AlignPlugin
+from openvla_align.openvla.plugins import PLUGINS, AlignPlugin, FreezePlugin
 from openvla_align.testing import build_tiny_vla, tiny_teacher
 
 from conftest import make_batch
@@ -56,7 +56,7 @@ FIELDS = [
 
 def finetune_config():
     base = dataclasses.make_dataclass("FinetuneConfig", [(n, t, dataclasses.field(default=d)) for n, t, d in FIELDS])
-    return exec_block()["extend_config"](base, [AlignPlugin])
+    return exec_block()["extend_config"](base, list(PLUGINS))
 
 
 def parse(path):
@@ -80,7 +80,8 @@ def test_every_recipe_parses_and_unknown_keys_fail(tmp_path):
         assert cfg.batch_size == 8 and cfg.lora_rank == 32 and cfg.lora_dropout == 0.0, path
         assert cfg.dataset_name in ("sft", "warmup") and cfg.run_id_note, path
         for line in path.read_text().splitlines()[1:]:
-            assert line.strip() == "align:" or " # " in line, f"{path}: every setting carries a comment: {line!r}"
+            section = line.strip() in {f"{cls.name}:" for cls in PLUGINS}
+            assert section or " # " in line, f"{path}: every setting carries a comment: {line!r}"
     paper = parse(RECIPES / "paper" / "align.yaml")
     assert paper.align == AlignConfig(enabled=True)  # the defaults are the paper's settings
     assert (paper.max_steps, paper.image_aug, paper.learning_rate) == (60000, True, 5e-4)
@@ -109,7 +110,9 @@ def test_recipe_trains_on_a_tiny_model(path, tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plugin = AlignPlugin(align, tiny_teacher(align.teacher) if align.enabled else None)
-    extra = plugin.on_model_ready(model)
+    freeze = FreezePlugin(cfg.freeze)
+    freeze.setup(cfg)
+    extra = plugin.on_model_ready(model) + freeze.on_model_ready(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": params}] + ([{"params": extra}] if extra else []), lr=cfg.learning_rate)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -128,7 +131,7 @@ def test_recipe_trains_on_a_tiny_model(path, tokenizer):
     assert changed  # it trained
     if align.enabled:
         assert "align/loss" in metrics and (term is not None)
-    if align.freeze_vision:
+    if cfg.freeze.vision:
         assert not any("vision_backbone" in n for n in before)  # nothing of the vision backbone was trainable
     if not align.freeze_projector:
         assert extra  # a trainable projector joins the optimizer

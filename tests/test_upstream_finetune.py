@@ -234,7 +234,7 @@ def test_stock_loaders_read_the_checkpoints(world, default_run):
 def baseline_run(world, request):
     """The paper's baselines through the script with alignment off: plain SFT, and Freeze (vision frozen)."""
     cwd = world["root"] / f"baseline-{request.param}"
-    freeze = ("--align.freeze_vision", "true") if request.param == "freeze" else ()
+    freeze = ("--freeze.vision", "true") if request.param == "freeze" else ()
     proc, metrics = finetune(world, cwd, "--max_steps", "2", "--save_steps", "2", *freeze)
     (exp,) = [p.name for p in (cwd / "runs").iterdir()]
     return dict(kind=request.param, cwd=cwd, proc=proc, metrics=metrics, exp=exp)
@@ -335,10 +335,12 @@ def test_bad_resume_stops_before_training_and_keeps_the_checkpoint(world, adapte
     [
         (("--align.enabeld", "true"), "enabeld"),
         (("--align.enabled", "true", "--align.layers", "[16,19]"), r"Layer\(s\) \[19\] out of range"),
-        (("--align.enabled", "true", "--dataset_name", "sft_v2"), "neither a registered dataset"),
+        # the `datasets` plugin checks every run (plain SFT too), and says how to skip the check
+        (("--dataset_name", "sft_v2"), r"neither a registered dataset.*--datasets\.check false skips this check"),
+        ((*ALIGN, "--dataset_name", "sft_v2"), "neither a registered dataset"),
         (("--align.enabled", "true", "--align.teacher", "c-radio-v3-x"), "Known teachers: .*tiny-c-radio"),
     ],
-    ids=["unknown-field", "layer-beyond-depth", "unknown-dataset", "unknown-teacher"],
+    ids=["unknown-field", "layer-beyond-depth", "unknown-dataset-sft", "unknown-dataset-align", "unknown-teacher"],
 )
 def test_bad_input_fails_before_the_model_loads(world, tmp_path, args, message):
     import re
@@ -357,10 +359,13 @@ def test_missing_teacher_weights_name_where_to_put_them(world, tmp_path):
     assert "trainable params" not in proc.stdout and not written(tmp_path)
 
 
-def test_help_lists_the_align_flags(world, tmp_path):
+def test_help_lists_every_plugins_flags(world, tmp_path):
     proc, _ = finetune(world, tmp_path, "--help")
     assert "--align.teacher_path" in proc.stdout and "--merge_on_save" in proc.stdout
     assert "Weight of the alignment loss" in proc.stdout  # field help reaches draccus
+    for flag in ("--freeze.vision", "--datasets.register_paper", "--datasets.check", "--norm_stats.fold"):
+        assert flag in proc.stdout
+    assert "The paper's Freeze baseline" in proc.stdout
 
 
 def test_torchrun_two_ranks_from_a_yaml_recipe(world):

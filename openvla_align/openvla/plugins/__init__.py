@@ -1,0 +1,33 @@
+"""openvla-align's finetune plugins, one job each, all in the entry-point group the patched finetune.py discovers:
+
+- ``align``      Visual Representation Alignment (``--align.*``);
+- ``datasets``   the paper's RLDS datasets registered; the dataset checked before the model loads (``--datasets.*``);
+- ``freeze``     the paper's Freeze baseline (``--freeze.vision``);
+- ``norm_stats`` the run's dataset statistics folded into every merged model's ``config.json`` (``--norm_stats.*``).
+
+The protocol is in ``base``.
+"""
+
+from .align import SIDECAR_DIR, AlignPlugin, load_reference_projector
+from .base import ENTRY_POINT_GROUP, FinetunePlugin
+from .datasets import DatasetsConfig, DatasetsPlugin
+from .freeze import FreezeConfig, FreezePlugin, freeze_vision
+from .norm_stats import NormStatsConfig, NormStatsPlugin
+
+PLUGINS = (AlignPlugin, DatasetsPlugin, FreezePlugin, NormStatsPlugin)  # as the script orders them: by name
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PLUGINS",
+    "SIDECAR_DIR",
+    "AlignPlugin",
+    "DatasetsConfig",
+    "DatasetsPlugin",
+    "FinetunePlugin",
+    "FreezeConfig",
+    "FreezePlugin",
+    "NormStatsConfig",
+    "NormStatsPlugin",
+    "freeze_vision",
+    "load_reference_projector",
+]

@@ -1,0 +1,165 @@
+"""The ``align`` plugin: Visual Representation Alignment inside the stock finetune loop, and nothing else (the
+paper's datasets, the Freeze baseline and the merged models' statistics are their own plugins)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ...aligner import CONFIG_NAME, Aligner
+from ...config import AlignConfig
+from ...vla.layout import check_layers
+from .base import FinetunePlugin, distributed
+
+logger = logging.getLogger(__name__)
+
+SIDECAR_DIR = "align"
+
+
+def _text_depth(vla_path) -> Optional[int]:
+    """The LLM depth from a local checkpoint's ``config.json`` (None when the path is a hub id or has no config)."""
+    config = Path(str(vla_path)) / "config.json" if vla_path else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        text = json.loads(config.read_text()).get("text_config") or {}
+        return int(text["num_hidden_layers"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # not an OpenVLA config: attach() reports what is wrong once the model is loaded
+
+
+class AlignPlugin(FinetunePlugin):
+    """Visual Representation Alignment: the hook, the frozen projector and the loss term; a sidecar per save."""
+
+    name = "align"
+    config_cls = AlignConfig
+
+    def __init__(self, config: AlignConfig, teacher: Optional[nn.Module] = None):
+        super().__init__(config)
+        self.teacher = teacher  # given: use it; None: build the configured one from the registry
+        self.aligner: Optional[Aligner] = None
+        self.cache = None  # TeacherCache when `teacher_cache` is set: targets are read, no teacher runs
+
+    def setup(self, cfg: Any, is_main_process: bool = True) -> None:
+        """Everything that can be checked without the VLA fails here, before the 7B model loads."""
+        if not self.enabled:
+            return
+        depth = _text_depth(getattr(cfg, "vla_path", None))
+        if depth is not None:
+            check_layers(depth, self.config.layers)  # attach() checks it again on the loaded model
+        if self.config.teacher_cache:
+            self.cache = self._open_cache(cfg)
+        elif self.teacher is None:
+            self.teacher = self._build_teacher()
+
+    def _open_cache(self, cfg: Any):
+        from ...cache.store import open_for_training
+
+        if getattr(cfg, "image_aug", False):
+            raise ValueError(
+                "--align.teacher_cache holds the teacher's features of the unaugmented frames, but --image_aug is on: "
+                "the colour jitter (brightness, contrast, saturation, hue) changes what the teacher would see, which "
+                "no transform of cached features reproduces. Train with --image_aug false, or drop "
+                "--align.teacher_cache to run the teacher live on the augmented frames."
+            )
+        return open_for_training(self.config, getattr(cfg, "dataset_name", None), getattr(cfg, "data_root_dir", None))
+
+    def _build_teacher(self) -> nn.Module:
+        """Rank 0 resolves (and would convert/cache) the teacher weights first, then the other ranks read them."""
+        dist = distributed()
+        rank = dist.get_rank() if dist else 0
+        if dist and rank != 0:
+            dist.barrier()
+        try:
+            teacher = Aligner.from_config(self.config).teacher
+        finally:
+            if dist and rank == 0:
+                dist.barrier()  # reached on failure too, so the other ranks fail on their own instead of hanging
+        return teacher
+
+    def on_model_ready(self, vla: nn.Module, cfg: Any = None) -> List[nn.Parameter]:
+        if not self.enabled:
+            return []
+        if self.cache is not None:
+            aligner = Aligner(self.config, self.cache)
+        else:
+            if self.teacher is None:  # `setup` builds it; callers driving the plugin by hand may skip that
+                self.teacher = self._build_teacher()
+            aligner = Aligner(self.config, self.teacher)
+        self.aligner = aligner.attach(vla)
+        self.check_identical_projectors()
+        return self.aligner.trainable_parameters()
+
+    def check_identical_projectors(self) -> str:
+        """Every rank must hold byte-identical projectors; a mismatch stops the job before step 0."""
+        fp = self.aligner.fingerprint()
+        dist = distributed()
+        if dist:
+            all_fps: List[Optional[str]] = [None] * dist.get_world_size()
+            dist.all_gather_object(all_fps, fp)
+            if len(set(all_fps)) != 1:
+                raise RuntimeError(
+                    f"Alignment projectors differ across ranks (hashes {all_fps}); every rank must build them from "
+                    f"the same projector_seed ({self.config.projector_seed}) and openvla-align version."
+                )
+        logger.info("alignment projector sha256 %s", fp)
+        return fp
+
+    def loss(self, vla: nn.Module, batch: Dict[str, Any], output: Any, step: int) -> Tuple[Optional[Tensor], dict]:
+        if self.aligner is None:
+            return None, {}
+        # One path for a live teacher and a cache: the target source takes the loader's batch as it is (a cache
+        # hashes its keys on the CPU, with no device sync, and copies one batch of targets out of its shards).
+        out = self.aligner(pixel_values=batch["pixel_values"])
+        return out.loss, out.metrics
+
+    def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
+        if is_main_process and self.aligner is not None:
+            self.aligner.save(Path(save_dir) / SIDECAR_DIR)
+
+    def on_resume(self, save_dir: Path) -> None:
+        """Restore the projector(s) saved beside an adapter; a sidecar for another setup is refused unchanged."""
+        if self.aligner is None:
+            return
+        sidecar = Path(save_dir) / SIDECAR_DIR
+        saved = Aligner.load(sidecar, self.aligner.source)
+        mismatched = [
+            f"{name}: saved {getattr(saved.config, name)!r}, now {getattr(self.config, name)!r}"
+            for name in ("teacher", "layers", "target", "projector", "projector_dim", "loss")
+            if getattr(saved.config, name) != getattr(self.config, name)
+        ]
+        if mismatched:
+            raise ValueError(
+                f"Cannot resume alignment from {sidecar / CONFIG_NAME}: " + "; ".join(mismatched) + ". Resume with the "
+                "settings the run was started with, or start a new run."
+            )
+        with torch.no_grad():  # in place: a trainable projector's parameters are already in the optimizer
+            self.aligner.projectors.load_state_dict(saved.projectors.state_dict())
+        self.check_identical_projectors()
+
+    def on_end(self) -> None:
+        if self.aligner is not None:
+            self.aligner.remove()
+
+
+def load_reference_projector(path: Path, layer: int = 16) -> Dict[str, torch.Tensor]:
+    """The reference implementation's ``alignment_projector/pytorch_model.bin`` as our projector state (keys
+    ``<layer>.net.<i>.*``). Read with ``weights_only=True``; nothing but tensors is ever unpickled."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_model.bin"
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"Cannot read {path} as a tensor-only state dict ({exc}).") from exc
+    if not isinstance(state, dict) or not state or not all(k.startswith("net.") for k in state):
+        raise ValueError(f"{path} is not a reference alignment projector (expected keys net.0.*, net.1.*, ...).")
+    return {f"{layer}.{k}": v for k, v in state.items()}

@@ -1,0 +1,63 @@
+"""The ``freeze`` plugin: the paper's Freeze baseline (no gradient for the vision backbone), with or without
+alignment.
+
+(No ``from __future__ import annotations`` here: draccus 0.8, OpenVLA's pin, cannot parse string annotations.)
+"""
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, List
+
+import torch.nn as nn
+
+from ...config import help_field
+from ...vla.layout import unwrap
+from .base import FinetunePlugin
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FreezeConfig:
+    vision: bool = field(
+        default=False,
+        metadata=help_field(
+            "The paper's Freeze baseline: no gradient for any vision-backbone parameter (LoRA ones included); "
+            "with or without --align.enabled."
+        ),
+    )
+
+
+def freeze_vision(vla: nn.Module) -> int:
+    """Every vision-backbone parameter, LoRA adapters included, loses its gradient (before the script builds its
+    optimizer from the parameters that require one). Returns how many."""
+    frozen = [p for p in unwrap(vla).vision_backbone.parameters() if p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
+    logger.info("freeze: %d vision-backbone tensors frozen", len(frozen))
+    return len(frozen)
+
+
+class FreezePlugin(FinetunePlugin):
+    name = "freeze"
+    config_cls = FreezeConfig
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.vision
+
+    def setup(self, cfg: Any, is_main_process: bool = True) -> None:
+        if getattr(getattr(cfg, "align", None), "freeze_vision", False):  # the old spelling
+            warnings.warn(
+                "--align.freeze_vision is now --freeze.vision (in a recipe: `freeze:` / `vision: true`); the old "
+                "spelling still works and will be removed in a later release.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            self.config.vision = True
+
+    def on_model_ready(self, vla: nn.Module, cfg: Any = None) -> List[nn.Parameter]:
+        if self.config.vision:
+            freeze_vision(vla)
+        return []
