@@ -36,7 +36,7 @@ def _cmd_teachers(args) -> int:
         res = spec.default_resolution()
         side = res // spec.patch_size
         grid = f"{side}x{side}"
-        print(f"{name:<31}{spec.width:>6}{spec.patch_size:>6}{res:>7}{grid:>7}  {spec.weights_hint}")
+        print(f"{name:<31}{spec.width:>6}{spec.patch_size:>6}{res:>7}{grid:>7}  {spec.where}")
     for message in broken_plugins().values():
         print(f"not loaded: {message}")
     return 0

@@ -480,7 +480,8 @@ def test_theia_remote_code_file_missing(remote_snapshot):
             "siglip-so400m-p14-224",
             [
                 "models--timm--vit_so400m_patch14_siglip_224.webli/snapshots/<revision>/model.safetensors",
-                "timm/ViT-SO400M-14-SigLIP (open_clip_model.safetensors or open_clip_pytorch_model.bin)",
+                "models--timm--ViT-SO400M-14-SigLIP/snapshots/<revision>/open_clip_model.safetensors (or "
+                "open_clip_pytorch_model.bin)",
             ],
         ),
         (

@@ -70,12 +70,13 @@ def run_demo(cfg: DemoConfig) -> Dict:
     from ..config import AlignConfig
     from ..probe import linear as probe_linear
     from ..teachers import build_teacher, teacher_spec
+    from ..teachers.scenes import SceneTeacher
     from ..testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
     from ..testing.tiny import ActionTokenizer
     from . import report
     from . import stages as S
     from .scenes import N_CLASSES, images, make_split
-    from .teacher import SceneTeacher, train_scene_teacher
+    from .teacher import train_scene_teacher
 
     t_start = time.time()
     out = Path(cfg.out_dir)

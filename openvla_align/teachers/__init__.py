@@ -12,7 +12,7 @@ from ._registry import (
     register_teacher,
     teacher_spec,
 )
-from .spec import STUDENT_GRID, TeacherSpec, TeacherWeightsNotFound
+from .spec import STUDENT_GRID, TeacherSpec, TeacherWeightsNotFound, WeightSource
 
 _TORCH_NAMES = {"Teacher", "resample_grid"}  # from .base, imported on first use (the rest needs no torch)
 _BUILD_NAMES = {"build_teacher", "teacher_from_config"}  # from .build, likewise
@@ -36,6 +36,7 @@ __all__ = [
     "Teacher",
     "TeacherPluginError",
     "TeacherSpec",
+    "WeightSource",
     "TeacherWeightsNotFound",
     "broken_plugins",
     "build_teacher",

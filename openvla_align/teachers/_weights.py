@@ -13,9 +13,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .spec import TeacherWeightsNotFound
-
-WEIGHT_SUFFIXES = (".safetensors", ".pth.tar", ".pth", ".pt", ".bin")
+from .spec import TeacherWeightsNotFound, WeightSource
 
 
 def hf_cache_dir() -> Path:
@@ -47,49 +45,49 @@ def _first_existing(dirs: Iterable[Path], names: Sequence[str]) -> Optional[Path
     return None
 
 
-def find_weights(
-    teacher: str,
-    path: Optional[str],
-    *,
-    filenames: Sequence[str],
-    hf_repo: Optional[str] = None,
-    hub_filenames: Sequence[str] = (),
-) -> Path:
-    """Locate a weights file for ``teacher``.
+def _dirs(source: WeightSource) -> List[Path]:
+    if source.repo:
+        return hf_snapshot_dirs(source.repo)
+    if source.directory:
+        return [Path(source.directory).expanduser()]
+    return [torch_hub_dir() / "checkpoints"]
 
-    ``path`` may be a file or a directory (an HF snapshot or any folder holding one of ``filenames``). Without a
-    path, the HF cache snapshot of ``hf_repo`` and ``<torch.hub dir>/checkpoints/<hub_filenames>`` are searched.
-    """
+
+def _searched(source: WeightSource) -> str:
+    files = source.files[0] + (f" (or {', '.join(source.files[1:])})" if len(source.files) > 1 else "")
+    if source.repo:
+        return (
+            f"the HF cache: {hf_cache_dir()}/models--{source.repo.replace('/', '--')}/snapshots/<revision>/{files}  "
+            f"(on a machine with network: `huggingface-cli download {source.repo}`, then copy the cache)"
+        )
+    if source.directory:
+        return f"{Path(source.directory).expanduser()}/{files}"
+    return f"the torch.hub checkpoint dir: {torch_hub_dir() / 'checkpoints'}/{files}"
+
+
+def resolve_weights(teacher: str, path: Optional[str], sources: Sequence[WeightSource]) -> Path:
+    """The one weight lookup of every teacher: ``path`` when given (a file, or a directory holding a file any
+    source accepts: an HF snapshot, a copy of one), else the first hit over ``sources`` in order. A miss raises
+    ``TeacherWeightsNotFound`` naming every place searched, and how to give a path instead."""
+    names = list(dict.fromkeys(n for source in sources for n in source.files))
     if path is not None:
         p = Path(path).expanduser()
         if p.is_file():
             return p
         if p.is_dir():
-            hit = _first_existing([p], list(filenames) + list(hub_filenames))
+            hit = _first_existing([p], names)
             if hit is not None:
                 return hit
             raise TeacherWeightsNotFound(
-                f"Teacher {teacher!r}: directory {p} holds none of {list(filenames) + list(hub_filenames)}. "
+                f"Teacher {teacher!r}: directory {p} holds none of {names}. "
                 "Point teacher_path at the weights file itself or at the snapshot directory that contains it."
             )
         raise TeacherWeightsNotFound(f"Teacher {teacher!r}: teacher_path {p} does not exist.")
-
-    searched = []
-    if hf_repo:
-        hit = _first_existing(hf_snapshot_dirs(hf_repo), filenames)
+    for source in sources:
+        hit = _first_existing(_dirs(source), source.files)
         if hit is not None:
             return hit
-        searched.append(
-            f"the HF cache: {hf_cache_dir()}/models--{hf_repo.replace('/', '--')}/snapshots/<revision>/"
-            f"{filenames[0]}  (on a machine with network: `huggingface-cli download {hf_repo}`, then copy the cache)"
-        )
-    if hub_filenames:
-        ckpt_dir = torch_hub_dir() / "checkpoints"
-        hit = _first_existing([ckpt_dir], hub_filenames)
-        if hit is not None:
-            return hit
-        searched.append(f"the torch.hub checkpoint dir: {ckpt_dir}/{hub_filenames[0]}")
-    where = "\n  - ".join(searched)
+    where = "\n  - ".join(_searched(source) for source in sources)
     raise TeacherWeightsNotFound(
         f"Teacher {teacher!r} needs weights and nothing is downloaded at run time. Put the file in one of:\n"
         f"  - {where}\n"

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Dict, Tuple
 
 from ._registry import register_builtin
-from .spec import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, TeacherSpec
+from .spec import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, TeacherSpec, WeightSource
 
 # ---------------------------------------------------------------------------------------------------- C-RADIOv3
 RADIO_PATCH_SIZE = 16
 RADIO_PREFIX_TOKENS = 8  # summary + register tokens of C-RADIOv3
+RADIO_HF_FILES = ("model.safetensors", "model.safetensors.index.json")  # an HF snapshot (single file or sharded)
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,14 @@ class RadioVariant:
     depth: int
     num_heads: int
     layer_scale: bool
-    hf_repos: Tuple[str, ...]  # first one is named in error messages
+    hf_repos: Tuple[str, ...]  # spellings of its HF repo id (the cache keeps the one used to download)
     hub_files: Tuple[str, ...]  # release file names as torch.hub stores them (first is the real one)
     mlp_ratio: float = 4.0
+
+    @property
+    def hf_files(self) -> Tuple[str, ...]:
+        """What an HF snapshot of the variant may hold: safetensors (single or sharded), the release file, a .bin."""
+        return RADIO_HF_FILES + self.hub_files + ("pytorch_model.bin",)
 
     @property
     def spec(self) -> TeacherSpec:
@@ -40,11 +46,9 @@ class RadioVariant:
             mean=CLIP_MEAN,
             std=CLIP_STD,
             num_prefix_tokens=RADIO_PREFIX_TOKENS,
-            weights_hint=(
-                f"HF cache {self.hf_repos[0]}/model.safetensors, or <torch.hub dir>/checkpoints/{self.hub_files[0]}, "
-                "or teacher_path=<file or snapshot dir>"
-            ),
             normalized_inside=True,
+            # HF repo ids are case-insensitive online, but the cache keeps the spelling used: every one is searched.
+            sources=tuple(WeightSource(self.hf_files, r) for r in self.hf_repos) + (WeightSource(self.hub_files),),
         )
 
 
@@ -105,10 +109,9 @@ def _register_dinov2(size: str, registers: bool) -> None:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         num_prefix_tokens=5 if registers else 1,
-        weights_hint=f"HF cache {hf_repo}/model.safetensors or <torch.hub dir>/checkpoints/{hub_file}",
+        sources=(WeightSource(("model.safetensors", "pytorch_model.bin"), hf_repo), WeightSource((hub_file,))),
     )
-    repos = ((hf_repo, ("model.safetensors", "pytorch_model.bin")),)
-    register_builtin(spec, "openvla_align.teachers.dinov2", model_name=model_name, repos=repos, hub_files=(hub_file,))
+    register_builtin(spec, "openvla_align.teachers.dinov2", model_name=model_name)
 
 
 for _size in DINOV2_SIZES:
@@ -128,10 +131,6 @@ SIGLIP_VARIANTS = {
 
 def _register_siglip(name: str) -> None:
     model_name, open_clip_repo, width, patch = SIGLIP_VARIANTS[name]
-    repos = (
-        (f"timm/{model_name}.webli", ("model.safetensors", "pytorch_model.bin")),
-        (f"timm/{open_clip_repo}", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
-    )
     spec = TeacherSpec(
         name=name,
         family="siglip",
@@ -140,9 +139,12 @@ def _register_siglip(name: str) -> None:
         mean=SIGLIP_MEAN,
         std=SIGLIP_STD,
         num_prefix_tokens=0,
-        weights_hint=f"HF cache {repos[0][0]}/model.safetensors or {repos[1][0]}/open_clip_pytorch_model.bin",
+        sources=(
+            WeightSource(("model.safetensors", "pytorch_model.bin"), f"timm/{model_name}.webli"),
+            WeightSource(("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), f"timm/{open_clip_repo}"),
+        ),
     )
-    register_builtin(spec, "openvla_align.teachers.siglip", model_name=model_name, repos=repos)
+    register_builtin(spec, "openvla_align.teachers.siglip", model_name=model_name)
 
 
 for _name in SIGLIP_VARIANTS:
@@ -167,7 +169,7 @@ def _register_theia(size: str, mix: str) -> None:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         num_prefix_tokens=1,
-        weights_hint=f"HF cache {hf_repo} (model.safetensors, config.json) or teacher_path=<that snapshot dir>",
+        sources=(WeightSource(("model.safetensors",), hf_repo),),  # config.json beside it, in the same snapshot
     )
     register_builtin(spec, "openvla_align.teachers.theia", hf_repo=hf_repo, heads=heads)
 
@@ -190,5 +192,5 @@ register_builtin(
         num_prefix_tokens=0,
         weights_hint="teacher_path=OUT/teacher/model.safetensors, written by `openvla-align demo --out OUT`",
     ),
-    "openvla_align.demo.teacher",
+    "openvla_align.teachers.scenes",
 )

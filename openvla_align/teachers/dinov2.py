@@ -5,49 +5,24 @@ token, and for the ``-reg`` variants the 4 registers, dropped. The timm model is
 (224 px -> 16x16 at patch 14), so the 37x37 position embedding of the 518 px checkpoints is resampled once, at load,
 by timm's checkpoint filter (bicubic, antialiased): the same resampling the reference applies to the torch.hub model.
 
-This module also holds the timm ViT machinery that ``siglip.py`` reuses (``TimmViTTeacher``, ``timm_teacher_factory``,
-``locate_weights``).
+This module also holds the timm ViT machinery that ``siglip.py`` reuses (``TimmViTTeacher``, ``timm_teacher_factory``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ._weights import find_weights, hf_snapshot_dirs, read_state_dict
+from ._weights import read_state_dict, resolve_weights
 from .base import (
     STUDENT_GRID,
     Teacher,
     TeacherSpec,
-    TeacherWeightsNotFound,
     wants_random,
 )
-
-# Where a checkpoint may sit in the HF cache: (repo id, file names in that snapshot), in search order.
-RepoFiles = Sequence[Tuple[str, Sequence[str]]]
-
-
-def locate_weights(teacher: str, path: Optional[str], repos: RepoFiles, hub_filenames: Sequence[str] = ()) -> Path:
-    """``find_weights`` over several HF repos: the first repo (plus the torch.hub dir) is reported on a miss."""
-    all_names = [n for _, names in repos for n in names]
-    if path is not None:
-        return find_weights(teacher, path, filenames=all_names, hub_filenames=hub_filenames)
-    (first_repo, first_names), others = repos[0], repos[1:]
-    try:
-        return find_weights(teacher, None, filenames=first_names, hf_repo=first_repo, hub_filenames=hub_filenames)
-    except TeacherWeightsNotFound as exc:
-        for repo, names in others:
-            for snapshot in hf_snapshot_dirs(repo):
-                for name in names:
-                    if (snapshot / name).is_file():
-                        return snapshot / name
-        if not others:
-            raise
-        alternatives = ", ".join(f"{repo} ({' or '.join(names)})" for repo, names in others)
-        raise TeacherWeightsNotFound(f"{exc}\nAlso accepted: the HF cache snapshot of {alternatives}.") from None
 
 
 class TimmViTTeacher(Teacher):
@@ -137,13 +112,11 @@ def timm_teacher_factory(
     return factory
 
 
-def teacher_factory(
-    spec: TeacherSpec, model_name: str, repos: RepoFiles, hub_files: Sequence[str] = (), module: str = __name__
-) -> Callable[..., Teacher]:
-    """The registry's hook (see ``catalog``): the factory of a built-in timm ViT teacher whose weights sit in
-    ``repos`` (HF cache) or ``hub_files`` (torch.hub dir)."""
+def teacher_factory(spec: TeacherSpec, model_name: str, module: str = __name__) -> Callable[..., Teacher]:
+    """The registry's hook (see ``catalog``): the factory of a built-in timm ViT teacher whose weights are found
+    through ``spec.sources``."""
 
     def locate(teacher: str, path: Optional[str]) -> Path:
-        return locate_weights(teacher, path, repos, hub_filenames=hub_files)
+        return resolve_weights(teacher, path, spec.sources)
 
     return timm_teacher_factory(spec, model_name, locate, module=module)

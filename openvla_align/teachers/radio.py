@@ -34,7 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ._weights import find_weights, hf_cache_dir, hf_snapshot_dirs, read_state_dict, torch_hub_dir
+from ._weights import read_state_dict, resolve_weights
 from .base import (
     STUDENT_GRID,
     Teacher,
@@ -44,6 +44,7 @@ from .base import (
 )
 from .catalog import RADIO_VARIANTS, RadioVariant
 from .radio_vit import DEFAULT_ALIGN_CORNERS, NUM_PREFIX_TOKENS, PATCH_SIZE, POS_GRID, RadioViT  # noqa: F401
+from .spec import WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,6 @@ ARCH_KEYS = (
     "qkv_bias",
     "align_corners",
 )
-
-
-HF_FILENAMES = ("model.safetensors", "model.safetensors.index.json")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,33 +291,16 @@ def _check_arch(name: str, arch: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     return arch
 
 
-def _find_native_weights(v: RadioVariant, path: Optional[str]) -> Path:
-    filenames = list(HF_FILENAMES) + list(v.hub_files) + ["pytorch_model.bin"]
-    if path is not None:
-        return find_weights(v.name, path, filenames=filenames, hub_filenames=v.hub_files)
-    first_error = None
-    for repo in v.hf_repos:  # HF repo ids are case-insensitive online, but the cache keeps the spelling used
-        try:
-            return find_weights(v.name, None, filenames=filenames, hf_repo=repo, hub_filenames=v.hub_files)
-        except TeacherWeightsNotFound as exc:
-            first_error = first_error or exc
-    raise first_error
-
-
-def _find_hub_checkpoint(v: RadioVariant, checkout: Path) -> Path:
-    dirs = [checkout, checkout / "checkpoints"]
-    for repo in v.hf_repos:
-        dirs += hf_snapshot_dirs(repo)
-    dirs.append(torch_hub_dir() / "checkpoints")
-    for d in dirs:
-        for n in v.hub_files:
-            if (d / n).is_file():
-                return d / n
-    raise TeacherWeightsNotFound(
-        f"Teacher {v.name!r}: the RADIO checkout {checkout} needs the release checkpoint {v.hub_files[0]} and "
-        f"nothing is downloaded at run time. Put it in {checkout}/, in {torch_hub_dir() / 'checkpoints'}/, or in the "
-        f"HF cache snapshot of {v.hf_repos[0]} under {hf_cache_dir()}."
-    )
+def _find_hub_checkpoint(v: RadioVariant, spec: TeacherSpec, checkout: Path) -> Path:
+    """The release checkpoint a RADIO source checkout loads: beside it, or wherever the variant's sources keep it."""
+    here = tuple(WeightSource(v.hub_files, directory=str(d)) for d in (checkout, checkout / "checkpoints"))
+    elsewhere = tuple(WeightSource(v.hub_files, s.repo, s.directory) for s in spec.sources)
+    try:
+        return resolve_weights(v.name, None, here + elsewhere)
+    except TeacherWeightsNotFound as exc:
+        raise TeacherWeightsNotFound(
+            f"Teacher {v.name!r}: the RADIO checkout {checkout} needs the release checkpoint {v.hub_files[0]}.\n{exc}"
+        ) from None
 
 
 def _build_from_checkout(
@@ -332,7 +313,7 @@ def _build_from_checkout(
             f"true) to allow this, or point teacher_path at the weights file itself ({v.hub_files[0]} or an HF "
             "snapshot's model.safetensors) to use the built-in implementation."
         )
-    ckpt = _find_hub_checkpoint(v, checkout)
+    ckpt = _find_hub_checkpoint(v, spec, checkout)
     radio = torch.hub.load(str(checkout), "radio_model", source="local", version=str(ckpt), progress=False)
     width = int(radio.embed_dim)
     if width != spec.width:
@@ -395,7 +376,7 @@ def build_radio_teacher(
         if p.is_dir() and (p / "hubconf.py").is_file():
             return _build_from_checkout(v, p, spec, arch, resolution, grid, trust_remote_code)
 
-    weights = _find_native_weights(v, path)
+    weights = resolve_weights(name, path, spec.sources)
     logger.info("Teacher %s: loading %s", name, weights)
     sd = load_radio_state_dict(weights)
     expect = {k: arch[k] for k in arch if k not in ("embed_dim", "num_heads", "align_corners")}

@@ -15,6 +15,6 @@ from __future__ import annotations
 from . import dinov2
 
 
-def teacher_factory(spec, model_name: str, repos):
+def teacher_factory(spec, model_name: str):
     """The registry's hook (see ``catalog``): a built-in SigLIP tower, built like the DINOv2 timm teachers."""
-    return dinov2.teacher_factory(spec, model_name, repos, module=__name__)
+    return dinov2.teacher_factory(spec, model_name, module=__name__)

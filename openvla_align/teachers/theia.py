@@ -30,7 +30,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ._weights import find_weights, hf_cache_dir, hf_snapshot_dirs, read_state_dict, strip_prefix
+from ._weights import hf_cache_dir, hf_snapshot_dirs, read_state_dict, resolve_weights, strip_prefix
 from .base import (
     STUDENT_GRID,
     Teacher,
@@ -247,7 +247,7 @@ def _theia_factory(spec: TeacherSpec, hf_repo: str, heads: int):
         if wants_random(name, path, allow_random):
             random_spec, vit = _build_native(name, spec, heads, dict(arch or {}))
             return TheiaTeacher(random_spec, vit, resolution, grid).freeze()
-        weights = find_weights(name, path, filenames=("model.safetensors",), hf_repo=hf_repo)
+        weights = resolve_weights(name, path, spec.sources)
         snapshot = weights.parent
         if trust_remote_code:
             remote_spec, vit, has_cls, num_reg = _load_remote(name, spec, snapshot, dict(arch or {}))
