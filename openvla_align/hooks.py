@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .vla.layout import NotAnOpenVLAModel, _describe, check_layers, layer_output_module, unwrap
+from .vla.layout import NotAnOpenVLAModel, check_layers, describe, layer_output_module, unwrap
 
 
 def _first(output):
@@ -35,7 +35,7 @@ class VisualTokenHook:
         for name in ("vision_backbone", "projector", "language_model"):
             if not isinstance(getattr(base, name, None), nn.Module):
                 raise NotAnOpenVLAModel(
-                    f"Expected an OpenVLA-style model with `{name}`, got {_describe(base)}; openvla-align hooks "
+                    f"Expected an OpenVLA-style model with `{name}`, got {describe(base)}; openvla-align hooks "
                     "OpenVLAForActionPrediction or models with its module layout."
                 )
         if target == "backbone":

@@ -29,6 +29,7 @@ class LiveTeacher:
 
     def __init__(self, teacher: Teacher):
         self.teacher = teacher
+        self.device = next(teacher.parameters(), torch.empty(0)).device  # where it runs; `place` moves it
 
     @property
     def name(self) -> str:
@@ -44,13 +45,13 @@ class LiveTeacher:
 
     def place(self, device: torch.device, dtype: Optional[str] = None) -> None:
         self.teacher.to(device)
+        self.device = torch.device(device)
         if dtype is not None:
             self.teacher.to(torch_dtype(dtype))
 
     def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        device = next(self.teacher.parameters(), pixel_values).device
         with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
-            targets = self.teacher(rgb_from_pixel_values(pixel_values.to(device)))  # cast to its dtype inside
+            targets = self.teacher(rgb_from_pixel_values(pixel_values.to(self.device)))  # cast to its dtype inside
         # Inference tensors cannot be saved for the loss's backward: one (B, N, D) copy, a few MB at 7B scale.
         return targets.clone()
 

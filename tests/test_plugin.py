@@ -272,7 +272,7 @@ def test_freeze_vision_leaves_no_vision_gradient_with_or_without_alignment(vla, 
         if old
         else []
     )
-    assert freeze.enabled and align.on_model_ready(model) == [] and freeze.on_model_ready(model) == []
+    assert freeze.config.vision and align.on_model_ready(model) == [] and freeze.on_model_ready(model) == []
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and not any("vision_backbone" in n for n in trainable)  # ... and none after the switch
     assert any("language_model" in n for n in trainable)
@@ -285,5 +285,5 @@ def test_freeze_off_freezes_nothing(vla):
     before = [n for n, p in model.named_parameters() if p.requires_grad]
     plugin = FreezePlugin(FreezeConfig())
     plugin.setup(SimpleNamespace(align=AlignConfig()))
-    assert not plugin.enabled and plugin.on_model_ready(model) == []
+    assert not plugin.config.vision and plugin.on_model_ready(model) == []
     assert [n for n, p in model.named_parameters() if p.requires_grad] == before

@@ -279,6 +279,15 @@ def file_sha256(path: Optional[os.PathLike]) -> str:
     return sha256_file(path)
 
 
+def rlds_identity(data_root, dataset_name: str) -> Dict[str, object]:
+    """Which build of ``dataset_name`` this is: its version directory and the SHA-256 of its dataset_info.json."""
+    infos = sorted((Path(data_root) / dataset_name).glob("*/dataset_info.json"))
+    if not infos:
+        return {"dataset": dataset_name}
+    info = infos[-1]
+    return {"dataset": dataset_name, "version": info.parent.name, "dataset_info_sha256": file_sha256(info)}
+
+
 def open_for_training(config, dataset_name: Optional[str] = None, data_root=None) -> "TeacherCache":
     """Open ``config.teacher_cache`` and check it was built for this teacher, weights and dataset; a cache built for
     anything else fails here, before the model loads."""
@@ -316,13 +325,5 @@ __all__ = [
     "file_sha256",
     "open_for_training",
     "read_manifest",
+    "rlds_identity",
 ]
-
-
-def rlds_identity(data_root, dataset_name: str) -> Dict[str, object]:
-    """Which build of ``dataset_name`` this is: its version directory and the SHA-256 of its dataset_info.json."""
-    infos = sorted((Path(data_root) / dataset_name).glob("*/dataset_info.json"))
-    if not infos:
-        return {"dataset": dataset_name}
-    info = infos[-1]
-    return {"dataset": dataset_name, "version": info.parent.name, "dataset_info_sha256": file_sha256(info)}

@@ -17,7 +17,7 @@ from ..hooks import VisualTokenHook
 from ..testing.data import answer_batch
 from ..testing.tiny import ActionTokenizer
 from ..vla.pixels import normalize_fused
-from .objectives import fit_dense
+from .objectives import fit_dense, patch_targets
 from .scenes import COLORS, SHAPES, Scene, images, name, sort_action, sorted_right, where
 
 ACTION_PROMPT = "In: What action should the robot take to put the object in its bin?\nOut:"
@@ -135,12 +135,10 @@ def pretrain_vision(vla, scenes: Sequence[Scene], n_classes: int, steps: int, lr
 # --- evaluation -------------------------------------------------------------------------------------------------
 
 
-def object_weights(scenes: Sequence[Scene], patch: int = 14) -> torch.Tensor:
+def object_weights(scenes: Sequence[Scene]) -> torch.Tensor:
     """(B, N): the share of each patch covered by an object (not table), for object-token pooling."""
-    cover = np.stack([s.cover > 0 for s in scenes]).astype(np.float32)
-    b, h, w = cover.shape
-    grid = cover[:, : h // patch * patch, : w // patch * patch].reshape(b, h // patch, patch, w // patch, patch)
-    return torch.from_numpy(grid.mean((2, 4)).reshape(b, -1))
+    shares = [patch_targets((s.cover > 0).astype(np.int64), 2)[..., 1].reshape(-1) for s in scenes]
+    return torch.from_numpy(np.stack(shares))
 
 
 def pool(tokens: torch.Tensor, weights: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -351,7 +351,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="torch device (default: cuda if available)")
     p.add_argument(
         "--dtype",
-        default="bfloat16" if cuda else "float32",
+        default=dtypes.resolve("auto", "cuda" if cuda else "cpu"),
         choices=dtypes.CHOICES,
         help="default: bfloat16 on CUDA, float32 on CPU",
     )

@@ -45,7 +45,7 @@ def _registered_loader(model_type: str):
 def resolve_device_dtype(device: Optional[str], dtype: Optional[str]) -> tuple:
     """(device, dtype) with the probes' defaults: CUDA when available, bfloat16 on CUDA and float32 on the CPU."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    return device, dtype or dtypes.resolve("auto", torch.device(device).type)
 
 
 def release_memory() -> None:

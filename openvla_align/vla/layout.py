@@ -30,7 +30,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _describe(model: nn.Module) -> str:
+def describe(model: nn.Module) -> str:
+    """A model's class and child names, for errors about a layout that is not OpenVLA's."""
     children = ", ".join(name for name, _ in model.named_children()) or "none"
     return f"{type(model).__name__} (children: {children})"
 
@@ -40,7 +41,7 @@ def language_model(vla: nn.Module) -> nn.Module:
     lm = getattr(base, "language_model", None)
     if lm is None:
         raise NotAnOpenVLAModel(
-            f"Expected an OpenVLA-style model with a `language_model` attribute, got {_describe(base)}. "
+            f"Expected an OpenVLA-style model with a `language_model` attribute, got {describe(base)}. "
             "openvla-align hooks OpenVLAForActionPrediction (or a model with its module layout)."
         )
     return lm
@@ -53,7 +54,7 @@ def decoder_layers(vla: nn.Module) -> nn.ModuleList:
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise NotAnOpenVLAModel(
-            f"The language model {_describe(lm)} has no decoder stack (`.model.layers`); cannot hook an LLM layer."
+            f"The language model {describe(lm)} has no decoder stack (`.model.layers`); cannot hook an LLM layer."
         )
     return layers
 
@@ -63,7 +64,7 @@ def final_norm(vla: nn.Module) -> nn.Module:
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
     norm = getattr(decoder, "norm", None)
     if norm is None:
-        raise NotAnOpenVLAModel(f"The language model {_describe(lm)} has no final `norm` to hook for the last layer.")
+        raise NotAnOpenVLAModel(f"The language model {describe(lm)} has no final `norm` to hook for the last layer.")
     return norm
 
 

@@ -63,6 +63,9 @@ def rgb_from_pixel_values(
 def normalize_fused(rgb: torch.Tensor) -> torch.Tensor:
     """The inverse: [0,1] RGB -> OpenVLA's fused 6-channel ``pixel_values`` (exact ImageNet / SigLIP constants,
     as OpenVLA's image processor computes them)."""
-    dm = torch.tensor(IMAGENET_MEAN, device=rgb.device).view(1, 3, 1, 1)
-    ds = torch.tensor(IMAGENET_STD, device=rgb.device).view(1, 3, 1, 1)
-    return torch.cat([(rgb - dm) / ds, (rgb - 0.5) / 0.5], dim=1)
+
+    def norm(mean, std):
+        m, s = (torch.tensor(v, device=rgb.device).view(1, 3, 1, 1) for v in (mean, std))
+        return (rgb - m) / s
+
+    return torch.cat([norm(IMAGENET_MEAN, IMAGENET_STD), norm(SIGLIP_MEAN, SIGLIP_STD)], dim=1)

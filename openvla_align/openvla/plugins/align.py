@@ -48,7 +48,7 @@ class AlignPlugin(FinetunePlugin):
 
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
         """Everything that can be checked without the VLA fails here, before the 7B model loads."""
-        if not self.enabled:
+        if not self.config.enabled:
             return
         depth = _text_depth(getattr(cfg, "vla_path", None))
         if depth is not None:
@@ -84,7 +84,7 @@ class AlignPlugin(FinetunePlugin):
         return teacher
 
     def on_model_ready(self, vla: nn.Module, cfg: Any = None) -> List[nn.Parameter]:
-        if not self.enabled:
+        if not self.config.enabled:
             return []
         if self.cache is not None:
             aligner = Aligner(self.config, self.cache)

@@ -45,10 +45,6 @@ class FinetunePlugin:
     def __init__(self, config: Any):
         self.config = config
 
-    @property
-    def enabled(self) -> bool:
-        return bool(getattr(self.config, "enabled", False))
-
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
         return None
 

@@ -36,10 +36,6 @@ class DatasetsPlugin(FinetunePlugin):
     name = "datasets"
     config_cls = DatasetsConfig
 
-    @property
-    def enabled(self) -> bool:
-        return self.config.register_paper or self.config.check
-
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
         from ..datasets import check_dataset, register_paper_datasets
 

@@ -43,10 +43,6 @@ class FreezePlugin(FinetunePlugin):
     name = "freeze"
     config_cls = FreezeConfig
 
-    @property
-    def enabled(self) -> bool:
-        return self.config.vision
-
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
         if getattr(getattr(cfg, "align", None), "freeze_vision", False):  # the old spelling
             warnings.warn(

@@ -36,10 +36,6 @@ class NormStatsPlugin(FinetunePlugin):
         self.dataset_name: Optional[str] = None
         self.saved = False
 
-    @property
-    def enabled(self) -> bool:
-        return self.config.fold
-
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
         self.is_main_process = is_main_process
         self.dataset_name = getattr(cfg, "dataset_name", None)
