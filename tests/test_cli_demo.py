@@ -147,6 +147,12 @@ def test_verdict_counts_only_differences_beyond_the_seed_spread():
     assert "did NOT beat plain SFT" in report.conclusion(noisy)
     worse = _summary([0.50, 0.51, 0.52], [0.30, 0.31, 0.32])
     assert all("LOWER with Align" in line for line in report.verdict(worse))
+    assert report.better_with_align(worse) == []
+    # the verdict lines and the list of wins apply one rule, also at its edges
+    for sft, align in (([0.40, 0.40], [0.4125, 0.4125]), ([0.40, 0.40], [0.405, 0.405]), ([0.4, 0.5], [0.46, 0.56])):
+        edge = _summary(sft, align)
+        wins = [label for (label, key), line in zip(report.METRICS, report.verdict(edge)) if "higher" in line]
+        assert wins == [label for label, key in report.METRICS if key in report.better_with_align(edge)]
 
 
 # --- its teacher, through the registry ---------------------------------------------------------------------------

@@ -31,15 +31,21 @@ def summarize(per_seed: Dict[str, List[Dict[str, float]]]) -> Dict[str, Dict[str
     return {run: {key: mean_sd([m[key] for m in rows]) for _, key in METRICS} for run, rows in per_seed.items()}
 
 
+def compare(summary, key: str):
+    """(Align mean - SFT mean, the seed spread (the larger SD), clear): a difference is clear only when it is larger
+    than the spread and at least 0.01."""
+    sft, align = summary["sft"][key], summary["align"][key]
+    diff = align["mean"] - sft["mean"]
+    spread = max(sft["sd"], align["sd"])
+    return diff, spread, abs(diff) > spread and abs(diff) >= 0.01
+
+
 def verdict(summary: Dict[str, Dict[str, Dict[str, float]]]) -> List[str]:
-    """One line per metric comparing SFT+Align with SFT. A difference counts only when it is larger than the seed
-    spread (the larger of the two SDs); everything else is reported as no clear difference."""
+    """One line per metric comparing SFT+Align with SFT; only a clear difference (``compare``) counts."""
     lines = []
     for label, key in METRICS:
-        sft, align = summary["sft"][key], summary["align"][key]
-        diff = align["mean"] - sft["mean"]
-        spread = max(sft["sd"], align["sd"])
-        if abs(diff) > spread and abs(diff) >= 0.01:
+        diff, spread, clear = compare(summary, key)
+        if clear:
             word = "higher" if diff > 0 else "LOWER"
             lines.append(f"{label}: {word} with Align ({diff:+.3f}; seed SD up to {spread:.3f})")
         else:
@@ -48,13 +54,9 @@ def verdict(summary: Dict[str, Dict[str, Dict[str, float]]]) -> List[str]:
 
 
 def better_with_align(summary) -> List[str]:
-    """Metric keys on which SFT+Align beat SFT by more than the seed spread (and by at least 0.01)."""
-    return [
-        key
-        for _, key in METRICS
-        if summary["align"][key]["mean"] - summary["sft"][key]["mean"]
-        > max(summary["align"][key]["sd"], summary["sft"][key]["sd"], 0.01)
-    ]
+    """Metric keys on which SFT+Align clearly beat SFT."""
+    clear_gains = {key: compare(summary, key) for _, key in METRICS}
+    return [key for key, (diff, _, clear) in clear_gains.items() if clear and diff > 0]
 
 
 def conclusion(summary) -> str:

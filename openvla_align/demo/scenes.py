@@ -25,6 +25,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..shapes import shape_mask
+
 SHAPES = ("square", "circle", "triangle")
 COLORS = {"red": (0.9, 0.12, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.95, 0.85, 0.1)}
 COMBOS: Tuple[Tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)  # the 12 probe classes
@@ -58,12 +60,7 @@ class Scene:
 
 
 def _mask(shape: str, xx, yy, cx: float, cy: float, half: float) -> np.ndarray:
-    dx, dy = xx - cx, yy - cy
-    if shape == "square":
-        return (np.abs(dx) <= half * 0.85) & (np.abs(dy) <= half * 0.85)
-    if shape == "circle":
-        return dx**2 + dy**2 <= half**2
-    return (dy <= half) & (dy >= -half) & (np.abs(dx) <= (dy + half) * 0.6)  # triangle, apex up
+    return shape_mask(shape, xx - cx, yy - cy, half, square=0.85, slope=0.6)  # the demo's proportions
 
 
 def draw(rng: np.random.Generator, objects: Sequence[Tuple[str, str]], table, size: int = 112) -> Scene:

@@ -9,6 +9,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from ..shapes import SHAPES, shape_mask
 from .vlthink_items import POSITIONS
 
 SYNTH_COLORS = {
@@ -21,22 +22,13 @@ SYNTH_COLORS = {
     "yellow": (240, 215, 30),
     "brown": (120, 70, 30),
 }
-SYNTH_SHAPES = ("square", "circle", "triangle", "cross")
+SYNTH_SHAPES = SHAPES
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
-    c, h = (size - 1) / 2.0, size * 0.32
-    dx, dy = xx - c, yy - c
-    if shape == "square":
-        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
-    if shape == "circle":
-        return dx**2 + dy**2 <= h**2
-    if shape == "triangle":
-        return (dy >= -h) & (dy <= h) & (np.abs(dx) <= (dy + h) / 2)
-    if shape == "cross":
-        return ((np.abs(dx) <= h / 3) & (np.abs(dy) <= h)) | ((np.abs(dy) <= h / 3) & (np.abs(dx) <= h))
-    raise ValueError(f"Unknown shape {shape!r}; choose from {SYNTH_SHAPES}.")
+    c = (size - 1) / 2.0
+    return shape_mask(shape, xx - c, yy - c, size * 0.32)
 
 
 def make_synthetic_vlthink(directory: Union[str, Path], n_scenes: int = 12, seed: int = 0, size: int = 224) -> Path:

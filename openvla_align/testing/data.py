@@ -15,6 +15,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from ..shapes import shape_mask
 from ..vla.pixels import normalize_fused
 from .tiny import IGNORE_INDEX, ActionTokenizer
 
@@ -42,14 +43,7 @@ def _draw(rng: np.random.Generator, size: int):
     color_name = list(COLORS)[int(rng.integers(len(COLORS)))]
     obj = rng.uniform(0.15, 0.85, 2) * size
     half = size * rng.uniform(0.07, 0.11)
-    dx, dy = xx - obj[0], yy - obj[1]
-    if SHAPES[shape] == "square":
-        mask = (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    elif SHAPES[shape] == "circle":
-        mask = dx**2 + dy**2 <= half**2
-    else:
-        mask = (dy <= half) & (dy >= -half) & (np.abs(dx) <= (dy + half) / 2)
-    img[mask] = COLORS[color_name]
+    img[shape_mask(SHAPES[shape], xx - obj[0], yy - obj[1], half)] = COLORS[color_name]
     img += rng.normal(0, 0.02, img.shape).astype(np.float32)
     delta = (plate - obj) / size  # in [-0.65, 0.65]
     action = np.array([delta[0] * 1.5, delta[1] * 1.5, -0.1, 0.0, 0.0, 0.0, 1.0])
