@@ -131,7 +131,7 @@ def build(scale: Scale = CPU_SCALE, seed: int = 0, device: str = "cpu", with_tea
     """The scaled VLA (LoRA r=32 on all linear layers, as the paper), its teacher, and a batch generator."""
     from peft import LoraConfig, get_peft_model
 
-    from ..teachers.radio import build_radio_teacher
+    from ..teachers.build import build_teacher
     from ..testing import build_tiny_vla
 
     vla = build_tiny_vla(
@@ -155,10 +155,8 @@ def build(scale: Scale = CPU_SCALE, seed: int = 0, device: str = "cpu", with_tea
     arch = dict(embed_dim=scale.teacher.width, depth=scale.teacher.depth, num_heads=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: the bench measures cost, not quality
-        torch.manual_seed(seed)
-        teacher = build_radio_teacher("c-radio-v3-l", allow_random=True, arch=arch).to(device)
-    if device.startswith("cuda"):
-        teacher = teacher.to(torch.bfloat16)  # as the plugin runs it (AlignConfig.teacher_dtype)
+        # dtype "auto", as the plugin runs it: bfloat16 on CUDA, float32 on the CPU
+        teacher = build_teacher("c-radio-v3-l", allow_random=True, arch=arch, device=device, seed=seed)
     return vla, teacher
 
 
