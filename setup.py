@@ -15,7 +15,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["openvla_align", "openvla_align.*"]),
-    package_data={"openvla_align.openvla": ["patches/*.patch", "patches/*.json", "patches/*.md"]},
+    package_data={"openvla_align.openvla": ["patches/*.md", "patches/*/*.patch", "patches/*/*.json"]},
     # Ranges admit OpenVLA's pins (torch 2.2, transformers 4.40.1, timm 0.9.10, peft 0.11.1, draccus 0.8.0,
     # tokenizers 0.19.1) as well as current releases; torch itself is left to the user's environment.
     install_requires=[

@@ -30,7 +30,9 @@ from .projector import build_projector, fingerprint
 from .targets import as_source
 from .teachers import Teacher
 from .teachers.build import teacher_from_config
+from .vla import layout
 from .vla.layout import llm_hidden_size, student_grid, unwrap
+from .vla.pixels import images_per_sample, split_images
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class Aligner(nn.Module):
         self.config = config
         self.source = as_source(teacher, target_width=target_width, target_grid=target_grid)
         self.device: Optional[torch.device] = None  # the VLA's, set by attach()
+        self.num_images = 1  # images per sample the VLA is set up for (OpenVLA-OFT: num_images_in_input), by attach()
+        self.saved_num_images: Optional[int] = None  # what a loaded sidecar's run used (load())
         self.projectors = nn.ModuleDict()
         self._hook: Optional[VisualTokenHook] = None
         self._loss_fn = get_loss(config.loss)
@@ -87,13 +91,14 @@ class Aligner(nn.Module):
             raise RuntimeError("This Aligner has no target source; build it with a teacher, a cache or target_width.")
         return self.source.width
 
-    def attach(self, vla: nn.Module) -> "Aligner":
-        """Hook ``vla`` and build (or check) the projector(s). Call after LoRA wrapping, before DDP or after."""
+    def attach(self, vla: nn.Module, only_with_grad: bool = False) -> "Aligner":
+        """Hook ``vla`` and build (or check) the projector(s). Call after LoRA wrapping, before DDP or after.
+        ``only_with_grad``: capture training forwards only (see ``VisualTokenHook``), as a finetune loop wants."""
         if self._hook is not None:
             raise RuntimeError("Aligner is already attached; call remove() first.")
-        hook = VisualTokenHook(vla, self.config.layers, self.config.target)
+        hook = VisualTokenHook(vla, self.config.layers, self.config.target, only_with_grad=only_with_grad)
         base = unwrap(vla)
-        in_dim = base.vision_backbone.embed_dim if self.config.target == "encoder" else llm_hidden_size(vla)
+        in_dim = layout.vision_backbone(base).embed_dim if self.config.target == "encoder" else llm_hidden_size(vla)
         grid = student_grid(vla)
         expected = self.source.grid if self.source is not None else None
         if expected is not None and grid is not None and tuple(expected) != grid:
@@ -116,6 +121,7 @@ class Aligner(nn.Module):
         else:
             self._check_projectors(in_dim)
         self.device = next(base.parameters()).device
+        self.num_images = layout.num_images(base)
         self.projectors.to(self.device)
         if hasattr(self.source, "place"):
             dtype = None
@@ -164,10 +170,28 @@ class Aligner(nn.Module):
 
     # --- the step ---
     def teacher_targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The target source's (B, N, D) targets for OpenVLA ``pixel_values`` (fused 6-channel or 3-channel)."""
+        """The target source's (B, n * T, D) targets for ``pixel_values`` (3, 6 or 6 x images channels): each image
+        on its own, their T-token targets concatenated in the VLA's token order (n = 1 with ``images="primary"``)."""
         if self.source is None:
             raise RuntimeError("This Aligner has no target source; pass precomputed `targets`.")
-        return self.source.targets(pixel_values)
+        b = pixel_values.shape[0]
+        images = split_images(pixel_values)
+        n = images.shape[0] // b
+        if self.config.images == "primary" and n > 1:
+            images, n = images.view(b, n, *images.shape[1:])[:, 0], 1
+        targets = self.source.targets(images)  # (b * n, T, D)
+        return targets.reshape(b, n * targets.shape[1], targets.shape[2])
+
+    def _aligned_tokens(self, hidden: torch.Tensor, num_images: int) -> torch.Tensor:
+        """The captured visual tokens this config aligns: all of them, or the first image's with ``primary``."""
+        if self.config.images == "primary" and num_images > 1:
+            if hidden.shape[1] % num_images:
+                raise ValueError(
+                    f"The VLA has {hidden.shape[1]} visual tokens, not a multiple of the {num_images} images per "
+                    "sample; check num_images_in_input against the pixel_values the data loader gives."
+                )
+            return hidden[:, : hidden.shape[1] // num_images]
+        return hidden
 
     def forward(
         self, pixel_values: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None
@@ -186,16 +210,20 @@ class Aligner(nn.Module):
                 raise ValueError("Pass the batch's pixel_values (live teacher) or precomputed teacher targets.")
             targets = self.teacher_targets(pixel_values)  # the source moves what it needs (a cache hashes on CPU)
         targets = targets.to(self.device, non_blocking=True)  # once, not per layer
+        num_images = images_per_sample(pixel_values) if pixel_values is not None else self.num_images
         total = None
         layer_losses: Dict[int, torch.Tensor] = {}
         metrics: Dict[str, torch.Tensor] = {}
         for key in self.keys:
-            hidden = captured[key]
+            hidden = self._aligned_tokens(captured[key], num_images)
             if hidden.shape[1] != targets.shape[1]:
-                side = math.isqrt(hidden.shape[1])
+                n = 1 if self.config.images == "primary" else num_images
+                per_image = hidden.shape[1] // max(n, 1)
+                side = math.isqrt(per_image)
                 raise ValueError(
-                    f"The VLA has {hidden.shape[1]} visual tokens (a {side}x{side} grid) but the teacher targets "
-                    f"have {targets.shape[1]}; build the teacher for the student's grid."
+                    f"The VLA has {hidden.shape[1]} visual tokens ({n} image(s) of {per_image}, a {side}x{side} grid "
+                    f"each) but the teacher targets have {targets.shape[1]}; build the teacher for the student's grid "
+                    "and feed it the same images (OpenVLA-OFT: --num_images_in_input matches the data)."
                 )
             proj = self.projectors[str(key)]
             student = proj(hidden.to(next(proj.parameters()).dtype))
@@ -218,7 +246,7 @@ class Aligner(nn.Module):
         # One metadata entry: safetensors stores metadata in a hash map, so several keys would come out in a random
         # order and identical projectors would not give identical files.
         width = self.source.width if self.source is not None else None
-        info = {"format": 1, "teacher_width": width}
+        info = {"format": 1, "teacher_width": width, "num_images": self.num_images}
         meta = {"openvla-align": json.dumps(info, sort_keys=True)}
         atomic_write(directory / PROJECTOR_NAME, lambda tmp: save_file(state, str(tmp), metadata=meta))
         atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(self.config.to_json()))
@@ -235,6 +263,7 @@ class Aligner(nn.Module):
     ) -> "Aligner":
         """Restore config and projector(s) saved by ``save``; the teacher is rebuilt from the config unless a target
         source (``teacher``: a teacher or a cache) is given, or ``target_width`` says targets come precomputed."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -250,6 +279,8 @@ class Aligner(nn.Module):
             raise ValueError(f"{cfg_path} is not a valid openvla-align config: {exc}") from exc
         try:
             state = load_file(str(proj_path))
+            with safe_open(str(proj_path), framework="pt") as f:
+                info = json.loads((f.metadata() or {}).get("openvla-align", "{}"))
         except Exception as exc:
             raise ValueError(
                 f"{proj_path} is corrupt or truncated ({exc}); restore it from a good checkpoint."
@@ -259,6 +290,7 @@ class Aligner(nn.Module):
         else:
             aligner = cls.from_config(config, **teacher_kwargs)
         aligner.load_projectors(state)
+        aligner.saved_num_images = info.get("num_images")  # None for sidecars written before multi-image support
         return aligner
 
     def load_projectors(self, state: Dict[str, torch.Tensor]) -> None:

@@ -18,6 +18,7 @@ LOSSES = ("cosine", "l2", "ntxent")
 TEACHER_DTYPES = ("auto", *dtypes.NAMES)
 PROJECTORS = ("mlp", "linear", "cosine", "orthogonal", "spectral", "film", "whitening")
 TARGETS = ("backbone", "encoder")
+IMAGES = ("all", "primary")
 
 
 def help_field(text: str) -> Dict[str, Any]:
@@ -69,6 +70,13 @@ class AlignConfig:
         default="backbone",
         metadata=help_field(
             "backbone: align an LLM layer (Backbone2Enc); encoder: align the vision encoder's output (Enc2Enc)."
+        ),
+    )
+    images: str = field(
+        default="all",
+        metadata=help_field(
+            "With several camera images per sample (OpenVLA-OFT's num_images_in_input): all = align every image's "
+            "256 visual tokens to the teacher's features of that image; primary = only the first (third-person) one."
         ),
     )
     teacher_resolution: Optional[int] = field(
@@ -127,6 +135,8 @@ class AlignConfig:
             raise ValueError(f"AlignConfig.projector={self.projector!r} is not one of {PROJECTORS}.")
         if self.target not in TARGETS:
             raise ValueError(f"AlignConfig.target={self.target!r} is not one of {TARGETS}.")
+        if self.images not in IMAGES:
+            raise ValueError(f"AlignConfig.images={self.images!r} is not one of {IMAGES}.")
         if self.target == "encoder" and len(self.layers) > 1:
             raise ValueError(
                 f"AlignConfig.target='encoder' aligns the vision encoder's single output, but layers={self.layers}; "

@@ -24,13 +24,18 @@ class VisualTokenHook:
     """Forward hooks that keep only the visual-token slice of the chosen layers for the current step.
 
     ``pop()`` hands the captured tensors over and forgets them, so nothing outlives the step that made it.
-    ``target="encoder"`` captures the vision backbone's output instead (Enc2Enc).
+    ``target="encoder"`` captures the vision backbone's output instead (Enc2Enc). ``only_with_grad=True`` ignores
+    forwards run without autograd (a training loop's validation, OpenVLA-OFT's diffusion sampling), so they neither
+    cost memory nor replace what the training forward captured.
     """
 
-    def __init__(self, vla: nn.Module, layers: Sequence[int] = (16,), target: str = "backbone"):
+    def __init__(
+        self, vla: nn.Module, layers: Sequence[int] = (16,), target: str = "backbone", only_with_grad: bool = False
+    ):
         self.vla = vla
         self.layers = tuple(layers)
         self.target = target
+        self.only_with_grad = only_with_grad
         base = unwrap(vla)
         for name in ("vision_backbone", "projector", "language_model"):
             if not isinstance(getattr(base, name, None), nn.Module):
@@ -85,16 +90,21 @@ class VisualTokenHook:
         self._num_visual = None
 
     # --- hook bodies ---
+    def _skip(self) -> bool:
+        return self.only_with_grad and not torch.is_grad_enabled()
+
     def _record_num_visual(self, module, args, output) -> None:
-        self._num_visual = _first(output).shape[1]
+        if not self._skip():
+            self._num_visual = _first(output).shape[1]
 
     def _capture_encoder(self, module, args, output) -> None:
-        self._captured[0] = _first(output)
+        if not self._skip():
+            self._captured[0] = _first(output)
 
     def _make_capture(self, layer: int):
         def capture(module, args, output) -> None:
-            if self._num_visual is None:
-                return  # a text-only or cached-generation forward: there are no visual tokens to keep
+            if self._num_visual is None or self._skip():
+                return  # a text-only or cached-generation forward (no visual tokens), or one without autograd
             hidden = _first(output)
             # A view, not a copy: it keeps the block's output alive until `pop()`, which autograd does anyway (the
             # next block's input is saved for backward). Only the hooked layers are kept, never all of them.

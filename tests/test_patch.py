@@ -438,7 +438,7 @@ def test_refuses_edited_and_foreign_files(checkout, capsys):
     assert foreign.read_bytes() == before
 
     code, out = cli(capsys, str(checkout / "prismatic"))
-    assert code == 1 and "is not an OpenVLA checkout" in out.err
+    assert code == 1 and "is not a checkout of OpenVLA" in out.err
 
 
 @needs_upstream

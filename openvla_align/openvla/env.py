@@ -46,3 +46,47 @@ def warn_if_broken(versions: Optional[Dict[str, Optional[str]]] = None) -> List[
     for problem in problems:
         warnings.warn(f"openvla-align: this environment breaks OpenVLA fine-tuning: {problem}", stacklevel=2)
     return problems
+
+
+# OpenVLA-OFT's transformers fork (moojink/transformers-openvla-oft@bc339d9a) is transformers 4.40.1 with one file
+# changed: bidirectional attention in LlamaSdpaAttention, which OFT's parallel decoding of action chunks needs.
+STOCK_LLAMA_SHA256 = "b5fb3c99e3e118d5ee6fd67874ad298fb83282ec0ca8e8c668c2cd63a0f5b609"
+OFT_FORK_LLAMA_SHA256 = "3aac24cec583a6ef5f60b6ec634a8bd3c8377784c5c63c8cc14cb6790554c52e"
+_oft_attention_checked = False
+
+
+def llama_modeling_sha256() -> Optional[str]:
+    """SHA-256 of the installed ``transformers/models/llama/modeling_llama.py`` (None when transformers is absent)."""
+    import hashlib
+    from importlib.util import find_spec
+
+    spec = find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    from pathlib import Path
+
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "llama" / "modeling_llama.py"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def oft_attention_problem(digest: Optional[str] = None) -> Optional[str]:
+    """One sentence when the installed transformers is not OpenVLA-OFT's fork (causal attention), else None."""
+    digest = digest if digest is not None else llama_modeling_sha256()
+    if digest == OFT_FORK_LLAMA_SHA256:
+        return None
+    which = "stock transformers 4.40.1" if digest == STOCK_LLAMA_SHA256 else "a transformers that is not OFT's fork"
+    return (
+        f"OpenVLA-OFT is running on {which}: its Llama attention is causal, so OFT's parallel decoding trains and "
+        "predicts with the wrong mask (openvla-oft#135). Install the fork: pip install "
+        "git+https://github.com/moojink/transformers-openvla-oft.git"
+    )
+
+
+def warn_oft_attention(digest: Optional[str] = None) -> Optional[str]:
+    """Print the problem of ``oft_attention_problem`` once per process (at the OFT script's setup)."""
+    global _oft_attention_checked
+    problem = oft_attention_problem(digest)
+    if problem and not _oft_attention_checked:
+        print(f"[openvla-align] WARNING: {problem}")
+    _oft_attention_checked = True
+    return problem

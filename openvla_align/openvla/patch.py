@@ -1,8 +1,10 @@
-"""`openvla-align patch PATH [--check | --revert]`: add the finetune-plugin mechanism to OpenVLA's finetune.py.
+"""`openvla-align patch PATH [--check | --revert]`: add the finetune-plugin mechanism to a host's finetune.py.
 
-PATH is an OpenVLA checkout (its ``vla-scripts/finetune.py`` is patched) or a finetune.py file. The patch
-(``patches/finetune.patch``) was written for one upstream revision of that file; ``patches/finetune.json`` records
-the SHA-256 of the file before and after patching. Only a file with one of those two hashes is ever touched:
+PATH is a checkout of a supported host (OpenVLA, OpenVLA-OFT: its ``vla-scripts/finetune.py`` is patched) or a
+finetune.py file. Each supported script has one folder under ``patches/`` (``patches/<host>/``): its patch
+(``finetune.patch``), written for one upstream revision of that file, and ``manifest.json``, which records the
+SHA-256 of the file before and after patching. The script is recognised by those hashes, and only a file with one
+of them is ever touched (supporting another script is one more folder, no code):
 
     unpatched  the upstream file: patching applies every hunk in Python (no ``patch``/``git`` binary), checks the
                result's hash, keeps the original as ``finetune.py.orig`` and replaces the file atomically;
@@ -28,7 +30,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from .._io import atomic_write_bytes
 
-MANIFEST = "finetune.json"
+MANIFEST = "manifest.json"
 BACKUP_SUFFIX = ".orig"
 UNPATCHED, PATCHED, UNKNOWN = "unpatched", "patched", "unknown"
 
@@ -71,12 +73,19 @@ class Hunk:
 
 @dataclass
 class Patch:
-    target: str  # path inside an OpenVLA checkout, e.g. vla-scripts/finetune.py
+    name: str  # the host's folder name under patches/, e.g. openvla-oft
+    title: str  # e.g. OpenVLA-OFT
+    repository: str  # owner/name on GitHub, e.g. moojink/openvla-oft
+    target: str  # path inside the host's checkout, e.g. vla-scripts/finetune.py
     upstream_sha256: str
     patched_sha256: str
     upstream_commit: str
     hunks: List[Hunk]
     source: Path
+
+    @property
+    def revision(self) -> str:
+        return f"{self.repository}@{self.upstream_commit[:12]}"
 
 
 def split_lines(text: str) -> List[str]:
@@ -148,13 +157,22 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def patch_dir() -> Path:
+def patches_root() -> Path:
     """``patches/`` next to the package (installed) or at the repository root (source checkout)."""
     here = Path(__file__).resolve()
     for candidate in (here.parent / "patches", here.parents[2] / "patches"):
-        if (candidate / MANIFEST).is_file():
+        if any(candidate.glob(f"*/{MANIFEST}")):
             return candidate
-    raise PatchError(f"cannot find patches/{MANIFEST} beside the openvla_align package; reinstall openvla-align")
+    raise PatchError(f"cannot find patches/<host>/{MANIFEST} beside the openvla_align package; reinstall openvla-align")
+
+
+def patch_dir(host: str = "openvla") -> Path:
+    """The folder of one host's patch (``patches/openvla``, ``patches/openvla-oft``)."""
+    directory = patches_root() / host
+    if not (directory / MANIFEST).is_file():
+        known = ", ".join(p.name for p in load_patches())
+        raise PatchError(f"no patch for host {host!r}; openvla-align patches: {known}")
+    return directory
 
 
 def load_patch(directory: Optional[Path] = None) -> Patch:
@@ -162,6 +180,9 @@ def load_patch(directory: Optional[Path] = None) -> Patch:
     meta = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     source = directory / meta["patch"]
     return Patch(
+        name=meta["name"],
+        title=meta["title"],
+        repository=meta["repository"],
         target=meta["target"],
         upstream_sha256=meta["upstream"]["sha256"],
         patched_sha256=meta["patched_sha256"],
@@ -171,14 +192,23 @@ def load_patch(directory: Optional[Path] = None) -> Patch:
     )
 
 
-def resolve_target(path, patch: Patch) -> Path:
-    """PATH as given: a file is used as is; a directory is an OpenVLA checkout (or its vla-scripts/ folder)."""
+def load_patches(root: Optional[Path] = None) -> List[Patch]:
+    """Every supported script's patch (one folder each), by folder name."""
+    root = Path(root) if root is not None else patches_root()
+    return [load_patch(m.parent) for m in sorted(root.glob(f"*/{MANIFEST}"))]
+
+
+def resolve_target(path, patches: Sequence[Patch]) -> Path:
+    """PATH as given: a file is used as is; a directory is a host checkout (or its vla-scripts/ folder)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for candidate in (path / patch.target, path / Path(patch.target).name):
-            if candidate.is_file():
-                return candidate
-        raise PatchError(f"{path} is not an OpenVLA checkout: it has no {patch.target}")
+        targets = dict.fromkeys(p.target for p in patches)
+        for target in targets:
+            for candidate in (path / target, path / Path(target).name):
+                if candidate.is_file():
+                    return candidate
+        hosts = " or ".join(p.title for p in patches)
+        raise PatchError(f"{path} is not a checkout of {hosts}: it has no {' or '.join(targets)}")
     if not path.is_file():
         raise PatchError(f"{path} does not exist")
     return path
@@ -197,22 +227,26 @@ def _backup_path(target: Path) -> Path:
     return target.with_name(target.name + BACKUP_SUFFIX)
 
 
-def _unknown_message(target: Path, data: bytes, patch: Patch) -> str:
+def _unknown_message(target: Path, data: bytes, patches: Sequence[Patch]) -> str:
     digest = sha256(data)
+    known = "; ".join(f"{p.title} {p.target} at {p.revision} (sha256 {p.upstream_sha256[:16]})" for p in patches)
     lines = [
-        f"unknown: {target} (sha256 {digest[:16]}) is neither the finetune.py this patch was written for "
-        f"(openvla/openvla@{patch.upstream_commit[:12]}, sha256 {patch.upstream_sha256[:16]}) nor its patched version.",
+        f"unknown: {target} (sha256 {digest[:16]}) is none of the scripts openvla-align patches ({known}), "
+        "nor a patched one.",
     ]
     normalised = data.replace(b"\r\n", b"\n")
-    if normalised != data and status(normalised, patch) != UNKNOWN:
+    if normalised != data and any(status(normalised, p) != UNKNOWN for p in patches):
         lines.append("  It differs only in CRLF line endings; check the file out with LF endings.")
     else:
+        restore = " or ".join(
+            f"`git checkout {p.upstream_commit[:12]} -- {p.target}` in a {p.title} checkout" for p in patches
+        )
         lines.append(
-            "  Local edits or another OpenVLA revision: restore the upstream file (`git checkout "
-            f"{patch.upstream_commit[:12]} -- {patch.target}` in the checkout) or port {patch.source.name} by hand."
+            f"  Local edits or another revision: restore the upstream file ({restore}) or port the patch of "
+            "patches/<host>/ by hand."
         )
     backup = _backup_path(target)
-    if backup.is_file() and status(backup.read_bytes(), patch) == UNPATCHED:
+    if backup.is_file() and any(status(backup.read_bytes(), p) == UNPATCHED for p in patches):
         lines.append(f"  The original upstream file is kept in {backup}.")
     return "\n".join(lines)
 
@@ -227,23 +261,28 @@ def _describe(hunks: Sequence[Hunk], verb: str) -> List[str]:
     return lines
 
 
-def _inspect(path, patch: Optional[Patch]) -> Tuple[Patch, Path, bytes, str]:
-    """The patch, the resolved finetune.py, its bytes and its state (unpatched / patched / unknown)."""
-    patch = patch or load_patch()
-    target = resolve_target(path, patch)
+def _inspect(path, patch: Optional[Patch]) -> Tuple[List[Patch], Optional[Patch], Path, bytes, str]:
+    """The candidate patches, the one whose script PATH is (None when unknown), the resolved finetune.py, its bytes
+    and its state (unpatched / patched / unknown)."""
+    patches = [patch] if patch is not None else load_patches()
+    target = resolve_target(path, patches)
     data = target.read_bytes()
-    return patch, target, data, status(data, patch)
+    for candidate in patches:
+        state = status(data, candidate)
+        if state != UNKNOWN:
+            return patches, candidate, target, data, state
+    return patches, None, target, data, UNKNOWN
 
 
 def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
     """Patch PATH (see the module docstring); returns the exit code."""
     out = out or sys.stdout
-    patch, target, data, state = _inspect(path, patch)
+    patches, patch, target, data, state = _inspect(path, patch)
     if state == PATCHED:
-        print(f"already patched: {target}", file=out)
+        print(f"already patched: {target} ({patch.title})", file=out)
         return 0
     if state == UNKNOWN:
-        print(_unknown_message(target, data, patch) + "\n  Nothing was changed.", file=out)
+        print(_unknown_message(target, data, patches) + "\n  Nothing was changed.", file=out)
         return 1
     new = apply_hunks(data.decode("utf-8"), patch.hunks).encode("utf-8")
     if sha256(new) != patch.patched_sha256:
@@ -259,7 +298,7 @@ def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
     if not backup.exists():
         atomic_write_bytes(backup, data, mode)
     atomic_write_bytes(target, new, mode)
-    print(f"patched: {target} (openvla/openvla@{patch.upstream_commit[:12]})", file=out)
+    print(f"patched: {target} ({patch.title}, {patch.revision})", file=out)
     print("\n".join(_describe(patch.hunks, "applied")), file=out)
     print(f"  original kept as {backup}; undo with `openvla-align patch --revert {path}`", file=out)
     return 0
@@ -268,13 +307,13 @@ def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
 def revert_file(path, patch: Optional[Patch] = None, out=None) -> int:
     """Restore the upstream file; returns the exit code."""
     out = out or sys.stdout
-    patch, target, data, state = _inspect(path, patch)
+    patches, patch, target, data, state = _inspect(path, patch)
     backup = _backup_path(target)
     if state == UNPATCHED:
-        print(f"not patched, nothing to revert: {target}", file=out)
+        print(f"not patched, nothing to revert: {target} ({patch.title})", file=out)
         return 0
     if state == UNKNOWN:
-        print(_unknown_message(target, data, patch) + "\n  Refusing to revert; nothing was changed.", file=out)
+        print(_unknown_message(target, data, patches) + "\n  Refusing to revert; nothing was changed.", file=out)
         return 1
     source = "reversed hunks"
     original = None
@@ -291,7 +330,7 @@ def revert_file(path, patch: Optional[Patch] = None, out=None) -> int:
     atomic_write_bytes(target, original, target.stat().st_mode & 0o7777)
     if source == backup.name:
         backup.unlink()
-    print(f"reverted: {target} (from {source}; sha256 {patch.upstream_sha256[:16]} checked)", file=out)
+    print(f"reverted: {target} ({patch.title}; from {source}; sha256 {patch.upstream_sha256[:16]} checked)", file=out)
     print("\n".join(_describe(patch.hunks, "reverted")), file=out)
     return 0
 
@@ -299,16 +338,16 @@ def revert_file(path, patch: Optional[Patch] = None, out=None) -> int:
 def check_file(path, patch: Optional[Patch] = None, out=None) -> int:
     """Print the state of PATH; returns 0 for unpatched/patched, 1 for unknown."""
     out = out or sys.stdout
-    patch, target, data, state = _inspect(path, patch)
+    patches, patch, target, data, state = _inspect(path, patch)
     if state == UNPATCHED:
-        print(f"unpatched: {target} is the upstream file (openvla/openvla@{patch.upstream_commit[:12]})", file=out)
+        print(f"unpatched: {target} is {patch.title}'s {patch.target} ({patch.revision})", file=out)
         print(f"  `openvla-align patch {path}` would apply {len(patch.hunks)} hunks", file=out)
     elif state == PATCHED:
         backup = _backup_path(target)
         note = f"; original kept as {backup}" if backup.is_file() else ""
-        print(f"patched: {target}{note}", file=out)
+        print(f"patched: {target} ({patch.title}, {patch.revision}){note}", file=out)
     else:
-        print(_unknown_message(target, data, patch), file=out)
+        print(_unknown_message(target, data, patches), file=out)
     return 1 if state == UNKNOWN else 0
 
 
@@ -327,7 +366,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", metavar="PATH", help="OpenVLA checkout, or its vla-scripts/finetune.py")
+    p.add_argument("path", metavar="PATH", help="OpenVLA or OpenVLA-OFT checkout, or its vla-scripts/finetune.py")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="report unpatched / patched / unknown; change nothing")
     mode.add_argument("--revert", action="store_true", help="restore the original finetune.py")

@@ -1,5 +1,6 @@
-"""Where things are inside an OpenVLA model: the wrappers to strip, the LLM, its decoder blocks and final norm, the
-vision featurizer's token grid. The only module that knows OpenVLA's module paths.
+"""Where things are inside an OpenVLA-layout model: the wrappers to strip, the LLM, its decoder blocks and final norm,
+the vision backbone, its token grid and the images per sample (the last two through the model's family,
+``vla.families``: OpenVLA, OpenVLA-OFT). The only module that knows OpenVLA's module paths.
 
 Layer L means ``output_hidden_states[L]``: the output of decoder block L-1 (index 0 is the embedding output). For L
 equal to the number of blocks, HF models return the *final-normed* state, so that layer's module is the final norm.
@@ -91,9 +92,33 @@ def layer_output_module(vla: nn.Module, layer: int) -> nn.Module:
     return final_norm(vla) if layer == len(blocks) else blocks[layer - 1]
 
 
+def family(vla: nn.Module):
+    """The model family of ``vla`` (any wrappers stripped): ``vla.families.ModelFamily``."""
+    from .families import family_of
+
+    return family_of(unwrap(vla))
+
+
+def vision_backbone(vla: nn.Module) -> nn.Module:
+    """The vision backbone holding the timm towers (inside FiLM's wrapper for an OFT model trained with FiLM)."""
+    base = unwrap(vla)
+    if not isinstance(getattr(base, "vision_backbone", None), nn.Module):
+        raise NotAnOpenVLAModel(f"Expected an OpenVLA-style model with `vision_backbone`, got {describe(base)}.")
+    return family(base).vision_backbone(base)
+
+
+def num_images(vla: nn.Module) -> int:
+    """Images per sample the model is set up for (OFT: ``num_images_in_input``; OpenVLA: 1)."""
+    base = unwrap(vla)
+    return family(base).num_images(base)
+
+
 def student_grid(vla: nn.Module) -> Optional[Tuple[int, int]]:
-    """The VLA's visual token grid, read from its (first) timm featurizer."""
-    backbone = getattr(unwrap(vla), "vision_backbone", None)
+    """The VLA's visual token grid per image, read from its (first) timm featurizer."""
+    base = unwrap(vla)
+    backbone = (
+        family(base).vision_backbone(base) if isinstance(getattr(base, "vision_backbone", None), nn.Module) else None
+    )
     featurizer = getattr(backbone, "featurizer", None)
     grid = getattr(getattr(featurizer, "patch_embed", None), "grid_size", None)
     return tuple(int(g) for g in grid) if grid is not None else None

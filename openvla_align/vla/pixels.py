@@ -1,7 +1,9 @@
 """Recover [0,1] RGB from OpenVLA's ``pixel_values``.
 
-OpenVLA-7B's fused backbone receives 6 channels: channels 0-2 normalised for DINOv2 (ImageNet mean/std) and
-channels 3-5 normalised for SigLIP (mean = std = 0.5). The tensors reach the model in bf16, so the
+OpenVLA-7B's fused backbone receives 6 channels per image: channels 0-2 normalised for DINOv2 (ImageNet mean/std) and
+channels 3-5 normalised for SigLIP (mean = std = 0.5). OpenVLA-OFT stacks several such images along the channels
+(third-person camera first, then wrist cameras): 6 x ``num_images_in_input`` channels; ``split_images`` turns them
+into one image per row, in the order the model puts their visual tokens. The tensors reach the model in bf16, so the
 reference implementation de-normalises with the bf16-rounded ImageNet constants; we default to the same numbers
 so teachers see exactly what they see there.
 """
@@ -29,6 +31,30 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return x.float() * s + m
+
+
+def images_per_sample(pixel_values: torch.Tensor) -> int:
+    """How many images each row of ``pixel_values`` holds: 3 channels is one single-backbone image, 6k channels k
+    fused images (OFT's multi-image inputs exist only for the fused backbone)."""
+    channels = pixel_values.shape[1] if pixel_values.ndim == 4 else 0
+    if channels == 3:
+        return 1
+    if channels == 0 or channels % 6:
+        raise ValueError(
+            f"pixel_values must be (B, 6 * num_images, H, W) (fused DINOv2+SigLIP, OpenVLA-OFT stacks its cameras) or "
+            f"(B, 3, H, W) (single backbone); got {tuple(pixel_values.shape)}."
+        )
+    return channels // 6
+
+
+def split_images(pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, 6N, H, W) -> (B * N, 6, H, W): sample 0's N images, then sample 1's, ... (the models' token order). A
+    3-channel or 6-channel batch is returned as it is."""
+    n = images_per_sample(pixel_values)
+    if n == 1:
+        return pixel_values
+    b, c, h, w = pixel_values.shape
+    return pixel_values.reshape(b * n, c // n, h, w)
 
 
 def rgb_from_pixel_values(

@@ -12,14 +12,18 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ...aligner import CONFIG_NAME, Aligner
+from ...aligner import CONFIG_NAME, PROJECTOR_NAME, Aligner
 from ...config import AlignConfig
 from ...vla.layout import check_layers
+from ..env import warn_oft_attention
+from ..hosts import host_of
 from .base import FinetunePlugin, distributed
 
 logger = logging.getLogger(__name__)
 
 SIDECAR_DIR = "align"
+# Settings a resumed run must share with the run that wrote the sidecar.
+RESUME_FIELDS = ("teacher", "layers", "target", "projector", "projector_dim", "loss", "images")
 
 
 def _text_depth(vla_path) -> Optional[int]:
@@ -42,17 +46,31 @@ class AlignPlugin(FinetunePlugin):
 
     def __init__(self, config: AlignConfig, teacher: Optional[nn.Module] = None):
         super().__init__(config)
+        self.num_images: Optional[int] = None  # images per sample the host script feeds the VLA (setup)
         self.teacher = teacher  # given: use it; None: build the configured one from the registry
         self.aligner: Optional[Aligner] = None
         self.cache = None  # TeacherCache when `teacher_cache` is set: targets are read, no teacher runs
 
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
         """Everything that can be checked without the VLA fails here, before the 7B model loads."""
+        host = host_of(cfg)
+        if host.name == "openvla-oft" and is_main_process:
+            warn_oft_attention()
         if not self.config.enabled:
             return
         depth = _text_depth(getattr(cfg, "vla_path", None))
         if depth is not None:
             check_layers(depth, self.config.layers)  # attach() checks it again on the loaded model
+        self.num_images = host.images(cfg)
+        resume_dir = host.resume_dir(cfg)
+        if resume_dir is not None:
+            self.check_sidecar(resume_dir / SIDECAR_DIR, self.num_images)
+        if self.config.teacher_cache and self.num_images > 1 and self.config.images == "all":
+            raise ValueError(
+                f"--align.teacher_cache holds one camera's frames, but this run feeds {self.num_images} images per "
+                "sample (--num_images_in_input) and aligns all of them. Add --align.images primary to align the "
+                "third-person camera's tokens from the cache, or drop --align.teacher_cache to run the teacher live."
+            )
         if self.config.teacher_cache:
             self.cache = self._open_cache(cfg)
         elif self.teacher is None:
@@ -92,7 +110,8 @@ class AlignPlugin(FinetunePlugin):
             if self.teacher is None:  # `setup` builds it; callers driving the plugin by hand may skip that
                 self.teacher = self._build_teacher()
             aligner = Aligner(self.config, self.teacher)
-        self.aligner = aligner.attach(vla)
+        # Training forwards only: validation and OFT's diffusion sampling run the VLA without autograd
+        self.aligner = aligner.attach(vla, only_with_grad=True)
         self.check_identical_projectors()
         return self.aligner.trainable_parameters()
 
@@ -123,22 +142,45 @@ class AlignPlugin(FinetunePlugin):
         if is_main_process and self.aligner is not None:
             self.aligner.save(Path(save_dir) / SIDECAR_DIR)
 
+    def check_sidecar(self, sidecar: Path, num_images: Optional[int]) -> None:
+        """A resumed run must use the sidecar's settings and image count; read from its two small files only, so it
+        fails before the model loads. A missing sidecar is reported too (an SFT checkpoint cannot resume alignment)."""
+        config_path, projector_path = sidecar / CONFIG_NAME, sidecar / PROJECTOR_NAME
+        if not (config_path.is_file() and projector_path.is_file()):
+            raise FileNotFoundError(
+                f"Cannot resume alignment: {sidecar} lacks {CONFIG_NAME} and {PROJECTOR_NAME} (the checkpoint was "
+                "written without --align.enabled true, or by another tool). Resume it without --align.enabled, or "
+                "start a new aligned run."
+            )
+        try:
+            saved = AlignConfig.from_dict(json.loads(config_path.read_text()))
+            from safetensors import safe_open
+
+            with safe_open(str(projector_path), framework="pt") as f:
+                info = json.loads((f.metadata() or {}).get("openvla-align", "{}"))
+        except Exception as exc:
+            raise ValueError(f"{sidecar} is corrupt or truncated ({exc}); resume from an earlier checkpoint.") from exc
+        mismatched = [
+            f"{name}: saved {getattr(saved, name)!r}, now {getattr(self.config, name)!r}"
+            for name in RESUME_FIELDS
+            if getattr(saved, name) != getattr(self.config, name)
+        ]
+        saved_images = info.get("num_images")
+        if saved_images is not None and num_images is not None and saved_images != num_images:
+            mismatched.append(f"images per sample: saved {saved_images}, now {num_images} (--num_images_in_input)")
+        if mismatched:
+            raise ValueError(
+                f"Cannot resume alignment from {config_path}: " + "; ".join(mismatched) + ". Resume with the "
+                "settings the run was started with, or start a new run."
+            )
+
     def on_resume(self, save_dir: Path) -> None:
         """Restore the projector(s) saved beside an adapter; a sidecar for another setup is refused unchanged."""
         if self.aligner is None:
             return
         sidecar = Path(save_dir) / SIDECAR_DIR
+        self.check_sidecar(sidecar, self.aligner.num_images)
         saved = Aligner.load(sidecar, self.aligner.source)
-        mismatched = [
-            f"{name}: saved {getattr(saved.config, name)!r}, now {getattr(self.config, name)!r}"
-            for name in ("teacher", "layers", "target", "projector", "projector_dim", "loss")
-            if getattr(saved.config, name) != getattr(self.config, name)
-        ]
-        if mismatched:
-            raise ValueError(
-                f"Cannot resume alignment from {sidecar / CONFIG_NAME}: " + "; ".join(mismatched) + ". Resume with the "
-                "settings the run was started with, or start a new run."
-            )
         with torch.no_grad():  # in place: a trainable projector's parameters are already in the optimizer
             self.aligner.projectors.load_state_dict(saved.projectors.state_dict())
         self.check_identical_projectors()

@@ -12,6 +12,7 @@ from typing import Any, List
 import torch.nn as nn
 
 from ...config import help_field
+from ...vla import layout
 from ...vla.layout import unwrap
 from .base import FinetunePlugin
 
@@ -30,12 +31,18 @@ class FreezeConfig:
 
 
 def freeze_vision(vla: nn.Module) -> int:
-    """Every vision-backbone parameter, LoRA adapters included, loses its gradient (before the script builds its
-    optimizer from the parameters that require one). Returns how many."""
-    frozen = [p for p in unwrap(vla).vision_backbone.parameters() if p.requires_grad]
+    """Every parameter of the pretrained vision towers, LoRA adapters included, loses its gradient (before the script
+    builds its optimizer from the parameters that require one). Conditioning layers added on top of the towers
+    (OFT's FiLM ``scale``/``shift``) are new and stay trainable: freezing them would switch FiLM off. Returns how many
+    tensors were frozen."""
+    base = unwrap(vla)
+    family = layout.family(base)
+    keep = {id(p) for p in family.conditioning_parameters(base)}
+    frozen = [p for p in base.vision_backbone.parameters() if p.requires_grad and id(p) not in keep]
     for param in frozen:
         param.requires_grad_(False)
-    logger.info("freeze: %d vision-backbone tensors frozen", len(frozen))
+    kept = f"; {len(keep)} FiLM tensors stay trainable" if keep else ""
+    logger.info("freeze: %d vision-backbone tensors frozen%s", len(frozen), kept)
     return len(frozen)
 
 
