@@ -25,7 +25,8 @@ from openvla_align.testing import build_tiny_vla, tiny_teacher
 from conftest import make_batch
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TRAINING = sorted(p for p in RECIPES.rglob("*.yaml") if "eval" not in p.parts)
+TRAINING = sorted(p for p in RECIPES.rglob("*.yaml") if not {"eval", "oft"} & set(p.parts))
+OFT = sorted((RECIPES / "oft").glob("*.yaml"))
 
 # upstream FinetuneConfig as patched: (name, type, default)
 FIELDS = [
@@ -54,13 +55,53 @@ FIELDS = [
 ]
 
 
-def finetune_config():
-    base = dataclasses.make_dataclass("FinetuneConfig", [(n, t, dataclasses.field(default=d)) for n, t, d in FIELDS])
+# OpenVLA-OFT's FinetuneConfig (moojink/openvla-oft@213c5ff8), as patched
+OFT_FIELDS = [
+    ("vla_path", str, "openvla/openvla-7b"),
+    ("data_root_dir", Path, Path("datasets/rlds")),
+    ("dataset_name", str, "aloha_scoop_x_into_bowl"),
+    ("run_root_dir", Path, Path("runs")),
+    ("shuffle_buffer_size", int, 100_000),
+    ("use_l1_regression", bool, True),
+    ("use_diffusion", bool, False),
+    ("num_diffusion_steps_train", int, 50),
+    ("use_film", bool, False),
+    ("num_images_in_input", int, 1),
+    ("use_proprio", bool, False),
+    ("batch_size", int, 8),
+    ("learning_rate", float, 5e-4),
+    ("lr_warmup_steps", int, 0),
+    ("num_steps_before_decay", int, 100_000),
+    ("grad_accumulation_steps", int, 1),
+    ("max_steps", int, 200_000),
+    ("use_val_set", bool, False),
+    ("val_freq", int, 10_000),
+    ("val_time_limit", int, 180),
+    ("save_freq", int, 10_000),
+    ("save_latest_checkpoint_only", bool, False),
+    ("resume", bool, False),
+    ("resume_step", Optional[int], None),
+    ("image_aug", bool, True),
+    ("diffusion_sample_freq", int, 50),
+    ("use_lora", bool, True),
+    ("lora_rank", int, 32),
+    ("lora_dropout", float, 0.0),
+    ("merge_lora_during_training", bool, True),
+    ("wandb_entity", str, "your-wandb-entity"),
+    ("wandb_project", str, "your-wandb-project"),
+    ("run_id_note", Optional[str], None),
+    ("run_id_override", Optional[str], None),
+    ("wandb_log_freq", int, 10),
+]
+
+
+def finetune_config(fields=FIELDS):
+    base = dataclasses.make_dataclass("FinetuneConfig", [(n, t, dataclasses.field(default=d)) for n, t, d in fields])
     return exec_block()["extend_config"](base, list(PLUGINS))
 
 
-def parse(path):
-    return draccus.parse(config_class=finetune_config(), config_path=str(path), args=[])
+def parse(path, fields=FIELDS):
+    return draccus.parse(config_class=finetune_config(fields), config_path=str(path), args=[])
 
 
 @pytest.mark.skipif(not os.environ.get("OPENVLA_SRC"), reason="set OPENVLA_SRC to compare with upstream's fields")
@@ -71,6 +112,41 @@ def test_field_list_is_upstreams():
     names = [line.split(":")[0].strip() for line in source.splitlines() if line.startswith("    ") and ": " in line]
     names = [n for n in names if n.isidentifier()]
     assert names == [n for n, _, _ in FIELDS]
+
+
+@pytest.mark.skipif(not os.environ.get("OPENVLA_OFT_SRC"), reason="set OPENVLA_OFT_SRC to compare with OFT's fields")
+def test_oft_field_list_is_ofts():
+    patch = P.load_patch(P.patch_dir("openvla-oft"))
+    patched = P.apply_hunks((Path(os.environ["OPENVLA_OFT_SRC"]) / patch.target).read_text(), patch.hunks)
+    source = patched[patched.index("class FinetuneConfig:") : patched.index("# fmt: on")]
+    names = [line.split(":")[0].strip() for line in source.splitlines() if line.startswith("    ") and ": " in line]
+    assert [n for n in names if n.isidentifier()] == [n for n, _, _ in OFT_FIELDS]
+
+
+def test_oft_recipes_are_ofts_libero_command_with_one_change_each():
+    """recipes/oft/: OFT's documented LIBERO command line (LIBERO.md) as the baseline; Align and Freeze differ from it
+    only in their plugin section and run tag."""
+    assert [p.name for p in OFT] == ["libero-align.yaml", "libero-freeze.yaml", "libero-sft.yaml"]
+    sft, align, freeze = (parse(RECIPES / "oft" / f"libero-{n}.yaml", OFT_FIELDS) for n in ("sft", "align", "freeze"))
+    assert (sft.dataset_name, sft.num_images_in_input, sft.use_proprio, sft.use_l1_regression) == (
+        "libero_spatial_no_noops", 2, True, True)  # fmt: skip
+    assert (sft.batch_size, sft.learning_rate, sft.lora_rank, sft.max_steps, sft.save_freq) == (
+        8,
+        5e-4,
+        32,
+        150005,
+        10000,
+    )
+    assert not sft.align.enabled and not sft.freeze.vision
+    assert align.align == AlignConfig(enabled=True) and not align.freeze.vision
+    assert freeze.freeze.vision and not freeze.align.enabled
+    for other in (align, freeze):
+        differ = [f.name for f in dataclasses.fields(sft) if getattr(sft, f.name) != getattr(other, f.name)]
+        assert sorted(differ) in (["align", "run_id_note"], ["freeze", "run_id_note"]), differ
+    for path in OFT:
+        for line in path.read_text().splitlines()[1:]:
+            section = line.strip() in {f"{cls.name}:" for cls in PLUGINS}
+            assert section or " # " in line, f"{path}: every setting carries a comment: {line!r}"
 
 
 def test_every_recipe_parses_and_unknown_keys_fail(tmp_path):
