@@ -1,16 +1,21 @@
-"""CPU stand-ins for the CUDA-only calls of OpenVLA's ``vla-scripts/finetune.py`` (tests only, never the patch).
+"""CPU stand-ins for the CUDA-only calls of OpenVLA's and OpenVLA-OFT's ``vla-scripts/finetune.py`` (tests only,
+never the patch).
 
-The stock script asserts a GPU, pins ``torch.cuda`` devices, autocasts on ``"cuda"`` and wraps the model in DDP
-with ``device_ids``; :func:`install` turns each of those into its CPU equivalent inside one gloo process group and
-leaves everything else (model, data, PEFT, saving) real. :func:`main` runs a script under the shim:
+The stock scripts assert a GPU (OpenVLA), pin ``torch.cuda`` devices, autocast on ``"cuda"``, wrap modules in DDP
+with ``device_ids`` (OFT: ``wrap_ddp`` for the VLA and each head/projector) and read ``accelerate.PartialState``;
+:func:`install` turns each of those into its CPU equivalent inside one gloo process group (``dist.barrier`` works
+there) and leaves everything else (model, data, PEFT, saving) real. :func:`main` runs a script under the shim:
 
     python tests/_cpu_shim.py SPEC.json          # one process (rank/world size from the spec, file rendezvous)
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/_cpu_shim.py SPEC.json   # torchrun
 
 SPEC holds ``script`` and ``argv``; optional ``metrics`` (a JSON file receiving every ``wandb.log`` call of rank 0),
-``rank``/``world_size``/``store`` (without torchrun) and ``pythonpath`` (prepended to ``sys.path``).
+``rank``/``world_size``/``store`` (without torchrun) and ``pythonpath`` (prepended to ``sys.path``). OFT's script
+reads ``./prismatic/`` relative to the working directory (it syncs the modeling files into ``--vla_path``: run it in
+the checkout) and asks the Hub whether ``--vla_path`` is a repo id (set ``HF_HUB_OFFLINE=1``: it answers no at once).
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -44,15 +49,61 @@ def install(script: str, rank: int = 0, world_size: int = 1, store=None) -> None
 
     torch.nn.parallel.DistributedDataParallel = CpuDDP
 
-    class State:  # accelerate's PartialState, as much of it as the script reads
+    class State:  # accelerate's PartialState, as much of it as the scripts and prismatic's overwatch read
         is_main_process = rank == 0
         local_process_index = "cpu"  # the script moves tensors `.to(device_id)`
         process_index = rank
         num_processes = torch.distributed.get_world_size()
 
+        def on_main_process(self, function):  # a decorator: run only on rank 0
+            return function if rank == 0 else (lambda *args, **kwargs: None)
+
+        on_local_main_process = on_main_process
+
+        @contextlib.contextmanager
+        def main_process_first(self):
+            if rank != 0:
+                torch.distributed.barrier()
+            yield
+            if rank == 0:
+                torch.distributed.barrier()
+
+        local_main_process_first = main_process_first
+
     import accelerate
 
     accelerate.PartialState = State
+
+
+def import_tensorflow_graphics() -> None:
+    """Import ``tensorflow_graphics.geometry.transformation`` (upstream's ``droid_utils`` imports it with the RLDS
+    configs) with a frames-only ``inspect.stack``: its ``export_api`` calls ``inspect.stack()`` once per module,
+    which reads the source of every frame on the stack and scans ``sys.modules`` for each -- 40+ s per process once
+    torch and transformers are loaded, under a second this way. Same module, same exported names."""
+    import importlib.util
+    import inspect
+
+    if "tensorflow_graphics.geometry.transformation" in sys.modules:
+        return
+    try:
+        if importlib.util.find_spec("tensorflow_graphics") is None:
+            return
+    except (ImportError, ValueError):
+        return
+
+    def frames_only(context=1):
+        frame, frames = sys._getframe(1), []
+        while frame is not None:
+            code = frame.f_code
+            frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None))
+            frame = frame.f_back
+        return frames
+
+    real_stack, inspect.stack = inspect.stack, frames_only
+    try:
+        import tensorflow_graphics.geometry.transformation  # noqa: F401
+    finally:
+        inspect.stack = real_stack
 
 
 def record_wandb(path: Path, rank: int) -> None:
@@ -84,6 +135,7 @@ def main() -> None:
     for entry in reversed(spec.get("pythonpath", [])):
         sys.path.insert(0, entry)
     rank = int(os.environ.get("RANK", spec.get("rank", 0)))
+    import_tensorflow_graphics()
     install(spec["script"], rank, spec.get("world_size", 1), spec.get("store", sys.argv[1] + ".pg"))
     if spec.get("metrics"):
         record_wandb(Path(spec["metrics"]), rank)

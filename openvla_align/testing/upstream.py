@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -197,12 +197,16 @@ def build_tiny_openvla_checkpoint(
     hidden_size: int = 64,
     num_layers: int = 18,
     vocab_size: int = 1024,
+    norm_stats: Optional[Dict] = None,
+    timm_model_ids: Sequence[str] = tuple(TINY_TIMM_IDS),
 ) -> Path:
     """Save a tiny random OpenVLA (upstream classes) + processor to ``out_dir``; returns ``out_dir``.
 
     Fused DINOv2/SigLIP-style backbone shape (two ViT-S/14 towers at 224 px => 256 patches), an 18-layer Llama of
-    width ``hidden_size``, 256 action bins, norm stats under ``dataset``. Loads with the stock AutoClasses and
-    ``trust_remote_code=True``.
+    width ``hidden_size``, 256 action bins, norm stats under ``dataset`` (random 7-d ones, or ``norm_stats`` as
+    given: ``{dataset: {"action": ..., "proprio": ...}}``). Loads with the stock AutoClasses and
+    ``trust_remote_code=True``. ``src`` is any checkout whose ``prismatic/extern/hf`` holds OpenVLA's three files
+    (OpenVLA's, or OpenVLA-OFT's: the classes and copied files are the checkout's).
     """
     import torch
     from transformers import LlamaConfig
@@ -241,15 +245,15 @@ def build_tiny_openvla_checkpoint(
         llm_max_length=2048,
         pad_token_id=pad_id,
         pad_to_multiple_of=pad_multiple,
-        norm_stats=_norm_stats(dataset, rng),
+        norm_stats=norm_stats if norm_stats is not None else _norm_stats(dataset, rng),
         n_action_bins=256,
         # Extra kwargs land as attributes after the backbone-id lookup, so these override the 7B towers.
-        timm_model_ids=list(TINY_TIMM_IDS),
+        timm_model_ids=list(timm_model_ids),
         timm_override_act_layers=[None, None],
         image_sizes=[224, 224],
         torch_dtype="float32",
     )
-    assert config.timm_model_ids == TINY_TIMM_IDS, config.timm_model_ids
+    assert config.timm_model_ids == list(timm_model_ids), config.timm_model_ids
     config.auto_map = dict(MODEL_AUTO_MAP)
 
     torch.manual_seed(seed)
@@ -312,7 +316,6 @@ def write_tiny_rlds(
     """Build ``root/name/1.0.0/`` with tensorflow-datasets in the paper's RLDS schema; returns that directory."""
     import tensorflow_datasets as tfds
 
-    root = Path(root)
     instructions = ["pick up the red block", "put the cube in the bowl", "open the drawer", "push the blue cube left"]
 
     def make_episodes():
@@ -323,18 +326,40 @@ def write_tiny_rlds(
             for t in range(steps):
                 action = rng.uniform(-0.4, 0.4, ACTION_DIM).astype(np.float32)
                 action[-1] = float(rng.random() < 0.5)
+                observation = {"image": _scene(rng, image_size)}
                 traj.append(
-                    {
-                        "observation": {"image": _scene(rng, image_size)},
-                        "language_instruction": text,
-                        "action": action,
-                        "reward": np.float32(t == steps - 1),
-                        "discount": np.float32(1.0),
-                        "is_first": t == 0,
-                        "is_last": t == steps - 1,
-                        "is_terminal": t == steps - 1,
-                    }
+                    {"observation": observation, "language_instruction": text, "action": action, **step_flags(t, steps)}
                 )
+            yield traj
+
+    image = tfds.features.Image(shape=(image_size, image_size, 3), dtype=np.uint8, encoding_format="jpeg")
+    return build_rlds(root, name, {"image": image}, make_episodes, seed=seed)
+
+
+def step_flags(t: int, steps: int) -> Dict:
+    """The RLDS bookkeeping fields of step ``t`` of ``steps`` (reward 1 on the last step only)."""
+    last = t == steps - 1
+    return {
+        "reward": np.float32(last),
+        "discount": np.float32(1.0),
+        "is_first": t == 0,
+        "is_last": last,
+        "is_terminal": last,
+    }
+
+
+def build_rlds(root: os.PathLike, name: str, observation: Dict, make_episodes, seed: int = 0) -> Path:
+    """Write ``root/name/1.0.0/`` with tensorflow-datasets; returns that directory.
+
+    ``observation`` maps observation keys to tfds features; ``make_episodes()`` yields episodes, each a list of steps
+    (``observation``, ``language_instruction``, a 7-d float32 ``action`` and :func:`step_flags`).
+    """
+    import tensorflow_datasets as tfds
+
+    root = Path(root)
+
+    def examples():
+        for ep, traj in enumerate(make_episodes()):
             path = f"/tiny/{name}/episode_{ep}.npy"
             yield path, {"steps": traj, "episode_metadata": {"file_path": path}}
 
@@ -342,13 +367,7 @@ def write_tiny_rlds(
         {
             "steps": tfds.features.Dataset(
                 {
-                    "observation": tfds.features.FeaturesDict(
-                        {
-                            "image": tfds.features.Image(
-                                shape=(image_size, image_size, 3), dtype=np.uint8, encoding_format="jpeg"
-                            )
-                        }
-                    ),
+                    "observation": tfds.features.FeaturesDict(observation),
                     "language_instruction": tfds.features.Text(),
                     "action": tfds.features.Tensor(shape=(ACTION_DIM,), dtype=np.float32),
                     "reward": tfds.features.Scalar(dtype=np.float32),
@@ -371,8 +390,8 @@ def write_tiny_rlds(
                 "VERSION": tfds.core.Version("1.0.0"),
                 "RELEASE_NOTES": {"1.0.0": "tiny generated episodes"},
                 "_info": lambda self: tfds.core.DatasetInfo(builder=self, features=features),
-                "_split_generators": lambda self, dl_manager: {"train": make_episodes()},
-                "_generate_examples": lambda self: make_episodes(),
+                "_split_generators": lambda self, dl_manager: {"train": examples()},
+                "_generate_examples": lambda self: examples(),
             },
         )
     builder = builder_cls(data_dir=str(root))
