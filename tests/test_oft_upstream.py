@@ -238,9 +238,10 @@ def test_stock_finetune_l1_two_images_proprio(oft, l1_run, record_property):
 
     head = torch.load(ckpt / "action_head--2_checkpoint.pt", weights_only=True)
     assert all(k.startswith("module.") for k in head)  # DDP-wrapped state dicts, as on GPUs
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as merged, safe_open(
-        str(oft["ckpt"] / "model.safetensors"), framework="pt"
-    ) as base:
+    with (
+        safe_open(str(ckpt / "model.safetensors"), framework="pt") as merged,
+        safe_open(str(oft["ckpt"] / "model.safetensors"), framework="pt") as base,
+    ):
         assert set(merged.keys()) == set(base.keys())  # LoRA merged away
         assert merged.get_tensor("projector.fc1.weight").dtype == torch.bfloat16  # loaded and merged in bf16
 
