@@ -16,8 +16,6 @@ weights at runtime.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -29,6 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from _cpu_shim import import_tensorflow_graphics
 
+from openvla_align.openvla.env import OFT_FORK_LLAMA_SHA256, STOCK_LLAMA_SHA256
+from openvla_align.openvla.env import llama_modeling_sha256 as modeling_llama_sha256
 from openvla_align.testing.upstream import (
     ACTION_DIM,
     _norm_stats,
@@ -40,8 +40,7 @@ from openvla_align.testing.upstream import (
 
 TESTS_DIR = Path(__file__).resolve().parent
 # transformers 4.40.1's models/llama/modeling_llama.py, before and after transformers-openvla-oft.patch
-STOCK_MODELING_LLAMA_SHA256 = "b5fb3c99e3e118d5ee6fd67874ad298fb83282ec0ca8e8c668c2cd63a0f5b609"
-FORK_MODELING_LLAMA_SHA256 = "3aac24cec583a6ef5f60b6ec634a8bd3c8377784c5c63c8cc14cb6790554c52e"
+STOCK_MODELING_LLAMA_SHA256, FORK_MODELING_LLAMA_SHA256 = STOCK_LLAMA_SHA256, OFT_FORK_LLAMA_SHA256
 # OFT trains in bf16, which this CPU runs without hardware support: one training step of the tiny model with two
 # ViT-S/14 towers and two cameras takes ~90 s (75 s of it backward). The OFT tests therefore build their towers from
 # a registered pico ViT/14 (timm's VisionTransformer, DINOv2's register-token layout, width 48, 2 blocks): the same
@@ -100,15 +99,6 @@ def oft_src(src: Optional[os.PathLike] = None) -> Path:
     return path
 
 
-def modeling_llama_sha256() -> Optional[str]:
-    """SHA-256 of the installed transformers' ``models/llama/modeling_llama.py`` (None without transformers)."""
-    spec = importlib.util.find_spec("transformers")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "llama" / "modeling_llama.py"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
 def fork_attention_installed() -> bool:
     """Is the installed transformers OFT's fork (4.40.1 + bidirectional ``LlamaSdpaAttention``), byte for byte?"""
     return modeling_llama_sha256() == FORK_MODELING_LLAMA_SHA256
@@ -158,9 +148,8 @@ def build_tiny_oft_checkpoint(
 
     Two fused pico ViT/14 towers (``PICO_VIT``) at 224 px (256 patches per image; OFT's ``get_num_patches``), a
     ``num_layers``-layer Llama of width ``hidden_size``, a tokenizer laid out in Llama-2's 32000-id space (OFT
-    hard-codes
-    ``ACTION_TOKEN_BEGIN_IDX = 31743``: the 256 action tokens are ids 31744..31999), statistics for ``dataset`` in
-    OFT's format (:func:`oft_norm_stats`) and OFT's three hf files beside the weights. Loads with
+    hard-codes ``ACTION_TOKEN_BEGIN_IDX = 31743``: the 256 action tokens are ids 31744..31999), statistics for
+    ``dataset`` in OFT's format (:func:`oft_norm_stats`) and OFT's three hf files beside the weights. Loads with
     ``AutoModelForVision2Seq`` / ``AutoProcessor`` and ``trust_remote_code=True`` -- in a process where OFT's
     ``prismatic`` imports (its modeling file imports ``prismatic.vla.constants``) -- with SDPA attention, the
     default of transformers 4.40.1 on torch >= 2.1.1 (the config stores no attention implementation); the fork's

@@ -74,7 +74,7 @@ def test_data_synth_example_runs_or_says_what_to_install(tmp_path, capsys):
 def test_patch_example_runs_on_a_copy_of_upstream(tmp_path, capsys):
     checkout = tmp_path / "openvla"
     shutil.copytree(os.environ["OPENVLA_SRC"], checkout, ignore=shutil.ignore_patterns(".git", "*.orig"))
-    argv = [str(checkout) if a == "/path/to/openvla" else a for a in _example(["patch"])]
+    argv = [str(checkout) if a == "/path/to/openvla" else a for a in _example(["patch", "/path/to/openvla"])]
     assert main(argv) == 0
     assert main(["patch", "--check", str(checkout)]) == 0
     assert "patched" in capsys.readouterr().out
