@@ -33,6 +33,7 @@ from openvla_align.testing.upstream import (
     ACTION_DIM,
     _norm_stats,
     _scene,
+    bounds_stats,
     build_rlds,
     build_tiny_openvla_checkpoint,
     step_flags,
@@ -109,16 +110,7 @@ def oft_norm_stats(dataset: str = LIBERO_DATASET, seed: int = 0, proprio_dim: in
     7-d action stats with the gripper unnormalised (``mask``), ``proprio_dim``-d proprio stats, counts."""
     rng = np.random.default_rng(seed)
     stats = _norm_stats(dataset, rng)
-    low = -np.abs(rng.normal(0.5, 0.1, proprio_dim))
-    high = np.abs(rng.normal(0.5, 0.1, proprio_dim))
-    stats[dataset]["proprio"] = {
-        "mean": ((low + high) / 2).tolist(),
-        "std": ((high - low) / 4).tolist(),
-        "max": (high * 1.1).tolist(),
-        "min": (low * 1.1).tolist(),
-        "q01": low.tolist(),
-        "q99": high.tolist(),
-    }
+    stats[dataset]["proprio"] = bounds_stats(rng, proprio_dim)
     return stats
 
 

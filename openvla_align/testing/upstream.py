@@ -172,18 +172,22 @@ def _check_action_tail(tokenizer, n_bins: int = 256) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- checkpoint
-def _norm_stats(dataset: str, rng: np.random.Generator) -> Dict:
-    low = -np.abs(rng.normal(0.5, 0.1, ACTION_DIM))
-    high = np.abs(rng.normal(0.5, 0.1, ACTION_DIM))
-    action = {
+def bounds_stats(rng: np.random.Generator, dim: int) -> Dict:
+    """Random per-dimension statistics in OpenVLA's format (mean, std, max, min, q01, q99) around [-0.5, 0.5]."""
+    low = -np.abs(rng.normal(0.5, 0.1, dim))
+    high = np.abs(rng.normal(0.5, 0.1, dim))
+    return {
         "mean": ((low + high) / 2).tolist(),
         "std": ((high - low) / 4).tolist(),
         "max": (high * 1.1).tolist(),
         "min": (low * 1.1).tolist(),
         "q01": low.tolist(),
         "q99": high.tolist(),
-        "mask": [True] * (ACTION_DIM - 1) + [False],
     }
+
+
+def _norm_stats(dataset: str, rng: np.random.Generator) -> Dict:
+    action = {**bounds_stats(rng, ACTION_DIM), "mask": [True] * (ACTION_DIM - 1) + [False]}
     proprio = {k: [0.0] * ACTION_DIM for k in ("mean", "std", "max", "min", "q01", "q99")}
     return {dataset: {"action": action, "proprio": proprio, "num_transitions": 30, "num_trajectories": 6}}
 
