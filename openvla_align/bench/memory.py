@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .model import MODES, SCALES, Runner, batches, build, build_bench_cache
+from .model import MODES, SCALES, Runner, batches, build, build_bench_cache, build_heads
 
 
 def _heap_reader():
@@ -90,7 +90,7 @@ def peak_memory(
     vla, teacher = build(scale, device=device, with_teacher=mode in ("live", "reference"))
     vla.train()
     cache = TeacherCache(cache_dir) if mode == "cache" else None
-    runner = Runner(mode, vla, teacher, cache, scale, device)
+    runner = Runner(mode, vla, teacher, cache, scale, device, heads=build_heads(scale, device=device))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     data = batches(scale, batch_size)

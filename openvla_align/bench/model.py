@@ -1,18 +1,23 @@
-"""The bench's model: OpenVLA-7B's shapes (analytic) and a CPU-sized model with the same structure, its batches,
-and one training step per mode (plain SFT, live teacher, cached targets, the reference's all-hidden-states path)."""
+"""The bench's model: OpenVLA-7B's and OpenVLA-OFT's shapes (analytic) and CPU-sized models with the same structure,
+their batches, and one training step per mode (plain SFT, live teacher, cached targets, the reference's
+all-hidden-states path)."""
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict
 
 import torch
 
 MODES = ("sft", "live", "cache", "reference")
-PROMPT_TOKENS = 34  # "In: What action should the robot take to <instruction>?\nOut:" + 7 action tokens + </s>
-VISUAL_TOKENS = 256
+PROMPT_TEXT = 26  # "In: What action should the robot take to <instruction>?\nOut:" after BOS
+PROMPT_TOKENS = PROMPT_TEXT + 7 + 1  # OpenVLA: + 7 action tokens + </s>
+VISUAL_TOKENS = 256  # per image
+# OpenVLA-OFT's LIBERO setting (its documented command line): 2 images (third-person + wrist), 8-d proprio,
+# chunks of 8 actions x 7 dims, all 56 action tokens in one forward, an L1-regression head on their last hidden states
+OFT_IMAGES, OFT_CHUNK, OFT_ACTION_DIM, OFT_PROPRIO_DIM = 2, 8, 7, 8
 
 
 # --------------------------------------------------------------------------------------------------- architectures
@@ -45,17 +50,37 @@ class Scale:
     teacher: Tower
     vocab: int
     layer: int  # aligned LLM layer
+    family: str = "openvla"  # "openvla-oft": OFT's inputs (images, proprio token, action chunk) and L1 head
+    images: int = 1  # camera images per sample (each 256 visual tokens, each seen by the teacher)
+    chunk: int = 1  # actions per forward (OpenVLA: 1; OFT: the whole chunk in parallel)
 
     @property
-    def vision_flops(self) -> float:
-        return self.dino.forward_flops() + self.siglip.forward_flops()
+    def visual_tokens(self) -> int:
+        return VISUAL_TOKENS * self.images
+
+    @property
+    def vision_flops(self) -> float:  # per sample: the towers and the teacher run once per image
+        return self.images * (self.dino.forward_flops() + self.siglip.forward_flops())
+
+    @property
+    def teacher_flops(self) -> float:
+        return self.images * self.teacher.forward_flops()
+
+    @property
+    def head_flops(self) -> float:  # OFT's L1 head: MLPResNet(2 blocks) from ACTION_DIM * width to width, per action
+        if self.family != "openvla-oft":
+            return 0.0
+        w = self.llm.width
+        return 2.0 * self.chunk * (OFT_ACTION_DIM * w * w + 2 * w * w + w * OFT_ACTION_DIM)
 
     def proportions(self) -> Dict[str, float]:
-        llm = self.llm.forward_flops() + 2.0 * self.llm.tokens * self.llm.width * self.vocab
-        return {"vision": self.vision_flops / llm, "llm": 1.0, "teacher": self.teacher.forward_flops() / llm}
+        llm = self.llm.forward_flops() + 2.0 * self.llm.tokens * self.llm.width * self.vocab + self.head_flops
+        return {"vision": self.vision_flops / llm, "llm": 1.0, "teacher": self.teacher_flops / llm}
 
 
 SEQ = 1 + VISUAL_TOKENS + PROMPT_TOKENS
+OFT_PROMPT_TOKENS = PROMPT_TEXT + OFT_CHUNK * OFT_ACTION_DIM + 1  # + the chunk's 56 action tokens + </s>
+OFT_SEQ = 1 + OFT_IMAGES * VISUAL_TOKENS + 1 + OFT_PROMPT_TOKENS  # BOS, visual tokens, proprio token, prompt
 OPENVLA_7B = Scale(
     "OpenVLA-7B + C-RADIOv3-L",
     dino=Tower(1024, 24, 4096, 261),  # ViT-L/14 with 4 registers + cls at 224 px
@@ -83,7 +108,29 @@ SMOKE_SCALE = Scale(  # for tests of the bench itself: same code paths, seconds 
     vocab=768,
     layer=2,
 )
-SCALES = {"cpu": CPU_SCALE, "smoke": SMOKE_SCALE}
+
+
+def oft(scale: Scale) -> Scale:
+    """``scale`` with OpenVLA-OFT's LIBERO inputs: 2 images, a proprio token, a chunk of 8 x 7 action tokens."""
+    llm = Tower(scale.llm.width, scale.llm.depth, scale.llm.mlp, OFT_SEQ, gated=True)
+    teacher = scale.teacher
+    return Scale(
+        f"{scale.name}, OpenVLA-OFT inputs",
+        scale.dino,
+        scale.siglip,
+        llm,
+        teacher,
+        scale.vocab,
+        scale.layer,
+        family="openvla-oft",
+        images=OFT_IMAGES,
+        chunk=OFT_CHUNK,
+    )
+
+
+OFT_7B = replace(oft(OPENVLA_7B), name="OpenVLA-OFT-7B + C-RADIOv3-L")
+SCALES = {"cpu": CPU_SCALE, "smoke": SMOKE_SCALE, "oft-cpu": oft(CPU_SCALE), "oft-smoke": oft(SMOKE_SCALE)}
+FULL_SCALES = {"openvla": OPENVLA_7B, "openvla-oft": OFT_7B}
 
 
 def analytic(scale: Scale = OPENVLA_7B, batch: int = 8, lora_params: float = 110e6) -> Dict[str, Dict[str, float]]:
@@ -95,20 +142,28 @@ def analytic(scale: Scale = OPENVLA_7B, batch: int = 8, lora_params: float = 110
     alignment adds the teacher's bf16 weights and one layer's inference activations (live), the projector, and
     (cache) one batch of targets.
     """
-    per_sample = scale.vision_flops + scale.llm.forward_flops() + 2.0 * scale.llm.tokens * scale.llm.width * 32064
+    llm_out = 2.0 * scale.llm.tokens * scale.llm.width * scale.vocab + scale.head_flops
+    per_sample = scale.vision_flops + scale.llm.forward_flops() + llm_out
     step = 2.0 * batch * per_sample
     w_in, w_out = scale.llm.width, scale.teacher.width
-    projector = 2.0 * VISUAL_TOKENS * (w_in * 2048 + 2048 * 2048 + 2048 * w_out) * 2  # forward + input gradient
-    teacher = scale.teacher.forward_flops()
+    tokens = scale.visual_tokens
+    projector = 2.0 * tokens * (w_in * 2048 + 2048 * 2048 + 2048 * w_out) * 2  # forward + input gradient
+    teacher = scale.teacher_flops
 
     def acts(t: Tower, heads: int) -> float:
         return t.depth * (34 * t.tokens * batch * t.width + 5 * heads * t.tokens**2 * batch)
 
-    weights = 2.0 * (scale.dino.params() + scale.siglip.params() + scale.llm.params() + 2 * scale.llm.width * 32064)
-    base = weights + lora_params * (2 + 4 + 4 + 4) + acts(scale.llm, 32) + acts(scale.dino, 16) + acts(scale.siglip, 16)
-    teacher_mem = 2.0 * scale.teacher.params() + 10 * scale.teacher.tokens * batch * scale.teacher.width * 2
+    embeddings = 2 * scale.llm.width * scale.vocab
+    weights = 2.0 * (scale.dino.params() + scale.siglip.params() + scale.llm.params() + embeddings)
+    towers = scale.images * (acts(scale.dino, 16) + acts(scale.siglip, 16))
+    head = 0.0
+    if scale.family == "openvla-oft":  # the L1 head (~117M + 34M at 7B), trained in full with AdamW
+        head = (OFT_ACTION_DIM + 2) * scale.llm.width**2 * (2 + 4 + 4 + 4)
+    base = weights + lora_params * (2 + 4 + 4 + 4) + head + acts(scale.llm, 32) + towers
+    teacher_acts = 10 * scale.teacher.tokens * batch * scale.images * scale.teacher.width * 2
+    teacher_mem = 2.0 * scale.teacher.params() + teacher_acts
     projector_mem = 2.0 * (w_in * 2048 + 2048 * 2048 + 2048 * w_out)
-    targets = 2.0 * batch * VISUAL_TOKENS * w_out
+    targets = 2.0 * batch * tokens * w_out
     return {
         "time": {
             "sft": 1.0,
@@ -147,6 +202,8 @@ def build(scale: Scale = CPU_SCALE, seed: int = 0, device: str = "cpu", with_tea
         llm_heads=8,
         llm_intermediate=scale.llm.mlp,
         vocab_size=scale.vocab,
+        num_images_in_input=scale.images if scale.family == "openvla-oft" else None,
+        max_position_embeddings=max(512, scale.llm.tokens),
     )
     lora = LoraConfig(r=32, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", init_lora_weights="gaussian")
     vla = get_peft_model(vla, lora).to(device)
@@ -160,6 +217,40 @@ def build(scale: Scale = CPU_SCALE, seed: int = 0, device: str = "cpu", with_tea
     return vla, teacher
 
 
+class OFTHeads(torch.nn.Module):
+    """OpenVLA-OFT's trained additions at the scale's width, built from the layout of OFT's classes: the L1-regression
+    action head (an MLP ResNet with 2 blocks from ``ACTION_DIM * width`` to ``width`` to ``ACTION_DIM``, per action of
+    the chunk) and the proprio projector (Linear, GELU, Linear into the LLM's width)."""
+
+    def __init__(self, width: int, proprio_dim: int = OFT_PROPRIO_DIM, action_dim: int = OFT_ACTION_DIM):
+        super().__init__()
+        nn = torch.nn
+
+        def block():
+            return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.ReLU())
+
+        self.head_in = nn.Sequential(nn.LayerNorm(action_dim * width), nn.Linear(action_dim * width, width), nn.ReLU())
+        self.head_blocks = nn.ModuleList([block(), block()])
+        self.head_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, action_dim))
+        self.proprio_projector = nn.Sequential(nn.Linear(proprio_dim, width), nn.GELU(), nn.Linear(width, width))
+
+    def predict_action(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
+        """(B, chunk * ACTION_DIM, width) action-token states -> (B, chunk, ACTION_DIM) actions."""
+        x = self.head_in(hidden.reshape(hidden.shape[0], chunk, -1))
+        for block in self.head_blocks:
+            x = x + block(x)
+        return self.head_out(x)
+
+
+def build_heads(scale: Scale, seed: int = 0, device: str = "cpu"):
+    """OFT's action head and proprio projector for ``scale`` (None for OpenVLA); the same seed, the same weights."""
+    if scale.family != "openvla-oft":
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return OFTHeads(scale.llm.width).to(device)
+
+
 def frames(n: int, seed: int = 0):
     import numpy as np
 
@@ -168,33 +259,44 @@ def frames(n: int, seed: int = 0):
 
 
 def batches(scale: Scale, batch_size: int, n_frames: int = 8, seed: int = 0):
-    """Cycling OpenVLA-layout batches (BOS, prompt, 7 action tokens, </s>) over ``n_frames`` images."""
+    """Cycling batches over ``n_frames`` images: OpenVLA's layout (BOS, prompt, 7 action tokens, </s>), or OFT's
+    (``images`` cameras stacked on the channels, BOS, prompt, the chunk's action tokens, </s>, plus the chunk's
+    continuous ``actions`` and the ``proprio`` state)."""
     from ..cache.keys import pixel_values_from_frames
 
     fs = frames(n_frames, seed)
     gen = torch.Generator().manual_seed(seed)
+    n_actions = scale.chunk * 7 if scale.family == "openvla-oft" else 7
     i = 0
     while True:
-        idx = [(i + k) % n_frames for k in range(batch_size)]
-        i += batch_size
-        ids = torch.randint(4, scale.vocab - 256, (batch_size, PROMPT_TOKENS + 1), generator=gen)
+        cameras = []
+        for _ in range(scale.images):
+            idx = [(i + k) % n_frames for k in range(batch_size)]
+            i += batch_size
+            cameras.append(pixel_values_from_frames([fs[j] for j in idx]))
+        ids = torch.randint(4, scale.vocab - 256, (batch_size, PROMPT_TEXT + n_actions + 2), generator=gen)
         ids[:, 0] = 1
-        ids[:, -8:-1] = torch.randint(scale.vocab - 256, scale.vocab, (batch_size, 7), generator=gen)
+        actions = torch.randint(scale.vocab - 256, scale.vocab, (batch_size, n_actions), generator=gen)
+        ids[:, -1 - n_actions : -1] = actions
         ids[:, -1] = 2
         labels = torch.full_like(ids, -100)
-        labels[:, -8:] = ids[:, -8:]
-        yield {
+        labels[:, -1 - n_actions :] = ids[:, -1 - n_actions :]
+        batch = {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
             "labels": labels,
-            "pixel_values": pixel_values_from_frames([fs[j] for j in idx]),
+            "pixel_values": torch.cat(cameras, dim=1),
         }
+        if scale.family == "openvla-oft":
+            batch["actions"] = torch.rand((batch_size, scale.chunk, OFT_ACTION_DIM), generator=gen) * 2 - 1
+            batch["proprio"] = torch.rand((batch_size, OFT_PROPRIO_DIM), generator=gen) * 2 - 1
+        yield batch
 
 
 class Runner:
     """One mode's step on the shared model."""
 
-    def __init__(self, mode: str, vla, teacher, cache, scale: Scale, device: str):
+    def __init__(self, mode: str, vla, teacher, cache, scale: Scale, device: str, heads=None):
         from ..aligner import Aligner
         from ..config import AlignConfig
 
@@ -207,7 +309,11 @@ class Runner:
             self.aligner = Aligner(self.cfg, teacher if mode == "live" else None, **kwargs)
         elif mode == "reference":
             self.aligner = Aligner(self.cfg, teacher)  # its projector and teacher; the hook is not used
-        self.params = [p for p in vla.parameters() if p.requires_grad]
+        if scale.family == "openvla-oft" and heads is None:
+            raise ValueError("OpenVLA-OFT's step needs its action head and proprio projector: pass build_heads(scale)")
+        self.heads = heads
+        trained = list(vla.parameters()) + (list(heads.parameters()) if heads is not None else [])
+        self.params = [p for p in trained if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=5e-4)
 
     def __enter__(self):
@@ -223,27 +329,44 @@ class Runner:
             self.aligner.remove()
 
     def loss(self, batch) -> torch.Tensor:
-        dev = self.device
+        from ..vla.pixels import rgb_from_pixel_values, split_images
+
+        dev, scale = self.device, self.scale
         model_batch = {k: v.to(dev) for k, v in batch.items()}
+        actions, proprio = model_batch.pop("actions", None), model_batch.pop("proprio", None)
+        kwargs = {}
+        if scale.family == "openvla-oft":  # OFT's step always asks for every layer's hidden states (its L1 head)
+            kwargs = dict(output_hidden_states=True, proprio=proprio, proprio_projector=self.heads.proprio_projector)
+        elif self.mode == "reference":
+            kwargs = dict(output_hidden_states=True)
         autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.startswith("cuda") else _Null()
         with autocast:
+            out = self.vla(**model_batch, **kwargs)
+            action_loss = out.loss if actions is None else self._l1_loss(out, actions)
             if self.mode == "reference":
-                out = self.vla(**model_batch, output_hidden_states=True)
-                hidden = out.hidden_states[self.scale.layer][:, 1 : 1 + VISUAL_TOKENS]
+                hidden = out.hidden_states[scale.layer][:, 1 : 1 + scale.visual_tokens]
                 with torch.no_grad():
-                    from ..vla.pixels import rgb_from_pixel_values
-
-                    targets = self.aligner.teacher(rgb_from_pixel_values(model_batch["pixel_values"]))
-                proj = self.aligner.projectors[str(self.scale.layer)]
+                    targets = self.aligner.teacher(rgb_from_pixel_values(split_images(model_batch["pixel_values"])))
+                targets = targets.reshape(hidden.shape[0], -1, targets.shape[-1])
+                proj = self.aligner.projectors[str(scale.layer)]
                 student = proj(hidden.float())
                 cos = torch.nn.functional.cosine_similarity(student, targets.float(), dim=-1)
-                return out.loss + self.cfg.coeff * (-cos.mean())
-            out = self.vla(**model_batch)
+                return action_loss + self.cfg.coeff * (-cos.mean())
             if self.mode == "live":
-                return out.loss + self.aligner(pixel_values=model_batch["pixel_values"]).loss
+                return action_loss + self.aligner(pixel_values=model_batch["pixel_values"]).loss
             if self.mode == "cache":
-                return out.loss + self.aligner(targets=self.cache.targets(batch["pixel_values"])).loss
-            return out.loss
+                pixels = batch["pixel_values"]
+                targets = self.cache.targets(split_images(pixels)).reshape(pixels.shape[0], scale.visual_tokens, -1)
+                return action_loss + self.aligner(targets=targets).loss
+            return action_loss
+
+    def _l1_loss(self, out, actions: torch.Tensor) -> torch.Tensor:
+        """OFT's L1 regression: the last layer's states just before each of the chunk's action tokens (after the
+        visual and proprio tokens and the prompt) through the action head, against the continuous actions."""
+        start = self.scale.visual_tokens + 1 + PROMPT_TEXT
+        hidden = out.hidden_states[-1][:, start : start + self.scale.chunk * OFT_ACTION_DIM]
+        predicted = self.heads.predict_action(hidden, self.scale.chunk)
+        return torch.nn.functional.l1_loss(predicted.float(), actions.float())
 
     def step(self, batch) -> None:
         self.loss(batch).backward()

@@ -7,6 +7,8 @@ from typing import Dict, List, Optional
 
 from packaging.version import Version
 
+from ..vla.families.openvla_oft import OFT_FORK_LLAMA_SHA256, STOCK_LLAMA_SHA256, llama_modeling_sha256  # noqa: F401
+
 # OpenVLA's pinned stack; its HF modeling code checks timm and warns on transformers/tokenizers itself.
 OPENVLA_PINS = {"torch": "2.2", "transformers": "4.40.1", "tokenizers": "0.19.1", "timm": "0.9.10", "peft": "0.11.1"}
 
@@ -48,25 +50,9 @@ def warn_if_broken(versions: Optional[Dict[str, Optional[str]]] = None) -> List[
     return problems
 
 
-# OpenVLA-OFT's transformers fork (moojink/transformers-openvla-oft@bc339d9a) is transformers 4.40.1 with one file
-# changed: bidirectional attention in LlamaSdpaAttention, which OFT's parallel decoding of action chunks needs.
-STOCK_LLAMA_SHA256 = "b5fb3c99e3e118d5ee6fd67874ad298fb83282ec0ca8e8c668c2cd63a0f5b609"
-OFT_FORK_LLAMA_SHA256 = "3aac24cec583a6ef5f60b6ec634a8bd3c8377784c5c63c8cc14cb6790554c52e"
+# OpenVLA-OFT's transformers fork: its hashes live with the OFT model family (vla.families.openvla_oft)
+
 _oft_attention_checked = False
-
-
-def llama_modeling_sha256() -> Optional[str]:
-    """SHA-256 of the installed ``transformers/models/llama/modeling_llama.py`` (None when transformers is absent)."""
-    import hashlib
-    from importlib.util import find_spec
-
-    spec = find_spec("transformers")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    from pathlib import Path
-
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "llama" / "modeling_llama.py"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def oft_attention_problem(digest: Optional[str] = None) -> Optional[str]:

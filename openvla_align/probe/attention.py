@@ -31,6 +31,7 @@ from .. import dtypes
 from .._io import atomic_write_bytes
 from ..vla.checkpoint import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
 from ..vla.layout import check_layers
+from .features import add_camera_args
 
 LAST = "last"
 _LAYER_ITEM = re.compile(r"(-?\d+)(?:\s*-\s*(-?\d+))?")
@@ -120,6 +121,8 @@ class AttentionMaps:
     text_mass: torch.Tensor
     image: Image.Image  # the RGB image resized to the model's input size, as the patches see it
     model_name: str = ""
+    cameras: int = 1  # images per sample the model was set to (OpenVLA-OFT), each showing `image`
+    images: str = "all"  # the map: the cameras' grids summed ("all") or the first camera's ("primary")
 
     @property
     def keep_heads(self) -> bool:
@@ -163,6 +166,7 @@ class AttentionMaps:
             "query_positions": self.query_positions,
             "sequence_positions": self.sequence_positions,
             "grid": [side, side],
+            "cameras": {"num_images": self.cameras, "map": self.images},
             "heads": "kept" if self.keep_heads else "averaged",
             "layers": per_layer,
         }
@@ -188,10 +192,13 @@ def attention_maps(
     layers: Union[str, int, Sequence[int]],
     tokens: str = LAST,
     keep_heads: bool = False,
+    images: str = "all",
 ) -> AttentionMaps:
     """Attention of ``tokens`` (``"last"`` prompt token, or the tokens of a word) over the visual grid.
 
-    ``prompt`` is used as given (wrap a question with ``vqa_prompt`` first for OpenVLA's format).
+    ``prompt`` is used as given (wrap a question with ``vqa_prompt`` first for OpenVLA's format). A model set to
+    N cameras (OpenVLA-OFT) sees the image in every camera; its map is the first camera's grid (``images="primary"``)
+    or the sum of the N cameras' grids (``"all"``); the visual mass always counts every camera's tokens.
     """
     layers = parse_layers(layers)
     impl = vla.attn_implementation()
@@ -214,11 +221,12 @@ def attention_maps(
     # The number of visual tokens is whatever the projector inserted: sequence length minus prompt length.
     seq_len = attns[0].shape[-1]
     n_vis = seq_len - n_text
-    side = math.isqrt(max(n_vis, 0))
-    if n_vis <= 0 or side * side != n_vis:
+    cameras = max(vla.num_images, 1)
+    side = math.isqrt(max(n_vis // cameras, 0))
+    if n_vis <= 0 or cameras * side * side != n_vis:
         raise ValueError(
-            f"Expected a square grid of visual tokens after BOS, but the sequence has {seq_len} positions for "
-            f"{n_text} prompt tokens ({n_vis} extra). Is this an OpenVLA-style model?"
+            f"Expected {cameras} square grid(s) of visual tokens after BOS, but the sequence has {seq_len} positions "
+            f"for {n_text} prompt tokens ({n_vis} extra). Is this an OpenVLA-style model?"
         )
     seq_pos = [p + n_vis if p > 0 else 0 for p in positions]
 
@@ -226,7 +234,8 @@ def attention_maps(
     for layer in layers:
         a = attns[layer - 1][0].float()  # (heads, S, S)
         rows = a[:, seq_pos, :].mean(1)  # (heads, S): averaged over the word's tokens
-        visual = rows[:, 1 : 1 + n_vis].reshape(-1, side, side)
+        visual = rows[:, 1 : 1 + n_vis].reshape(rows.shape[0], cameras, side, side)
+        visual = visual[:, 0] if images == "primary" else visual.sum(1)
         maps.append(visual if keep_heads else visual.mean(0))
         mean_row = rows.mean(0)
         bos.append(mean_row[0])
@@ -248,6 +257,8 @@ def attention_maps(
         text_mass=torch.stack(txt).cpu(),
         image=image.resize((vla.image_size, vla.image_size), Image.BILINEAR),
         model_name=vla.name,
+        cameras=cameras,
+        images=images,
     )
 
 
@@ -355,6 +366,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=dtypes.CHOICES,
         help="default: bfloat16 on CUDA, float32 on CPU",
     )
+    add_camera_args(p)
 
 
 def _cmd_attention(args) -> int:
@@ -364,8 +376,12 @@ def _cmd_attention(args) -> int:
     image = load_image(args.image)  # fail on a bad image before spending time loading the model
     prompt = args.prompt if args.raw_prompt else vqa_prompt(args.prompt)
     model, adapter = parse_model(args.model, args.adapter)
-    vla = load_vla(model, adapter, device=args.device, dtype=args.dtype, attn_implementation="eager")
-    result = attention_maps(vla, image, prompt, args.layers, tokens=args.tokens, keep_heads=args.keep_heads)
+    vla = load_vla(
+        model, adapter, device=args.device, dtype=args.dtype, attn_implementation="eager", num_images=args.num_images
+    )
+    result = attention_maps(
+        vla, image, prompt, args.layers, tokens=args.tokens, keep_heads=args.keep_heads, images=args.images
+    )
     png = save_attention_grid(result, out, scale=args.scale)
     js = write_summary(result, out.with_suffix(".json"))
     print(

@@ -64,8 +64,9 @@ def check_model(spec: ModelSpec) -> None:
         raise FileNotFoundError(f"Adapter {spec.adapter} has no adapter_config.json (not a PEFT adapter).")
 
 
-def model_key(spec: ModelSpec, layer: int, prompt: str, dtype: str, teacher_kwargs) -> Dict[str, Any]:
-    """What the features depend on, model side. Paths are absolute so a changed working directory still hits."""
+def model_key(spec: ModelSpec, layer: int, prompt: str, dtype: str, teacher_kwargs, view=None) -> Dict[str, Any]:
+    """What the features depend on, model side. Paths are absolute so a changed working directory still hits. A
+    non-default camera view (OpenVLA-OFT) joins the key; the default adds nothing, so existing entries still hit."""
     absolute = lambda p: str(Path(p).expanduser().absolute()) if p else None  # noqa: E731
     if spec.is_teacher:
         key = {
@@ -82,6 +83,9 @@ def model_key(spec: ModelSpec, layer: int, prompt: str, dtype: str, teacher_kwar
             "prompt": prompt,
             "feature": f"mean of the visual-token hidden states at layer {layer}",
         }
+        if view is not None and not view.is_default:
+            key["cameras"] = {"num_images": view.num_images, "images": view.images}
+            key["feature"] += f" ({view.images} camera images' tokens)"
     return {"format": CACHE_FORMAT, "dtype": canonical_dtype(dtype), **key}
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..vla.checkpoint import load_image, load_vla, parse_model, release_memory, vqa_prompt
+from ..vla.checkpoint import CameraView, load_image, load_vla, parse_model, release_memory, vqa_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,24 @@ class ModelSpec:
         return self.path + (f"::{self.adapter}" if self.adapter else "")
 
 
+def add_camera_args(p) -> None:
+    """--num-images/--images, for multi-camera models (OpenVLA-OFT); shared by the probe commands."""
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="OpenVLA-OFT: the cameras the model was trained with (its --num_images_in_input; OFT checkpoints do not "
+        "record it); each image is shown to every camera (default: the model as it loads, 1 camera)",
+    )
+    p.add_argument(
+        "--images",
+        choices=("all", "primary"),
+        default="all",
+        help="visual tokens of every camera (default) or of the first, third-person camera only",
+    )
+
+
 def _as_spec(model: Union[str, ModelSpec]) -> ModelSpec:
     return model if isinstance(model, ModelSpec) else ModelSpec.parse(str(model))
 
@@ -78,10 +96,13 @@ def _stop(module, args, output):
 class _VLAEncoder:
     """PIL images -> (B, d) mean visual-token hidden states at one LLM layer."""
 
-    def __init__(self, spec: ModelSpec, layer: int, prompt: str, device: str, dtype: str):
+    def __init__(self, spec: ModelSpec, layer: int, prompt: str, device: str, dtype: str, view: CameraView):
         from ..vla.layout import decoder_layers, layer_output_module
 
-        self.vla = load_vla(spec.path, spec.adapter, device=device, dtype=dtype, attn_implementation=None)
+        self.view = view
+        self.vla = load_vla(
+            spec.path, spec.adapter, device=device, dtype=dtype, attn_implementation=None, num_images=view.num_images
+        )
         n = len(decoder_layers(self.vla.model))
         if not 1 <= layer <= n:
             raise _layer_error(layer, n, spec.label)
@@ -101,7 +122,7 @@ class _VLAEncoder:
                 pass
             finally:
                 handle.remove()
-            hidden = hook.pop()[self.layer]
+            hidden = self.vla.select_images(hook.pop()[self.layer], self.view.images)
         return hidden.float().mean(1).cpu()
 
 
@@ -144,10 +165,12 @@ class _LazyEncoder:
             release_memory()
 
 
-def _encoder(spec: ModelSpec, layer: int, prompt: str, device: str, dtype: str, teacher_kwargs) -> _LazyEncoder:
+def _encoder(
+    spec: ModelSpec, layer: int, prompt: str, device: str, dtype: str, teacher_kwargs, view: Optional[CameraView] = None
+) -> _LazyEncoder:
     if spec.is_teacher:
         return _LazyEncoder(lambda: _TeacherEncoder(spec, device, dtype, teacher_kwargs or {}))
-    return _LazyEncoder(lambda: _VLAEncoder(spec, layer, prompt, device, dtype))
+    return _LazyEncoder(lambda: _VLAEncoder(spec, layer, prompt, device, dtype, view or CameraView()))
 
 
 def _prefetched(paths: Sequence[Path], batch_size: int, workers: int) -> Iterator[List[Image.Image]]:
@@ -183,15 +206,17 @@ def extract_features(
     teacher_kwargs: Optional[Mapping[str, Any]] = None,
     encoder: Optional[Callable[[List[Image.Image]], torch.Tensor]] = None,
     desc: str = "features",
+    view: Optional[CameraView] = None,
 ) -> np.ndarray:
     """(N, D) float32 mean-pooled features of ``paths`` (see the module docstring), in order.
 
     ``encoder`` reuses an already built model across calls (``run_linear_probe`` does for train and val).
+    ``view``: the cameras of a multi-camera model (OpenVLA-OFT) and which of their visual tokens are pooled.
     """
     if batch_size < 1:
         raise ValueError(f"Extraction batch size must be >= 1, got {batch_size}.")
     spec = _as_spec(model)
-    encode = encoder or _encoder(spec, layer, prompt, device, dtype, teacher_kwargs)
+    encode = encoder or _encoder(spec, layer, prompt, device, dtype, teacher_kwargs, view)
     out: Optional[np.ndarray] = None
     done = 0
     with tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True) as bar:

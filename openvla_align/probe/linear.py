@@ -56,13 +56,10 @@ from tqdm import tqdm
 
 from .. import dtypes
 from .._io import atomic_write
-from ..vla.checkpoint import (
-    parse_model,
-    resolve_device_dtype,
-)
+from ..vla.checkpoint import CameraView, parse_model, resolve_device_dtype
 from . import feature_cache
 from .feature_cache import CACHE_FORMAT  # noqa: F401  (re-exported)
-from .features import DEFAULT_PROMPT, ModelSpec, _as_spec, _encoder, extract_features  # noqa: F401
+from .features import DEFAULT_PROMPT, ModelSpec, _as_spec, _encoder, add_camera_args, extract_features  # noqa: F401
 from .imagefolder import IMAGE_EXTENSIONS, ImageFolderData, ImageFolderSplit, scan_imagefolder  # noqa: F401
 
 __all__ = [
@@ -217,12 +214,15 @@ def run_linear_probe(
     weight_decay: float = DEFAULTS["weight_decay"],
     batch_size: int = DEFAULTS["batch_size"],
     seed: int = DEFAULTS["seed"],
+    view: Optional[CameraView] = None,
 ) -> Dict[str, Any]:
     """Linear-probe each of ``models`` on the ImageFolder ``data``; returns (and writes to ``out``) the report.
 
     ``models``: ``ModelSpec`` objects or strings ``DIR``, ``DIR::ADAPTER``, ``teacher:NAME[::WEIGHTS]``.
     ``teacher_kwargs`` go to every teacher's factory (e.g. ``allow_random=True`` for smoke tests).
     ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, else float32.
+    ``view``: for a multi-camera model (OpenVLA-OFT), its camera count and whether all cameras' visual tokens or
+    the primary camera's are pooled (each image is shown to every camera).
     Features are cached in ``cache_dir`` (default: ``feature_cache`` next to ``out``, or in the working directory).
     The report is ``{"dataset", "protocol", "results": {model label: {"top1", "n_train", "n_val", ...}}}``.
     """
@@ -266,13 +266,14 @@ def run_linear_probe(
         batch_size=extract_batch_size,
         workers=workers,
         teacher_kwargs=teacher_kwargs,
+        view=view,
     )
     data_keys = {split.name: feature_cache.data_key(split, dataset.classes) for split in (dataset.train, dataset.val)}
     results: Dict[str, Any] = {}
     for spec in specs:
         t0 = time.time()
-        model_key = feature_cache.model_key(spec, layer, prompt, dtype, teacher_kwargs)
-        encode = _encoder(spec, layer, prompt, device, dtype, teacher_kwargs)
+        model_key = feature_cache.model_key(spec, layer, prompt, dtype, teacher_kwargs, view)
+        encode = _encoder(spec, layer, prompt, device, dtype, teacher_kwargs, view)
         feats, status = {}, {}
         try:
             for split in (dataset.train, dataset.val):
@@ -295,6 +296,8 @@ def run_linear_probe(
             what = {"kind": "teacher", "teacher": spec.teacher, "teacher_path": spec.teacher_path}
         else:
             what = {"kind": "vla", "model": spec.path, "adapter": spec.adapter, "layer": layer, "prompt": prompt}
+            if view is not None and not view.is_default:
+                what["cameras"] = {"num_images": view.num_images, "images": view.images}
         results[spec.label] = {
             **what,
             "feature": model_key["feature"],
@@ -412,6 +415,7 @@ def _cmd_linear(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         seed=args.seed,
+        view=CameraView(args.num_images, args.images),
     )
     for line in summary_lines(report):
         print(line)
@@ -452,6 +456,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="build teachers with random weights: smoke tests only, the numbers mean nothing",
     )
     p.add_argument("--layer", type=int, default=16, help="LLM layer of the VLA's visual tokens (default: 16)")
+    add_camera_args(p)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=dtypes.CHOICES, help="default: bfloat16 on cuda, else float32")
     p.add_argument("--extract-batch-size", type=int, default=16, help="images per forward pass (default: 16)")

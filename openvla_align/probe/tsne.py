@@ -119,7 +119,10 @@ def collect_features(
     feature: str = "object-token",
     template: str = DEFAULT_TEMPLATE,
     batch_size: int = 8,
+    cameras: str = "all",
 ) -> ClassFeatures:
+    """Per-layer features of every image of ``classes``; ``cameras`` picks the cameras whose visual tokens the
+    visual-mean feature pools on a multi-camera model (OpenVLA-OFT: ``"all"`` or ``"primary"``)."""
     if feature not in FEATURES:
         raise ValueError(f"feature={feature!r}: choose one of {FEATURES}.")
     classes = parse_classes(classes)
@@ -150,7 +153,7 @@ def collect_features(
             for layer in layers:
                 h = hidden[layer].float()
                 if feature == "visual-mean":
-                    f = h[:, 1 : 1 + n_vis].mean(1)
+                    f = vla.select_images(h[:, 1 : 1 + n_vis], cameras).mean(1)
                 else:  # prompt token i >= 1 sits at sequence position i + n_vis
                     f = h[:, [p + n_vis for p in positions[c]]].mean(1)
                 feats[layer].append(f.cpu().numpy())
@@ -324,10 +327,11 @@ def run_tsne(
     perplexity: float = 30.0,
     seed: int = 0,
     batch_size: int = 8,
+    cameras: str = "all",
 ) -> Dict:
     """Features -> per-layer scores and t-SNE -> PNG at ``out`` and JSON next to it. Returns the JSON's content."""
     out = Path(out)
-    feats = collect_features(vla, data_dir, classes, layers, feature, template, batch_size)
+    feats = collect_features(vla, data_dir, classes, layers, feature, template, batch_size, cameras)
     scores = {layer: separability(x, feats.labels, k, metric) for layer, x in feats.features.items()}
     points, perp = {}, None
     for layer, x in feats.features.items():
@@ -347,6 +351,7 @@ def run_tsne(
         "counts": counts,
         "object_tokens": feats.object_tokens,
         "tsne": {"perplexity": perp, "seed": seed, "metric": metric},
+        "cameras": {"num_images": vla.num_images, "images": cameras},
         "layers": {str(layer): s for layer, s in scores.items()},
         "images": feats.paths,
         "labels": feats.labels.tolist(),
@@ -368,7 +373,7 @@ def _cmd_tsne(args) -> int:
     find_images(args.data, classes)  # check the data before spending time loading the model
     class_prompt(classes[0], args.template)
     model, adapter = parse_model(args.model, args.adapter)
-    vla = load_vla(model, adapter, device=args.device, dtype=args.dtype)
+    vla = load_vla(model, adapter, device=args.device, dtype=args.dtype, num_images=args.num_images)
     summary = run_tsne(
         vla,
         args.data,
@@ -382,6 +387,7 @@ def _cmd_tsne(args) -> int:
         perplexity=args.perplexity,
         seed=args.seed,
         batch_size=args.batch_size,
+        cameras=args.images,
     )
     if summary["object_tokens"]:
         print("object tokens: " + "; ".join(f"{c}: {t}" for c, t in summary["object_tokens"].items()))

@@ -7,6 +7,10 @@ Layout (as upstream ``OpenVLAForActionPrediction``):
     language_model                    transformers LlamaForCausalLM (>= 18 blocks)
 Semantics: each featurizer returns the patch tokens of its second-to-last block; features are concatenated on
 the channel axis, projected, and inserted right after BOS; their label positions are IGNORE_INDEX.
+With ``num_images_in_input`` set, the model takes OpenVLA-OFT's input layout instead: 6 channels per image, each image
+featurized on its own and its tokens concatenated in camera order, the backbone answers
+``get_num_images_in_input()`` (so ``vla.families`` sees an OFT model), and ``proprio`` + ``proprio_projector``
+append one proprio token after the visual ones (part of ``projector_features``, as in OFT).
 These are NOT OpenVLA-7B: widths are tiny and every weight is random.
 """
 
@@ -44,6 +48,8 @@ class TinyVLAConfig(PretrainedConfig):
         pad_token_id: int = 0,
         attn_implementation_llm: str = "eager",
         lm_head_std: float = 0.25,
+        num_images_in_input: Optional[int] = None,
+        max_position_embeddings: int = 512,
         **kwargs,
     ):
         self.image_size = image_size
@@ -59,6 +65,8 @@ class TinyVLAConfig(PretrainedConfig):
         self.vocab_size = vocab_size
         self.attn_implementation_llm = attn_implementation_llm
         self.lm_head_std = lm_head_std
+        self.num_images_in_input = num_images_in_input  # None: OpenVLA's layout; an int: OpenVLA-OFT's
+        self.max_position_embeddings = max_position_embeddings
         kwargs.setdefault("tie_word_embeddings", False)  # Llama-2, like OpenVLA's LLM, has an untied output head
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
@@ -70,7 +78,7 @@ class TinyVLAConfig(PretrainedConfig):
             num_hidden_layers=self.llm_layers,
             num_attention_heads=self.llm_heads,
             num_key_value_heads=self.llm_heads,
-            max_position_embeddings=512,
+            max_position_embeddings=self.max_position_embeddings,
             pad_token_id=self.pad_token_id,
             bos_token_id=1,
             eos_token_id=2,
@@ -144,6 +152,24 @@ class TinyVisionBackbone(nn.Module):
         )
 
 
+class TinyMultiImageBackbone(TinyVisionBackbone):
+    """OpenVLA-OFT's input layout: (B, 6 * num_images, H, W), one image at a time, tokens concatenated in order."""
+
+    def __init__(self, cfg: TinyVLAConfig):
+        super().__init__(cfg)
+        self.num_images_in_input = int(cfg.num_images_in_input)
+
+    def get_num_images_in_input(self) -> int:
+        return self.num_images_in_input
+
+    def set_num_images_in_input(self, num_images_in_input: int) -> None:
+        self.num_images_in_input = int(num_images_in_input)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        images = torch.split(pixel_values, [6] * self.num_images_in_input, dim=1)
+        return torch.cat([super(TinyMultiImageBackbone, self).forward(image) for image in images], dim=1)
+
+
 class TinyProjector(nn.Module):
     def __init__(self, vision_dim: int, llm_dim: int):
         super().__init__()
@@ -176,7 +202,8 @@ class TinyOpenVLA(PreTrainedModel):
 
     def __init__(self, config: TinyVLAConfig):
         super().__init__(config)
-        self.vision_backbone = TinyVisionBackbone(config)
+        multi = config.num_images_in_input is not None
+        self.vision_backbone = (TinyMultiImageBackbone if multi else TinyVisionBackbone)(config)
         self.projector = TinyProjector(self.vision_backbone.embed_dim, config.llm_dim)
         self.language_model = LlamaForCausalLM(config.llama_config())
         # PyTorch's default init bounds a width-64 head's logits to about +-4.6, so LoRA (which never touches the
@@ -207,6 +234,8 @@ class TinyOpenVLA(PreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        proprio: Optional[torch.Tensor] = None,
+        proprio_projector: Optional[nn.Module] = None,
         **kwargs,
     ) -> TinyVLAOutput:
         use_cache = bool(kwargs.get("use_cache", False))  # as upstream: the prefill may return the LLM's cache
@@ -219,6 +248,9 @@ class TinyOpenVLA(PreTrainedModel):
         if input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError("input_ids and pixel_values must have the same batch size.")
         patches = self.projector(self.vision_backbone(pixel_values))
+        if proprio is not None and proprio_projector is not None:  # OFT: one proprio token after the visual ones
+            token = proprio_projector(proprio.reshape(patches.shape[0], -1).to(patches.dtype)).unsqueeze(1)
+            patches = torch.cat([patches, token], dim=1)
         embeds = self.get_input_embeddings()(input_ids)
         embeds = torch.cat([embeds[:, :1], patches.to(embeds.dtype), embeds[:, 1:]], dim=1)
         b, n = patches.shape[:2]

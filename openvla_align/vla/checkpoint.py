@@ -25,6 +25,28 @@ from .. import dtypes
 # config.json model_type -> "module:function" returning (model, tokenizer, image_size) for
 # ``function(path, attn_implementation)``; OpenVLA's own class needs no entry.
 LOADERS: Dict[str, str] = {"tiny_openvla": "openvla_align.testing.tiny:load_tiny_checkpoint"}
+IGNORE_INDEX = -100
+IMAGE_CHOICES = ("all", "primary")
+
+
+@dataclass(frozen=True)
+class CameraView:
+    """How the diagnostics feed a multi-camera model (OpenVLA-OFT) and which visual tokens they read: the model set
+    to ``num_images`` cameras (None: as it loads), each diagnostic image shown to every camera, and the tokens of
+    ``"all"`` cameras or of the ``"primary"`` (third-person) one. The default is every model's plain behaviour."""
+
+    num_images: Optional[int] = None
+    images: str = "all"
+
+    def __post_init__(self):
+        if self.images not in IMAGE_CHOICES:
+            raise ValueError(f"--images {self.images!r}: choose one of {IMAGE_CHOICES}.")
+        if self.num_images is not None and self.num_images < 1:
+            raise ValueError(f"--num-images {self.num_images}: a model takes at least 1 image per sample.")
+
+    @property
+    def is_default(self) -> bool:
+        return self == CameraView()
 
 
 def register_loader(model_type: str, target: str) -> None:
@@ -70,6 +92,8 @@ class LoadedVLA:
     path: str
     adapter: Optional[str] = None
     _processor: Any = None  # the checkpoint's own PrismaticProcessor, when it has one
+    num_images: int = 1  # camera images per sample the model is set to (OpenVLA-OFT: num_images_in_input)
+    needs_labels: bool = False  # OFT's forward finds its action tokens in `labels`: batches carry all-ignore labels
 
     @property
     def device(self) -> torch.device:
@@ -84,27 +108,44 @@ class LoadedVLA:
         return self.adapter or self.path
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Fused 6-channel pixel values, exactly as the checkpoint's processor would make them."""
+        """Fused 6-channel pixel values, exactly as the checkpoint's processor would make them. A model set to N
+        cameras gets each image in every camera slot (6N channels): the diagnostics have one image per sample."""
         if self._processor is not None:
-            return torch.as_tensor(self._processor.image_processor(list(images), return_tensors="pt")["pixel_values"])
-        from .pixels import normalize_fused
+            pixels = torch.as_tensor(self._processor.image_processor(list(images), return_tensors="pt")["pixel_values"])
+        else:
+            from .pixels import normalize_fused
 
-        rgb = [
-            torch.from_numpy(np.asarray(im.convert("RGB").resize((self.image_size,) * 2, Image.BILINEAR)).copy())
-            for im in images
-        ]
-        return normalize_fused(torch.stack(rgb).permute(0, 3, 1, 2).float() / 255.0)
+            rgb = [
+                torch.from_numpy(np.asarray(im.convert("RGB").resize((self.image_size,) * 2, Image.BILINEAR)).copy())
+                for im in images
+            ]
+            pixels = normalize_fused(torch.stack(rgb).permute(0, 3, 1, 2).float() / 255.0)
+        return pixels.repeat(1, self.num_images, 1, 1) if self.num_images > 1 else pixels
+
+    def select_images(self, visual: torch.Tensor, images: str = "all") -> torch.Tensor:
+        """The visual tokens (B, N * 256, D) of every camera (``"all"``) or of the first, third-person one
+        (``"primary"``), in the model's token order."""
+        if images not in IMAGE_CHOICES:
+            raise ValueError(f"images={images!r}: choose one of {IMAGE_CHOICES}.")
+        if images == "all" or self.num_images == 1:
+            return visual
+        if visual.shape[1] % self.num_images:
+            raise ValueError(f"{visual.shape[1]} visual tokens are not {self.num_images} images' worth.")
+        return visual[:, : visual.shape[1] // self.num_images]
 
     def batch(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> Dict[str, torch.Tensor]:
         """Right-padded ``input_ids``/``attention_mask`` plus ``pixel_values``, on the model's device and dtype."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images.")
         ids, mask = self.pad([self.tokenizer(p).input_ids for p in prompts])
-        return {
+        batch = {
             "input_ids": ids,
             "attention_mask": mask,
             "pixel_values": self.pixel_values(images).to(self.device, self.dtype),
         }
+        if self.needs_labels:
+            batch["labels"] = torch.full_like(ids, IGNORE_INDEX)
+        return batch
 
     def pad(self, rows: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Token rows right-padded into ``input_ids`` and ``attention_mask``, on the model's device."""
@@ -163,10 +204,16 @@ def load_vla(
     device: str = "cpu",
     dtype: Union[str, torch.dtype] = "float32",
     attn_implementation: Optional[str] = "eager",
+    num_images: Optional[int] = None,
 ) -> LoadedVLA:
     """Load a base/merged OpenVLA checkpoint (``trust_remote_code=True``) or one of a registered model class
     (``LOADERS``), plus an optional LoRA adapter. ``attn_implementation="eager"`` keeps attention weights available
-    (needed for attention maps)."""
+    (needed for attention maps).
+
+    OpenVLA-OFT checkpoints load the same way in a process where OFT's ``prismatic`` imports (its modeling file
+    imports it); ``num_images`` sets the camera count they were trained with (OFT records it nowhere in the
+    checkpoint; default: the class's, 1), and with OFT's transformers fork eager attention is made bidirectional
+    as the fork's SDPA attention is, so every diagnostic sees the attention OFT trained with."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"Model {path} is not a checkpoint directory.")
@@ -193,6 +240,7 @@ def load_vla(
         kwargs = dict(torch_dtype=torch_dtype, trust_remote_code=True, low_cpu_mem_usage=True)
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        _check_remote_imports(path)
         model = AutoVLA.from_pretrained(str(path), **kwargs)
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
         tokenizer = processor.tokenizer
@@ -205,7 +253,44 @@ def load_vla(
             raise FileNotFoundError(f"Adapter {adapter_path} has no adapter_config.json (not a PEFT adapter).")
         model = PeftModel.from_pretrained(model, str(adapter_path))
     model = model.to(device=device, dtype=torch_dtype).eval()
-    return LoadedVLA(model, tokenizer, image_size, str(path), str(adapter) if adapter else None, processor)
+    from .layout import family, unwrap
+
+    base = unwrap(model)
+    fam = family(base)
+    if num_images is not None:
+        fam.set_num_images(base, num_images)
+    fam.match_attention(base)
+    return LoadedVLA(
+        model,
+        tokenizer,
+        image_size,
+        str(path),
+        str(adapter) if adapter else None,
+        processor,
+        num_images=fam.num_images(base),
+        needs_labels=fam.forward_needs_labels(),
+    )
+
+
+def _check_remote_imports(path: Path) -> None:
+    """OpenVLA-OFT's modeling file imports OFT's own ``prismatic`` package (``prismatic.vla.constants``, ...), which
+    transformers would report as a missing pip package; say what it really needs."""
+    modeling = path / "modeling_prismatic.py"
+    text = modeling.read_text(errors="replace") if modeling.is_file() else ""
+    if "from prismatic." not in text:
+        return
+    from importlib.util import find_spec
+
+    try:
+        found = find_spec("prismatic.vla.constants") is not None
+    except ImportError:  # no `prismatic` at all
+        found = False
+    if not found:
+        raise ImportError(
+            f"Model {path} is an OpenVLA-OFT checkpoint: its modeling_prismatic.py imports OFT's `prismatic` package, "
+            "which this Python cannot import (or it finds OpenVLA's, which has no prismatic.vla.constants). Run in "
+            "OFT's environment: pip install -e /path/to/openvla-oft, or PYTHONPATH=/path/to/openvla-oft."
+        )
 
 
 def token_spans(tokenizer, prompt: str, word: str) -> List[int]:

@@ -22,6 +22,20 @@ class ModelFamily:
     def num_images(self, base: nn.Module) -> int:
         return 1
 
+    def set_num_images(self, base: nn.Module, n: int) -> None:
+        """Set the images per sample the model takes (only families with several cameras support n > 1)."""
+        if n != 1:
+            raise ValueError(f"{self.name} models take one image per sample, not {n}.")
+
+    def forward_needs_labels(self) -> bool:
+        """Does the multimodal forward need ``labels`` even without a loss (OFT finds its action tokens in them)?"""
+        return False
+
+    def match_attention(self, base: nn.Module) -> bool:
+        """Make every attention implementation of ``base`` compute what its training attention computes (True when
+        something was changed). OpenVLA: causal everywhere already."""
+        return False
+
     def conditioning_parameters(self, base: nn.Module) -> List[nn.Parameter]:
         """Vision parameters that are not the pretrained towers (none for OpenVLA)."""
         return []
