@@ -9,6 +9,11 @@ there) and leaves everything else (model, data, PEFT, saving) real. :func:`main`
     python tests/_cpu_shim.py SPEC.json          # one process (rank/world size from the spec, file rendezvous)
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/_cpu_shim.py SPEC.json   # torchrun
 
+Both scripts train in bf16. This kind of CPU has no bf16 hardware: torch's bf16 GEMM runs at ~1 GFLOP/s here, 60x
+below fp32, and a 4-step run of the tiny model took minutes. :class:`Bf16GemmInFp32` (on unless the spec says
+``"bf16_gemm": "native"``) runs every bf16 matrix product as a GPU's bf16 GEMM computes it -- bf16 inputs, fp32
+accumulation, a bf16 result -- by upcasting the operands: the script's tensors, weights and outputs stay bf16.
+
 SPEC holds ``script`` and ``argv``; optional ``metrics`` (a JSON file receiving every ``wandb.log`` call of rank 0),
 ``rank``/``world_size``/``store`` (without torchrun) and ``pythonpath`` (prepended to ``sys.path``). OFT's script
 reads ``./prismatic/`` relative to the working directory (it syncs the modeling files into ``--vla_path``: run it in
@@ -73,6 +78,26 @@ def install(script: str, rank: int = 0, world_size: int = 1, store=None) -> None
     import accelerate
 
     accelerate.PartialState = State
+
+
+def bf16_gemm_in_fp32():
+    """A dispatch mode: bf16 mm/addmm/bmm/baddbmm computed on fp32 copies of their operands, the result cast back to
+    bf16 (what a GPU's bf16 GEMM does: bf16 in, fp32 accumulate, bf16 out). Every other op runs as it is."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    matmuls = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+
+    class Bf16GemmInFp32(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in matmuls and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+                up = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a for a in args]
+                return func(*up, **kwargs).to(torch.bfloat16)
+            return func(*args, **kwargs)
+
+    return Bf16GemmInFp32()
 
 
 def import_tensorflow_graphics() -> None:
@@ -143,8 +168,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     sys.argv = [spec["script"], *spec["argv"]]
+    mode = bf16_gemm_in_fp32() if spec.get("bf16_gemm", "fp32") == "fp32" else contextlib.nullcontext()
     try:
-        runpy.run_path(spec["script"], run_name="__main__")
+        with mode:
+            runpy.run_path(spec["script"], run_name="__main__")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,36 +30,21 @@ from openvla_align.openvla.env import OFT_FORK_LLAMA_SHA256, STOCK_LLAMA_SHA256
 from openvla_align.openvla.env import llama_modeling_sha256 as modeling_llama_sha256
 from openvla_align.testing.upstream import (
     ACTION_DIM,
+    PICO_VIT,
     _norm_stats,
     _scene,
     bounds_stats,
     build_rlds,
     build_tiny_openvla_checkpoint,
     step_flags,
+    write_pico_sitecustomize,
 )
 
 TESTS_DIR = Path(__file__).resolve().parent
 # transformers 4.40.1's models/llama/modeling_llama.py, before and after transformers-openvla-oft.patch
 STOCK_MODELING_LLAMA_SHA256, FORK_MODELING_LLAMA_SHA256 = STOCK_LLAMA_SHA256, OFT_FORK_LLAMA_SHA256
-# OFT trains in bf16, which this CPU runs without hardware support: one training step of the tiny model with two
-# ViT-S/14 towers and two cameras takes ~90 s (75 s of it backward). The OFT tests therefore build their towers from
-# a registered pico ViT/14 (timm's VisionTransformer, DINOv2's register-token layout, width 48, 2 blocks): the same
-# 16x16 patch grid at 224 px, the same module paths, ~2 s a step. Registered in this process by
-# `register_pico_vit` and in the script's processes by the `sitecustomize` that `oft_env` puts on PYTHONPATH.
-PICO_VIT = "vit_pico_patch14_reg4_oft_test"
-PICO_VIT_SOURCE = f"""
-from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
-
-
-@register_model
-def {PICO_VIT}(pretrained=False, **kwargs):
-    args = dict(patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=1e-5, reg_tokens=4, no_embed_class=True)
-    kwargs = {{k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}}
-    model = VisionTransformer(**dict(args, **kwargs))
-    model.pretrained_cfg = model.default_cfg = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    return model
-"""
+# The tiny checkpoints' towers: openvla_align.testing.upstream.PICO_VIT (pico ViT/14, ~2 s a bf16 step instead of
+# ~90 s with ViT-S/14), registered in the script's processes by the `sitecustomize` that `oft_env` puts on PYTHONPATH.
 LIBERO_DATASET = "libero_spatial_no_noops"
 LIBERO_PROPRIO_DIM = 8  # OFT's LIBERO_CONSTANTS: EEF pose (6) + gripper qpos (2)
 LIBERO_ACTION_CHUNK = 8  # OFT's LIBERO_CONSTANTS["NUM_ACTIONS_CHUNK"]
@@ -114,17 +98,6 @@ def oft_norm_stats(dataset: str = LIBERO_DATASET, seed: int = 0, proprio_dim: in
     return stats
 
 
-def register_pico_vit() -> str:
-    """Register the pico towers (``PICO_VIT``) with timm in this process; returns the model id."""
-    import timm
-
-    if PICO_VIT not in timm.list_models(PICO_VIT):
-        module = types.ModuleType("oft_pico_vit")  # timm's registry looks the function's module up in sys.modules
-        sys.modules[module.__name__] = module
-        exec(compile(PICO_VIT_SOURCE, "oft_assets.PICO_VIT_SOURCE", "exec"), module.__dict__)
-    return PICO_VIT
-
-
 def build_tiny_oft_checkpoint(
     out_dir: os.PathLike,
     seed: int = 0,
@@ -157,7 +130,7 @@ def build_tiny_oft_checkpoint(
         num_layers=num_layers,
         vocab_size=vocab_size,
         norm_stats=oft_norm_stats(dataset, seed, proprio_dim),
-        timm_model_ids=(register_pico_vit(),) * 2,
+        timm_model_ids=(PICO_VIT,) * 2,
     )
 
 
@@ -231,9 +204,7 @@ def oft_env(home: os.PathLike, base: Optional[Dict[str, str]] = None) -> Dict[st
         PYTHONHASHSEED="0",
     )
     env.pop("OPENVLA_SRC", None)
-    site = home / "sitecustomize"  # registers the pico towers at interpreter start (PICO_VIT)
-    site.mkdir(parents=True, exist_ok=True)
-    (site / "sitecustomize.py").write_text(PICO_VIT_SOURCE)
+    site = write_pico_sitecustomize(home / "sitecustomize")  # registers the pico towers at interpreter start
     env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 

@@ -203,6 +203,7 @@ def build(scale: Scale = CPU_SCALE, seed: int = 0, device: str = "cpu", with_tea
         llm_intermediate=scale.llm.mlp,
         vocab_size=scale.vocab,
         num_images_in_input=scale.images if scale.family == "openvla-oft" else None,
+        attn_implementation_llm="sdpa",  # fused attention, as both scripts train (flash-attention 2 / OFT's SDPA)
         max_position_embeddings=max(512, scale.llm.tokens),
     )
     lora = LoraConfig(r=32, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", init_lora_weights="gaussian")

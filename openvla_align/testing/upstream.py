@@ -33,10 +33,51 @@ PROCESSOR_AUTO_MAP = {
     "AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
     "AutoProcessor": "processing_prismatic.PrismaticProcessor",
 }
-TINY_TIMM_IDS = ["vit_small_patch14_reg4_dinov2.lvd142m", "vit_small_patch14_reg4_dinov2.lvd142m"]
+# The tiny checkpoints' towers: a registered pico ViT/14 (timm's VisionTransformer in DINOv2's register-token layout,
+# width 48, 2 blocks): the same 16x16 patch grid at 224 px and the same module paths as the 7B towers. OpenVLA's and
+# OFT's scripts load in bf16, which CPUs without bf16 hardware run ~25x slower than fp32: one training step with two
+# ViT-S/14 towers took ~90 s here, ~2 s with these. Registered in this process by `register_pico_vit` (the checkpoint
+# builder calls it) and in a script's processes by a `sitecustomize` (`write_pico_sitecustomize`).
+PICO_VIT = "vit_pico_patch14_reg4_openvla_test"
+PICO_VIT_SOURCE = f"""
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+
+@register_model
+def {PICO_VIT}(pretrained=False, **kwargs):
+    args = dict(patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=1e-5, reg_tokens=4, no_embed_class=True)
+    kwargs = {{k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}}
+    model = VisionTransformer(**dict(args, **kwargs))
+    model.pretrained_cfg = model.default_cfg = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return model
+"""
+TINY_TIMM_IDS = [PICO_VIT, PICO_VIT]
 ACTION_DIM = 7
 RARE_CHAR_START, N_RARE_CHARS = 0x4E00, 320  # CJK unified ideographs
 LLAMA2_VOCAB_SIZE, LLAMA2_SPACE_ID = 32000, 29871  # Llama-2's vocabulary and its "▁" id (predict_action appends it)
+
+
+def register_pico_vit() -> str:
+    """Register the pico towers (``PICO_VIT``) with timm in this process; returns the model id."""
+    import types
+
+    import timm
+
+    if PICO_VIT not in timm.list_models(PICO_VIT):
+        module = types.ModuleType("openvla_pico_vit")  # timm's registry looks the function's module up in sys.modules
+        sys.modules[module.__name__] = module
+        exec(compile(PICO_VIT_SOURCE, "openvla_align.testing.upstream.PICO_VIT_SOURCE", "exec"), module.__dict__)
+    return PICO_VIT
+
+
+def write_pico_sitecustomize(directory: os.PathLike) -> Path:
+    """A ``sitecustomize.py`` in ``directory`` that registers the pico towers at interpreter start: put
+    ``directory`` on a script's ``PYTHONPATH`` so its processes can build the tiny checkpoints' towers."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(PICO_VIT_SOURCE)
+    return directory
 
 
 def openvla_src(src: Optional[os.PathLike] = None) -> Path:
@@ -206,7 +247,8 @@ def build_tiny_openvla_checkpoint(
 ) -> Path:
     """Save a tiny random OpenVLA (upstream classes) + processor to ``out_dir``; returns ``out_dir``.
 
-    Fused DINOv2/SigLIP-style backbone shape (two ViT-S/14 towers at 224 px => 256 patches), an 18-layer Llama of
+    Fused DINOv2/SigLIP-style backbone shape (two pico ViT/14 towers, ``PICO_VIT``, at 224 px => 256 patches; any
+    timm ids via ``timm_model_ids``), an 18-layer Llama of
     width ``hidden_size``, 256 action bins, norm stats under ``dataset`` (random 7-d ones, or ``norm_stats`` as
     given: ``{dataset: {"action": ..., "proprio": ...}}``). Loads with the stock AutoClasses and
     ``trust_remote_code=True``. ``src`` is any checkout whose ``prismatic/extern/hf`` holds OpenVLA's three files
@@ -216,6 +258,8 @@ def build_tiny_openvla_checkpoint(
     from transformers import LlamaConfig
 
     src_path = openvla_src(src)
+    if PICO_VIT in timm_model_ids:
+        register_pico_vit()
     cfg_mod, model_mod, proc_mod = (_hf_module(n.removesuffix(".py")) for n in HF_FILES)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
