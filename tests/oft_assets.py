@@ -84,6 +84,16 @@ def oft_src(src: Optional[os.PathLike] = None) -> Path:
     return path
 
 
+def oft_unavailable() -> Optional[str]:
+    """Why the OFT tests cannot run in this process (None when they can): no ``OPENVLA_OFT_SRC``, or transformers is
+    not OFT's fork."""
+    if not os.environ.get("OPENVLA_OFT_SRC"):
+        return "OPENVLA_OFT_SRC is unset (scripts/test.sh sets it in its OpenVLA-OFT phase)"
+    if not fork_attention_installed():
+        return "transformers is not OpenVLA-OFT's fork (4.40.1 + transformers-openvla-oft.patch)"
+    return None
+
+
 def fork_attention_installed() -> bool:
     """Is the installed transformers OFT's fork (4.40.1 + bidirectional ``LlamaSdpaAttention``), byte for byte?"""
     return modeling_llama_sha256() == FORK_MODELING_LLAMA_SHA256

@@ -16,16 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-
-def _ready():
-    if not os.environ.get("OPENVLA_OFT_SRC"):
-        return False, "OPENVLA_OFT_SRC is unset (scripts/test.sh sets it in its OpenVLA-OFT phase)"
-    if not A.fork_attention_installed():
-        return False, "transformers is not OpenVLA-OFT's fork (4.40.1 + transformers-openvla-oft.patch)"
-    return True, ""
-
-
-pytestmark = pytest.mark.skipif(not _ready()[0], reason=_ready()[1])
+pytestmark = pytest.mark.skipif(A.oft_unavailable() is not None, reason=str(A.oft_unavailable()))
 
 LAYER = 16
 BLINDVLA_DINO_MEAN = torch.tensor([0.484375, 0.455078125, 0.40625]).view(1, 3, 1, 1)

@@ -32,10 +32,8 @@ def tiny_c_radio(path=None, resolution=None, grid=(16, 16), allow_random=False, 
 
 
 def _ready():
-    if not os.environ.get("OPENVLA_OFT_SRC"):
-        return False, "OPENVLA_OFT_SRC is unset (scripts/test.sh sets it in its OpenVLA-OFT phase)"
-    if not A.fork_attention_installed():
-        return False, "transformers is not OpenVLA-OFT's fork (4.40.1 + transformers-openvla-oft.patch)"
+    if A.oft_unavailable():
+        return False, A.oft_unavailable()
     code = "import importlib.metadata as m; print([e.name for e in m.entry_points(group='openvla.finetune_plugins')])"
     if "'align'" not in subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True).stdout:
         return (

@@ -21,16 +21,7 @@ from openvla_align.cli import main
 from openvla_align.testing.data import SHAPES, write_image_folder
 from openvla_align.vla.checkpoint import CameraView, load_vla
 
-
-def _ready():
-    if not os.environ.get("OPENVLA_OFT_SRC"):
-        return False, "OPENVLA_OFT_SRC is unset (scripts/test.sh sets it in its OpenVLA-OFT phase)"
-    if not A.fork_attention_installed():
-        return False, "transformers is not OpenVLA-OFT's fork (4.40.1 + transformers-openvla-oft.patch)"
-    return True, ""
-
-
-pytestmark = pytest.mark.skipif(not _ready()[0], reason=_ready()[1])
+pytestmark = pytest.mark.skipif(A.oft_unavailable() is not None, reason=str(A.oft_unavailable()))
 
 LAYER = 16
 PROMPT = "In: What is in the image?\nOut:"
