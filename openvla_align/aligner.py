@@ -184,14 +184,9 @@ class Aligner(nn.Module):
 
     def _aligned_tokens(self, hidden: torch.Tensor, num_images: int) -> torch.Tensor:
         """The captured visual tokens this config aligns: all of them, or the first image's with ``primary``."""
-        if self.config.images == "primary" and num_images > 1:
-            if hidden.shape[1] % num_images:
-                raise ValueError(
-                    f"The VLA has {hidden.shape[1]} visual tokens, not a multiple of the {num_images} images per "
-                    "sample; check num_images_in_input against the pixel_values the data loader gives."
-                )
-            return hidden[:, : hidden.shape[1] // num_images]
-        return hidden
+        from .vla.pixels import image_tokens
+
+        return image_tokens(hidden, num_images, self.config.images)
 
     def forward(
         self, pixel_values: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None

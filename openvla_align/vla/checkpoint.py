@@ -125,13 +125,9 @@ class LoadedVLA:
     def select_images(self, visual: torch.Tensor, images: str = "all") -> torch.Tensor:
         """The visual tokens (B, N * 256, D) of every camera (``"all"``) or of the first, third-person one
         (``"primary"``), in the model's token order."""
-        if images not in IMAGE_CHOICES:
-            raise ValueError(f"images={images!r}: choose one of {IMAGE_CHOICES}.")
-        if images == "all" or self.num_images == 1:
-            return visual
-        if visual.shape[1] % self.num_images:
-            raise ValueError(f"{visual.shape[1]} visual tokens are not {self.num_images} images' worth.")
-        return visual[:, : visual.shape[1] // self.num_images]
+        from .pixels import image_tokens
+
+        return image_tokens(visual, self.num_images, images)
 
     def batch(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> Dict[str, torch.Tensor]:
         """Right-padded ``input_ids``/``attention_mask`` plus ``pixel_values``, on the model's device and dtype."""

@@ -47,6 +47,20 @@ def images_per_sample(pixel_values: torch.Tensor) -> int:
     return channels // 6
 
 
+def image_tokens(visual: torch.Tensor, num_images: int, images: str = "all") -> torch.Tensor:
+    """Visual tokens (B, N * T, D) of every image (``"all"``) or of the first, third-person one (``"primary"``)."""
+    if images not in ("all", "primary"):
+        raise ValueError(f"images={images!r}: choose one of ('all', 'primary').")
+    if images == "all" or num_images <= 1:
+        return visual
+    if visual.shape[1] % num_images:
+        raise ValueError(
+            f"The VLA has {visual.shape[1]} visual tokens, not a multiple of the {num_images} images per sample; "
+            "check num_images_in_input against the pixel_values the model is given."
+        )
+    return visual[:, : visual.shape[1] // num_images]
+
+
 def split_images(pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, 6N, H, W) -> (B * N, 6, H, W): sample 0's N images, then sample 1's, ... (the models' token order). A
     3-channel or 6-channel batch is returned as it is."""
