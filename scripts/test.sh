@@ -18,8 +18,16 @@
 # provides). That wheel is a CUDA build (~5.5 GB a venv; openvla-pins is ~7.7 GB with tensorflow), so each venv is
 # removed once its tests ran and a green run keeps no pytest temp dirs (the upstream end-to-end test alone writes
 # ~1 GB): peak disk is one venv, not two. KEEP_VENVS=1 keeps the venvs (e.g. to rerun one test file by hand).
+# Each pytest run uses both cores as two pytest-xdist workers, a test file per worker at a time (module fixtures, such
+# as a tiny checkpoint or a script run several tests read, are built once), each worker and every process it starts
+# on one thread: most of the time goes to starting the scripts' processes (single-threaded imports), which two
+# workers overlap, and one BLAS thread per worker keeps the two from oversubscribing the cores (OpenMP threads
+# spin-wait: two processes with two threads each ran some steps 30x slower). PYTEST_WORKERS=0 runs the tests in
+# one process instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+pytest_args=(-q -rs -o tmp_path_retention_policy=failed -n "${PYTEST_WORKERS:-2}" --dist loadfile)
 torch_pins=(torch==2.14.1 torchvision==0.29.1)
 openvla_pins=(transformers==4.40.1 tokenizers==0.19.1 timm==0.9.10 peft==0.11.1 draccus==0.8.0)
 # OpenVLA's data stack and the rest of upstream's import closure (pyproject.toml at c8f03f48)
@@ -59,7 +67,7 @@ for env in "${envs[@]}"; do
   fi
   echo "== $env: $("$venv/bin/python" -c 'import torch, transformers, timm, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, peft {peft.__version__}")')"
   start=$SECONDS
-  "${run_env[@]}" "$venv/bin/python" -m pytest -q -rs -o tmp_path_retention_policy=failed tests || status=1
+  "${run_env[@]}" "$venv/bin/python" -m pytest "${pytest_args[@]}" tests || status=1
   echo "== $env: tests took $((SECONDS - start)) s"
   if [ "$env" = openvla-pins ]; then
     oft_tests=(tests/test_oft*.py)
@@ -92,8 +100,8 @@ for env in "${envs[@]}"; do
           echo "== $env (OFT): transformers-openvla-oft fork applied (modeling_llama.py SHA-256 ${sha:0:12}…)," \
             "$("$venv/bin/python" -c 'import diffusers; print("diffusers", diffusers.__version__)');" \
             "OPENVLA_OFT_SRC=$venv/openvla-oft (a copy of $upstream/openvla-oft), OPENVLA_SRC unset"
-          env -u OPENVLA_SRC "OPENVLA_OFT_SRC=$PWD/$venv/openvla-oft" "$venv/bin/python" -m pytest -q -rs \
-            -o tmp_path_retention_policy=failed "${oft_tests[@]}" || status=1
+          env -u OPENVLA_SRC "OPENVLA_OFT_SRC=$PWD/$venv/openvla-oft" "$venv/bin/python" -m pytest \
+            "${pytest_args[@]}" "${oft_tests[@]}" || status=1
         fi
       fi
       echo "== $env (OFT): fork install and tests took $((SECONDS - start)) s"
