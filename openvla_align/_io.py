@@ -50,3 +50,21 @@ def sha256_file(path: Union[str, Path], chunk: int = 1 << 24) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_yaml(path: Union[str, Path], what: str = "YAML file"):
+    """Parse a YAML file; a syntax error names the file, line and column (``recipe.yaml:3:7: ...``) instead of
+    PyYAML's ``"<unicode string>"``, a missing file says so."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} " + ("is a directory" if path.is_dir() else "does not exist"))
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        context = getattr(exc, "context", None)
+        raise ValueError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None

@@ -169,10 +169,19 @@ def _finish(parser: argparse.ArgumentParser, help_text: str) -> None:
 DEBUG_ENV = "OPENVLA_ALIGN_DEBUG"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit status 2) that names the command and its --help.
+    Subcommand parsers inherit the class (``add_subparsers`` makes its parsers of the parent's type)."""
+
+    def error(self, message: str):
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: {text} (usage: {self.prog} --help)\n")
+
+
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     """The CLI's parser, built in full for the command ``argv`` names (all of them listed)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="openvla-align",
         description="Visual Representation Alignment for OpenVLA fine-tuning: teachers, the finetune.py patch, "
         "merging, teacher caches, data, evaluation, diagnostics and a CPU demo.",
@@ -189,22 +198,57 @@ def _command_path(args: argparse.Namespace) -> str:
     return " ".join(["openvla-align", *names])
 
 
+# What other libraries print that the user can do nothing about (the exact messages, nothing broader): torch >= 2.10
+# deprecates torch.jit.script/interface, which timm's and transformers' own modules call at import; PEFT reads
+# transformers 5's deprecated `is_gradient_checkpointing` when it loads an adapter; transformers 5 renamed
+# `past_key_values` to `cache` and warns when OpenVLA's remote code (or ours, written to run on 4.40 too) passes the
+# old name.
+FOREIGN_WARNINGS = (
+    r"`torch\.jit\.(script|interface)` is deprecated",
+    r"`is_gradient_checkpointing` is deprecated and will be removed",
+)
+FOREIGN_LOG_LINES = {"transformers.utils.generic": "`past_key_values`/`cache_params` are deprecated"}
+
+
+def quiet_foreign_warnings() -> None:
+    """Hide :data:`FOREIGN_WARNINGS` and :data:`FOREIGN_LOG_LINES`, and keep transformers from importing TensorFlow
+    where OpenVLA's data stack installed it (``USE_TF=0`` unless set: transformers would import it with every image
+    processor, 7 s and a screen of CUDA-not-found logs; the RLDS pipeline imports TensorFlow itself)."""
+    import warnings
+
+    for message in FOREIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for name, text in FOREIGN_LOG_LINES.items():
+        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
+    os.environ.setdefault("USE_TF", "0")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command. Its errors become one line on stderr and exit status 1 (argparse's usage errors: 2);
     ``--debug`` (or ``OPENVLA_ALIGN_DEBUG=1``) lets the traceback through."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_foreign_warnings()
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv, debug = _take_debug(argv)
     args = build_parser(argv).parse_args(argv)
+    args.debug = debug
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
         print(f"{_command_path(args)}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         print(f"{_command_path(args)}: {error_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _take_debug(argv: List[str]):
+    """``--debug`` wherever it is on the line (before a ``--``): the other arguments, and whether it was there."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    rest = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return rest, len(rest) != len(argv)
 
 
 def error_line(exc: BaseException) -> str:

@@ -60,15 +60,23 @@ def _hermetic_weight_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def cli_fails(capsys, argv, match):
-    """Run the CLI on bad input: exit status 1 and one line on stderr naming the command, matching ``match``."""
+def cli_fails(capsys, argv, match, status=1):
+    """Run the CLI on bad input: exit status 1 (``status=2``: a usage error, which argparse raises as SystemExit)
+    and one line on stderr naming the command, matching ``match``; nothing on stdout."""
     import re
 
     from openvla_align.cli import main
 
     capsys.readouterr()
-    assert main(list(argv)) == 1
-    err = capsys.readouterr().err.strip()
+    if status == 2:
+        with pytest.raises(SystemExit) as exit_:
+            main(list(argv))
+        assert exit_.value.code == 2
+    else:
+        assert main(list(argv)) == status
+    out, err = capsys.readouterr()
+    err = err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"openvla-align {argv[0]}") and re.search(match, err), err
+    assert not out.strip(), out
     return err

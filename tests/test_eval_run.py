@@ -122,9 +122,17 @@ def test_rollout_writes_results_the_report_reads_and_resumes(checkpoint, tmp_pat
 @pytest.mark.skipif(importlib.util.find_spec("mani_skill") is not None, reason="the simulator is installed here")
 def test_cli_without_the_simulator_says_what_to_install(checkpoint, tmp_path, capsys):
     missing = "Simpler/ManiSkill environments are not installed"
-    cli_fails(capsys, ["eval", "run", str(RECIPES / "ood.yaml"), "--vla-path", str(checkpoint)], missing)
-    # checked before the VLA loads: a path that is no checkpoint still gets the simulator message
-    cli_fails(capsys, ["eval", "run", str(RECIPES / "ood.yaml"), "--vla-path", str(tmp_path)], missing)
+    ood = str(RECIPES / "ood.yaml")
+    cli_fails(capsys, ["eval", "run", ood, "--vla-path", str(checkpoint)], missing)
+    # what the user typed is checked before what the machine lacks: the model's path, then the environment ids
+    cli_fails(capsys, ["eval", "run", ood, "--vla-path", str(tmp_path / "nope")], r"--vla-path '.*nope' does not exist")
+    cli_fails(capsys, ["eval", "run", ood, "--vla-path", str(tmp_path)], r"has no config.json: not a checkpoint")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("suite: ood\nenvs: [PutOnPlateInScene25Carot-v1]\n")
+    message = (
+        r"unknown environment id\(s\) \['PutOnPlateInScene25Carot-v1'\] \(did you mean PutOnPlateInScene25Carrot-v1\?\)"
+    )
+    cli_fails(capsys, ["eval", "run", str(typo), "--vla-path", str(checkpoint)], message)
     assert not (tmp_path / "eval").exists() and not Path("eval").exists()
 
 
@@ -134,10 +142,9 @@ def test_cli_without_the_simulator_says_what_to_install(checkpoint, tmp_path, ca
         ("suite: x\nenvs: [a]\nepisodes: 3\n", [], "unknown keys"),
         ("suite: x\nenvs: [a]\nseeds: [0, 1, 1]\n", [], r"seeds \[1\] are listed more than once"),
         ("suite: x\nenvs: [a, a]\n", [], r"envs \['a'\] are listed more than once"),
-        ("suite: x\nenvs: [a]\n", ["--seeds", "2,2"], r"--seeds/--num-envs: seeds \[2\]"),
         ("suite: x\nenvs: [a]\nnum_envs: 4\n", ["--sim-backend", "cpu"], "pass --num-envs 1 for a CPU smoke test"),
     ],
-    ids=["unknown-key", "duplicate-seed", "duplicate-env", "duplicate-cli-seed", "cpu-with-4-envs"],
+    ids=["unknown-key", "duplicate-seed", "duplicate-env", "cpu-with-4-envs"],
 )
 def test_bad_recipes_and_backends_fail_before_anything_loads(tmp_path, capsys, recipe, args, message):
     bad = tmp_path / "bad.yaml"

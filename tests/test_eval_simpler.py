@@ -179,6 +179,41 @@ def test_rollout_records_episodes_and_writes_videos(fake_simulator, tmp_path):
     assert not (where / "episode_1.gif").exists()
 
 
+def test_episode_gif_text_is_legible(tmp_path):
+    """The instruction in a scalable font sized to the frame, on a dark band, words apart, wrapped when long."""
+    from PIL import Image
+
+    from openvla_align.eval.video import write_episode_gif
+
+    def text_rows_and_gaps(path, frame):
+        gif = Image.open(path)
+        gif.seek(frame)
+        im = np.asarray(gif.convert("RGB")).astype(int)
+        bright = im.min(axis=2) > 200  # white text (the frame is mid-grey, the band dark)
+        rows = np.flatnonzero(bright.any(axis=1))
+        first = rows[: np.argmax(np.diff(np.append(rows, rows[-1] + 99)) > 1) + 1]  # the first line's rows
+        cols = np.flatnonzero(bright[first].any(axis=0))
+        gaps = np.diff(cols) - 1
+        return im, first, int((gaps >= 4).sum())
+
+    grey = [np.full((480, 640, 3), 128, np.uint8)] * 2
+    instruction = "put carrot on steep upwards sign"
+    write_episode_gif(tmp_path / "e.gif", grey, instruction, success_step=1)
+    im, first, word_gaps = text_rows_and_gaps(tmp_path / "e.gif", 1)
+    assert len(first) >= 12  # glyphs at least 12 px tall on a 480-px frame (PIL's bitmap font: ~8 px)
+    assert word_gaps >= len(instruction.split()) - 1  # a visible space between every two words
+    assert im[1, 320].mean() < 80 and abs(im[470, 320].mean() - 128) < 3  # the band, then the frame untouched
+    yellow = (im[..., 0] > 200) & (im[..., 1] > 180) & (im[..., 2] < 80)
+    assert yellow.any()  # "success at step 1" from the success step on
+
+    narrow = [np.full((240, 200, 3), 128, np.uint8)]
+    write_episode_gif(tmp_path / "n.gif", narrow, instruction, success_step=None)
+    im = np.asarray(Image.open(tmp_path / "n.gif").convert("RGB")).astype(int)
+    lines = np.diff(np.flatnonzero((im.min(axis=2) > 200).any(axis=1))) > 1
+    assert lines.sum() >= 1  # wrapped: the instruction spans two lines or more on a 200-px frame
+    assert not (im.min(axis=2) > 200)[:, -2:].any()  # and nothing runs off the right edge
+
+
 SIMPLER_PYTHON = os.environ.get("SIMPLER_PYTHON")
 needs_simulator = pytest.mark.skipif(
     not SIMPLER_PYTHON,

@@ -252,5 +252,6 @@ def test_patch_recognises_ofts_script_and_reverts_byte_exact(world, tmp_path, ca
     target.write_bytes(edited)
     capsys.readouterr()
     assert cli(["patch", str(copy)]) == 1
-    out = capsys.readouterr().out
-    assert out.startswith("unknown:") and "moojink/openvla-oft@213c5ff8d6e9" in out and target.read_bytes() == edited
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("openvla-align patch: unknown:") and len(err.splitlines()) == 1
+    assert "moojink/openvla-oft@213c5ff8d6e9" in err and target.read_bytes() == edited

@@ -421,24 +421,50 @@ def test_revert_without_backup_reverses_hunks(checkout, capsys):
     assert code == 0 and "from reversed hunks" in out.out and target.read_bytes() == original
 
 
+def test_a_script_it_does_not_know_is_refused_in_one_line_on_stderr(tmp_path, capsys):
+    """Runs without the upstream snapshots: any finetune.py that is none of the known revisions."""
+    target = tmp_path / "vla-scripts" / "finetune.py"
+    target.parent.mkdir()
+    target.write_text("print('a fork of finetune.py')\n")
+    for args in ((str(tmp_path),), ("--revert", str(tmp_path))):
+        code, out = cli(capsys, *args)
+        assert code == 1 and not out.out and len(out.err.splitlines()) == 1, out
+        assert out.err.startswith("openvla-align patch: unknown: ") and "restore the upstream file" in out.err
+    assert target.read_text() == "print('a fork of finetune.py')\n" and sorted(target.parent.iterdir()) == [target]
+
+
 @needs_upstream
 def test_refuses_edited_and_foreign_files(checkout, capsys):
     target = checkout / "vla-scripts" / "finetune.py"
     edited = target.read_bytes().replace(b"batch_size: int = 16", b"batch_size: int = 8")
     target.write_bytes(edited)
-    for args in ((str(checkout),), ("--revert", str(checkout)), ("--check", str(checkout))):
+    for args in ((str(checkout),), ("--revert", str(checkout))):  # refusals: one line on stderr, nothing on stdout
         code, out = cli(capsys, *args)
-        assert code == 1 and out.out.startswith("unknown:") and target.read_bytes() == edited
+        assert code == 1 and out.err.startswith("openvla-align patch: unknown:") and not out.out
+        assert len(out.err.splitlines()) == 1 and target.read_bytes() == edited
+    code, out = cli(capsys, "--check", str(checkout))  # a report, on stdout: one line too
+    assert code == 1 and out.out.startswith("unknown:") and len(out.out.splitlines()) == 1 and not out.err
     assert not (checkout / "vla-scripts" / "finetune.py.orig").exists()
 
     foreign = checkout / "vla-scripts" / "train.py"
     before = foreign.read_bytes()
     code, out = cli(capsys, str(foreign))
-    assert code == 1 and out.out.startswith("unknown:") and "Nothing was changed" in out.out
-    assert foreign.read_bytes() == before
+    assert code == 1 and "unknown:" in out.err and out.err.strip().endswith("Nothing was changed.")
+    assert len(out.err.splitlines()) == 1 and foreign.read_bytes() == before
 
     code, out = cli(capsys, str(checkout / "prismatic"))
     assert code == 1 and "is not a checkout of OpenVLA" in out.err
+
+
+@needs_upstream
+def test_refuses_to_overwrite_a_backup_that_is_not_the_upstream_file(checkout, capsys):
+    target, backup = checkout / "vla-scripts" / "finetune.py", checkout / "vla-scripts" / "finetune.py.orig"
+    original = target.read_bytes()
+    backup.write_text("someone's own copy\n")
+    code, out = cli(capsys, str(checkout))
+    assert code == 1 and not out.out and len(out.err.splitlines()) == 1
+    assert out.err.startswith(f"openvla-align patch: refused: {backup} exists and is not the upstream file")
+    assert target.read_bytes() == original and backup.read_text() == "someone's own copy\n"
 
 
 @needs_upstream
@@ -448,7 +474,8 @@ def test_refuses_to_revert_an_edited_patched_file(checkout, capsys):
     edited = target.read_bytes() + b"# local edit\n"
     target.write_bytes(edited)
     code, out = cli(capsys, "--revert", str(checkout))
-    assert code == 1 and "The original upstream file is kept in" in out.out and target.read_bytes() == edited
+    assert code == 1 and "The original upstream file is kept in" in out.err and target.read_bytes() == edited
+    assert len(out.err.splitlines()) == 1
 
 
 # --- the patched script on CPU under a shim ----------------------------------------------------------------------

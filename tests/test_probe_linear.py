@@ -314,21 +314,31 @@ def test_cli_compares_base_and_adapter(ckpt, adapter, data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "argv, message, status",
     [
-        ([], "Nothing to probe: give --model DIR"),
-        (["--teacher-path", "w.pth"], "--teacher-path needs one teacher to belong to: --teacher NAME"),
-        (["--model", "{ckpt}", "--model", "{tmp}", "--adapter", "{tmp}"], "with 2 VLA --model: write each as DIR::"),
-        (["--model", "{tmp}/nope"], "Model .*nope is not a checkpoint directory"),
-        (["--model", "{ckpt}::{tmp}"], "has no adapter_config.json"),
-        (["--teacher", "no-such-teacher"], "Unknown teacher 'no-such-teacher'. Known teachers: .*c-radio-v3-l"),
-        (["--model", "{ckpt}", "--model", "{ckpt}"], "given more than once"),
-        (["--model", "{ckpt}", "--epochs", "0"], "--epochs 0 is invalid"),
-        (["--model", "{ckpt}", "--layer", "0"], "--layer 0 is out of range"),
-        (["--model", "{ckpt}", "--data", "{tmp}/none"], "Dataset .*none does not exist"),
+        ([], "Nothing to probe: give --model DIR", 1),
+        (["--teacher-path", "w.pth"], "--teacher-path needs one teacher to belong to: --teacher NAME", 1),
+        (["--model", "{ckpt}", "--model", "{tmp}", "--adapter", "{tmp}"], "with 2 VLA --model: write each as DIR::", 1),
+        (["--model", "{tmp}/nope"], r"model .*nope' does not exist", 1),
+        (["--model", "{ckpt}::{tmp}"], "has no adapter_config.json", 1),
+        (["--teacher", "no-such-teacher"], "Unknown teacher 'no-such-teacher'. Known teachers: .*c-radio-v3-l", 1),
+        (["--model", "{ckpt}", "--model", "{ckpt}"], "given more than once", 1),
+        (["--model", "{ckpt}", "--epochs", "0"], "argument --epochs: must be a positive integer, got 0", 2),
+        (["--model", "{ckpt}", "--layer", "0"], "argument --layer: must be a positive integer, got 0", 2),
+        (["--model", "{ckpt}", "--data", "{tmp}/none"], "argument --data: directory .*none' does not exist", 2),
+        (["--model", "{ckpt}", "--data", "{tmp}/empty"], r"empty/train does not exist; ", 1),
+        # a teacher that cannot load fails before the VLA's features are extracted and cached
+        (
+            ["--model", "{ckpt}", "--model", "teacher:demo-scenes::{tmp}/bad.safetensors"],
+            "does not hold its weights",
+            1,
+        ),
     ],
 )
-def test_cli_errors(ckpt, data, tmp_path, argv, message, capsys):
+def test_cli_errors(ckpt, data, tmp_path, argv, message, status, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.safetensors").write_bytes(b"\0" * 64)
     argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]
-    cli_fails(capsys, ["probe", "linear", "--data", str(data), "--out", str(tmp_path / "r.json"), *argv], message)
-    assert not (tmp_path / "r.json").exists()
+    command = ["probe", "linear", "--data", str(data), "--out", str(tmp_path / "r.json"), *argv]
+    cli_fails(capsys, command, message, status=status)
+    assert not (tmp_path / "r.json").exists() and not list(tmp_path.glob("feature_cache/*"))

@@ -17,6 +17,7 @@ from typing import Dict, Iterable, Iterator, Tuple
 import numpy as np
 import torch
 
+from ..argtypes import existing_dir, need_dir, need_output_dir, output_dir, positive_int
 from ..config import TEACHER_DTYPES
 from .keys import frame_key, pixel_values_from_frames
 from .store import STORAGE_DTYPES, CacheSpec, CacheWriter, TeacherCache, file_sha256, read_manifest, rlds_identity
@@ -159,11 +160,11 @@ def _cmd_build(args) -> int:
 
     if bool(args.images) == bool(args.dataset):
         raise ValueError("give exactly one frame source, --images DIR or --dataset NAME.")
-    if args.images:
-        frames, source = image_dir_frames(args.images, size=args.size)
-    else:
-        frames, source = rlds_frames(args.data_root, args.dataset, size=args.size)
-    teacher = build_teacher(
+    need_output_dir(args.out, "cache directory")
+    if args.dataset:
+        need_dir(args.data_root, "--data-root (the RLDS root holding the dataset)")
+        need_dir(Path(args.data_root) / args.dataset, f"dataset {args.dataset!r} under --data-root")
+    teacher = build_teacher(  # before the frame source: a teacher error is the commoner one, and cheaper to find
         args.teacher,
         path=args.teacher_path,
         resolution=args.teacher_resolution,
@@ -172,6 +173,10 @@ def _cmd_build(args) -> int:
         dtype=args.teacher_dtype,
         device=args.device,
     )
+    if args.images:
+        frames, source = image_dir_frames(args.images, size=args.size)
+    else:
+        frames, source = rlds_frames(args.data_root, args.dataset, size=args.size)
     summary = build_cache(
         args.out,
         teacher,
@@ -208,14 +213,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("cache")
     sub = p.add_subparsers(dest="cache_command", required=True)
     b = sub.add_parser("build", help="Run the teacher over every training frame into a sharded, memory-mapped store.")
-    b.add_argument("out", help="cache directory (an interrupted build resumes when re-run with the same settings)")
+    b.add_argument(
+        "out", type=output_dir, help="cache directory (an interrupted build resumes when re-run with the same settings)"
+    )
     b.add_argument("--dataset", help="RLDS dataset name (read through OpenVLA's pipeline, as training reads it)")
     b.add_argument("--data-root", default="datasets/open-x-embodiment", help="RLDS root (finetune.py's data_root_dir)")
-    b.add_argument("--images", help="or: a directory of images (frames as the VLA's processor receives them)")
-    b.add_argument("--size", type=int, default=224, help="VLA input size the frames are resized to (224)")
+    b.add_argument(
+        "--images", type=existing_dir, help="or: a directory of images (frames as the VLA's processor receives them)"
+    )
+    b.add_argument("--size", type=positive_int, default=224, help="VLA input size the frames are resized to (224)")
     b.add_argument("--teacher", default="c-radio-v3-l", help="registered teacher name (openvla-align teachers)")
     b.add_argument("--teacher-path", default=None, help="teacher weights (file or snapshot directory)")
-    b.add_argument("--teacher-resolution", type=int, default=None, help="teacher input size (default: grid x patch)")
+    b.add_argument(
+        "--teacher-resolution", type=positive_int, default=None, help="teacher input size (default: grid x patch)"
+    )
     b.add_argument(
         "--teacher-dtype",
         default="auto",
@@ -229,13 +240,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="allow a teacher checkpoint's own code to run (Theia, RADIO hub)",
     )
     b.add_argument("--dtype", default="bfloat16", choices=STORAGE_DTYPES, help="storage dtype")
-    b.add_argument("--batch-size", type=int, default=32, help="frames per teacher forward pass")
-    b.add_argument("--shard-rows", type=int, default=4096, help="frames per shard")
+    b.add_argument("--batch-size", type=positive_int, default=32, help="frames per teacher forward pass")
+    b.add_argument("--shard-rows", type=positive_int, default=4096, help="frames per shard")
     b.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the teacher"
     )
     b.set_defaults(func=_cmd_build)
     v = sub.add_parser("verify", help="Check a cache's manifest and every shard's size and SHA-256.")
-    v.add_argument("out", help="cache directory written by `cache build`")
+    v.add_argument("out", type=existing_dir, help="cache directory written by `cache build`")
     v.set_defaults(func=_cmd_verify)
     return p

@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..argtypes import existing_dir, nonnegative_int, output_dir, positive_int
 from .episodes import Episode, EpisodeError, check_file, episode_steps, load_episode
 
 VERSION = "1.0.0"
@@ -230,21 +231,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("data")
     sub = p.add_subparsers(dest="data_command", required=True)
     b = sub.add_parser("build", help="Collector .npz episodes -> RLDS (tensorflow-datasets), with the paper's rules.")
-    b.add_argument("episodes_dir", help="directory of the collector's .npz episodes (read in name order)")
-    b.add_argument("out_dir", help="RLDS root (finetune.py's --data_root_dir)")
+    b.add_argument(
+        "episodes_dir", type=existing_dir, help="directory of the collector's .npz episodes (read in name order)"
+    )
+    b.add_argument("out_dir", type=output_dir, help="RLDS root (finetune.py's --data_root_dir)")
     b.add_argument("--name", default="sft", help="dataset name (sft, or warmup for the warm-up episodes)")
-    b.add_argument("--train", type=int, default=1400, help="training episodes (first, in name order)")
-    b.add_argument("--held-back", type=int, default=140, help="episodes held back (last, in name order)")
+    b.add_argument("--train", type=positive_int, default=1400, help="training episodes (first, in name order)")
+    b.add_argument("--held-back", type=nonnegative_int, default=140, help="episodes held back (last, in name order)")
     b.add_argument("--skip-bad", action="store_true", help="leave out bad files (reported) instead of failing")
-    b.add_argument("--workers", type=int, default=4, help="episodes read in parallel")
+    b.add_argument("--workers", type=positive_int, default=4, help="episodes read in parallel")
     b.set_defaults(func=_cmd_build)
     s = sub.add_parser("synth", help="A small synthetic dataset in the same schema (+ its .npz episodes).")
-    s.add_argument("out", help="output directory: episodes/ (.npz) and the RLDS build under it")
-    s.add_argument("--episodes", type=int, default=8, help="episodes to generate")
-    s.add_argument("--held-back", type=int, default=2, help="last episodes left out of the RLDS build")
-    s.add_argument("--steps", type=int, default=12, help="steps per episode")
-    s.add_argument("--height", type=int, default=480, help="frame height in pixels (the collector's)")
-    s.add_argument("--width", type=int, default=640, help="frame width in pixels (the collector's)")
+    s.add_argument("out", type=output_dir, help="output directory: episodes/ (.npz) and the RLDS build under it")
+    s.add_argument("--episodes", type=positive_int, default=8, help="episodes to generate")
+    s.add_argument("--held-back", type=nonnegative_int, default=2, help="last episodes left out of the RLDS build")
+    s.add_argument("--steps", type=positive_int, default=12, help="steps per episode")
+    s.add_argument("--height", type=positive_int, default=480, help="frame height in pixels (the collector's)")
+    s.add_argument("--width", type=positive_int, default=640, help="frame width in pixels (the collector's)")
     s.add_argument("--name", default="sft", help="RLDS dataset name")
     s.add_argument("--seed", type=int, default=0, help="seed of the generated episodes")
     s.add_argument("--no-rlds", action="store_true", help="only the .npz episodes (no tensorflow-datasets needed)")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write_bytes
+from ..argtypes import output_dir, positive_float, positive_int
 
 BANNER = (
     "openvla-align demo: tiny OpenVLA-layout models and generated scenes on the CPU. A miniature of the paper's "
@@ -70,7 +71,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
     from ..config import AlignConfig
     from ..probe import linear as probe_linear
     from ..teachers import build_teacher, teacher_spec
-    from ..teachers.scenes import SceneTeacher
+    from ..teachers.scenes import SceneTeacher, save_scene_teacher
     from ..testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
     from ..testing.tiny import ActionTokenizer
     from . import report
@@ -123,7 +124,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
     trained = SceneTeacher(teacher_spec("demo-scenes"), grid=grid)
     train_scene_teacher(trained, images(vl), [s.cover for s in vl], N_CLASSES, cfg.teacher_steps, cfg.seed)
     weights = out / "teacher" / "model.safetensors"
-    _save_safetensors(weights, trained.state_dict())
+    save_scene_teacher(trained, weights)  # records its resolution: later commands need only the path
     teacher = build_teacher("demo-scenes", path=str(weights), grid=grid)  # through the registry, as a run would
     clock.add("teacher", t)
     teacher_probe = probe(S.teacher_features(teacher, probe_tr), S.teacher_features(teacher, probe_te))
@@ -253,12 +254,6 @@ def run_demo(cfg: DemoConfig) -> Dict:
     return summary_json
 
 
-def _save_safetensors(path: Path, state) -> None:
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in state.items()}))
-
-
 def _check_reload(model, base_dir: Path, run_dir: Path, teacher, batcher, evals) -> float:
     """Load the base checkpoint + the Align adapter the way a user would, and compare logits; the sidecar must load."""
     from ..aligner import Aligner
@@ -273,19 +268,23 @@ def _check_reload(model, base_dir: Path, run_dir: Path, teacher, batcher, evals)
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo")
-    p.add_argument("--out", default=DemoConfig.out_dir, help="output directory")
-    p.add_argument("--steps", type=int, default=DemoConfig.steps, help="LoRA steps per robot run")
+    p.add_argument("--out", type=output_dir, default=DemoConfig.out_dir, help="output directory")
+    p.add_argument("--steps", type=positive_int, default=DemoConfig.steps, help="LoRA steps per robot run")
     p.add_argument("--seed", type=int, default=DemoConfig.seed, help="seed of the data, teacher and base VLA")
     p.add_argument(
         "--seeds", type=int, nargs="+", default=list(DemoConfig.seeds), help="seeds of the robot runs (SFT and Align)"
     )
-    p.add_argument("--lr", type=float, default=DemoConfig.lr, help="LoRA learning rate")
+    p.add_argument("--lr", type=positive_float, default=DemoConfig.lr, help="LoRA learning rate")
     p.set_defaults(func=_cmd_demo)
     return p
 
 
 def _cmd_demo(args) -> int:
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds names a seed twice ({' '.join(map(str, args.seeds))}); each run needs its own seed.")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        run_demo(DemoConfig(out_dir=args.out, steps=args.steps, seed=args.seed, seeds=tuple(args.seeds), lr=args.lr))
+        run_demo(
+            DemoConfig(out_dir=str(args.out), steps=args.steps, seed=args.seed, seeds=tuple(args.seeds), lr=args.lr)
+        )
     return 0

@@ -39,6 +39,9 @@ VL_THINK: Dict[str, str] = {
     "PutOnNumberInSceneParity-v1": "Numeral parity",
 }
 OOD_ENVS: Tuple[str, ...] = tuple(e for envs in OOD_AXES.values() for e in envs)
+# The fine-tuning task's own environment (in distribution), where the warm-up and SFT data were collected.
+IN_DISTRIBUTION = f"{_P}Main-v3"
+PAPER_ENVS: Tuple[str, ...] = (IN_DISTRIBUTION, *OOD_ENVS, *VL_THINK)
 
 
 def axis_of(env_id: str) -> Optional[str]:

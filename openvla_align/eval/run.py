@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from .. import dtypes
+from .._io import read_yaml
+from ..argtypes import int_list, need_dir, nonnegative_int, positive_int
 from .results import RESULT_FILE, write_result
 
 logger = logging.getLogger(__name__)
@@ -50,9 +52,7 @@ class EvalRecipe:
 
     @classmethod
     def load(cls, path) -> "EvalRecipe":
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text())
+        data = read_yaml(path, "evaluation recipe")
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not an evaluation recipe (a YAML mapping).")
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
@@ -285,15 +285,21 @@ def _cmd_run(args) -> int:
     from ..vla.checkpoint import load_vla, parse_model
     from .simpler import SimplerEnv, check_backends, check_env_ids
 
-    recipe = EvalRecipe.load(args.recipe)  # cheap checks first: the recipe, then the simulator, then the VLA
+    # cheap checks first, what the user typed before what the machine lacks: the recipe and backends, the model's
+    # files, the environment ids, then the simulator, then loading the VLA
+    recipe = EvalRecipe.load(args.recipe)
     if args.seeds:
-        recipe.seeds = [int(s) for s in args.seeds.split(",")]
+        recipe.seeds = list(args.seeds)
     if args.num_envs:
         recipe.num_envs = args.num_envs
     recipe.check("--seeds/--num-envs")
     check_backends(args.sim_backend, args.render_backend, recipe.num_envs)
-    check_env_ids(recipe.envs)
     vla_path, adapter = parse_model(args.vla_path, args.adapter)
+    if not (need_dir(vla_path, "--vla-path") / "config.json").is_file():
+        raise FileNotFoundError(f"--vla-path {str(vla_path)!r} has no config.json: not a checkpoint directory.")
+    if adapter and not (need_dir(adapter, "--adapter") / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {str(adapter)!r} has no adapter_config.json: not a PEFT adapter.")
+    check_env_ids(recipe.envs)
     loaded = load_vla(vla_path, adapter, device=args.device, dtype=args.dtype, attn_implementation=None)
     policy = BatchedPolicy(loaded, args.unnorm_key or recipe.unnorm_key)
 
@@ -315,13 +321,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="LoRA adapter directory on top of --vla-path")
     p.add_argument("--out", default=None, help="results directory (default: eval/<adapter or model name>)")
     p.add_argument("--unnorm-key", default=None, help="override the recipe's unnorm key")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the recipe's")
-    p.add_argument("--num-envs", type=int, default=None, help="parallel environments instead of the recipe's")
+    p.add_argument("--seeds", type=int_list, default=None, help="comma-separated seeds instead of the recipe's")
+    p.add_argument("--num-envs", type=positive_int, default=None, help="parallel environments instead of the recipe's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the VLA")
     p.add_argument("--dtype", default="bfloat16", choices=dtypes.CHOICES, help="dtype of the VLA")
     p.add_argument("--overwrite", action="store_true", help="re-run (env, seed) pairs that already have results")
     p.add_argument(
-        "--video", type=int, default=0, metavar="K", help="write the first K episodes of each (env, seed) as GIFs"
+        "--video",
+        type=nonnegative_int,
+        default=0,
+        metavar="K",
+        help="write the first K episodes of each (env, seed) as GIFs",
     )
     p.add_argument("--sim-backend", default="gpu", choices=("gpu", "cpu"), help="ManiSkill physics backend")
     p.add_argument(

@@ -74,8 +74,24 @@ def import_simulator():
 
 
 def check_env_ids(env_ids: Sequence[str]) -> None:
-    """Every id must be registered by the installed forks; the error lists the ones that are."""
-    gym = import_simulator()
+    """Every id must be registered by the installed forks; the error lists the ones that are. Without the simulator,
+    an id that is none of the paper's is reported first (a typo is the user's to fix, and cheaper to find out)."""
+    try:
+        gym = import_simulator()
+    except ImportError as exc:
+        import difflib
+
+        from .envs import PAPER_ENVS
+
+        unknown = [e for e in env_ids if e not in PAPER_ENVS]
+        if unknown:
+            close = [m for e in unknown for m in difflib.get_close_matches(e, PAPER_ENVS, n=1)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(
+                f"unknown environment id(s) {unknown}{hint}: none of the paper's {len(PAPER_ENVS)} "
+                f"(`openvla_align.eval.envs`); the simulator is not installed either, so no fork's ids are known"
+            ) from exc
+        raise
     unknown = [e for e in env_ids if e not in gym.envs.registry]
     if unknown:
         known = sorted(k for k in gym.envs.registry if "InScene" in k)

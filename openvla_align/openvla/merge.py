@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 from .. import dtypes
 from .._io import atomic_write_bytes
+from ..argtypes import existing_dir, need_dir, output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def merge_adapter(adapter, out, base=None, *, dtype: str = "bfloat16") -> Dict[s
     """
     from ..vla.checkpoint import load_vla
 
-    adapter, out = Path(adapter), Path(out)
+    adapter, out = need_dir(adapter, "adapter"), Path(out)
     cfg_path = adapter / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json).")
@@ -96,6 +97,11 @@ def merge_adapter(adapter, out, base=None, *, dtype: str = "bfloat16") -> Dict[s
     if not base.is_dir():
         raise FileNotFoundError(
             f"Base model {str(base)!r} is not a local directory; pass --base /path/to/openvla-7b (merging is offline)."
+        )
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(
+            f"Base model {str(base)!r} has no config.json: not a checkpoint directory; pass --base "
+            "/path/to/openvla-7b (the directory holding config.json and the weights)."
         )
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out or remove it first (nothing was written).")
@@ -142,9 +148,14 @@ def _cmd_merge(args) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("merge")
-    p.add_argument("adapter", help="adapter directory (RUN/STEP) written by the patched finetune.py")
-    p.add_argument("--base", default=None, help="base model directory (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--out", default=None, help="output directory (default: ADAPTER-merged)")
+    p.add_argument("adapter", type=existing_dir, help="adapter directory (RUN/STEP) written by the patched finetune.py")
+    p.add_argument(
+        "--base",
+        type=existing_dir,
+        default=None,
+        help="base model directory (default: the adapter's base_model_name_or_path)",
+    )
+    p.add_argument("--out", type=output_dir, default=None, help="output directory (default: ADAPTER-merged)")
     p.add_argument("--dtype", default="bfloat16", choices=dtypes.CHOICES, help="dtype to merge and save in")
     p.set_defaults(func=_cmd_merge)
     return p

@@ -228,6 +228,7 @@ def _backup_path(target: Path) -> Path:
 
 
 def _unknown_message(target: Path, data: bytes, patches: Sequence[Patch]) -> str:
+    """One line: what PATH is not, and what to do about it."""
     digest = sha256(data)
     known = "; ".join(f"{p.title} {p.target} at {p.revision} (sha256 {p.upstream_sha256[:16]})" for p in patches)
     lines = [
@@ -236,19 +237,19 @@ def _unknown_message(target: Path, data: bytes, patches: Sequence[Patch]) -> str
     ]
     normalised = data.replace(b"\r\n", b"\n")
     if normalised != data and any(status(normalised, p) != UNKNOWN for p in patches):
-        lines.append("  It differs only in CRLF line endings; check the file out with LF endings.")
+        lines.append("It differs only in CRLF line endings; check the file out with LF endings.")
     else:
         restore = " or ".join(
             f"`git checkout {p.upstream_commit[:12]} -- {p.target}` in a {p.title} checkout" for p in patches
         )
         lines.append(
-            f"  Local edits or another revision: restore the upstream file ({restore}) or port the patch of "
+            f"Local edits or another revision: restore the upstream file ({restore}) or port the patch of "
             "patches/<host>/ by hand."
         )
     backup = _backup_path(target)
     if backup.is_file() and any(status(backup.read_bytes(), p) == UNPATCHED for p in patches):
-        lines.append(f"  The original upstream file is kept in {backup}.")
-    return "\n".join(lines)
+        lines.append(f"The original upstream file is kept in {backup}.")
+    return " ".join(lines)
 
 
 def _describe(hunks: Sequence[Hunk], verb: str) -> List[str]:
@@ -275,25 +276,23 @@ def _inspect(path, patch: Optional[Patch]) -> Tuple[List[Patch], Optional[Patch]
 
 
 def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
-    """Patch PATH (see the module docstring); returns the exit code."""
+    """Patch PATH (see the module docstring); returns the exit code. A file it does not recognise, or a backup that
+    is not the upstream file, raises PatchError (one line) and changes nothing."""
     out = out or sys.stdout
     patches, patch, target, data, state = _inspect(path, patch)
     if state == PATCHED:
         print(f"already patched: {target} ({patch.title})", file=out)
         return 0
     if state == UNKNOWN:
-        print(_unknown_message(target, data, patches) + "\n  Nothing was changed.", file=out)
-        return 1
+        raise PatchError(_unknown_message(target, data, patches) + " Nothing was changed.")
     new = apply_hunks(data.decode("utf-8"), patch.hunks).encode("utf-8")
     if sha256(new) != patch.patched_sha256:
         raise PatchError("the patched file does not have the recorded hash; nothing was changed")
     backup = _backup_path(target)
     if backup.exists() and backup.read_bytes() != data:
-        print(
-            f"refused: {backup} exists and is not the upstream file; move it away and retry. Nothing was changed.",
-            file=out,
+        raise PatchError(
+            f"refused: {backup} exists and is not the upstream file; move it away and retry. Nothing was changed."
         )
-        return 1
     mode = target.stat().st_mode & 0o7777
     if not backup.exists():
         atomic_write_bytes(backup, data, mode)
@@ -305,7 +304,7 @@ def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
 
 
 def revert_file(path, patch: Optional[Patch] = None, out=None) -> int:
-    """Restore the upstream file; returns the exit code."""
+    """Restore the upstream file; returns the exit code (PatchError, one line, for a file it does not recognise)."""
     out = out or sys.stdout
     patches, patch, target, data, state = _inspect(path, patch)
     backup = _backup_path(target)
@@ -313,8 +312,7 @@ def revert_file(path, patch: Optional[Patch] = None, out=None) -> int:
         print(f"not patched, nothing to revert: {target} ({patch.title})", file=out)
         return 0
     if state == UNKNOWN:
-        print(_unknown_message(target, data, patches) + "\n  Refusing to revert; nothing was changed.", file=out)
-        return 1
+        raise PatchError(_unknown_message(target, data, patches) + " Refusing to revert; nothing was changed.")
     source = "reversed hunks"
     original = None
     if backup.is_file():

@@ -154,10 +154,14 @@ class _LazyEncoder:
     def __init__(self, build: Callable[[], Callable]):
         self._build, self._encode = build, None
 
-    def __call__(self, images):
+    def build(self) -> "_LazyEncoder":
+        """Load the model now (before a progress bar starts, so a load error is the only thing printed)."""
         if self._encode is None:
             self._encode = self._build()
-        return self._encode(images)
+        return self
+
+    def __call__(self, images):
+        return self.build()._encode(images)
 
     def close(self) -> None:
         if self._encode is not None:
@@ -217,6 +221,8 @@ def extract_features(
         raise ValueError(f"Extraction batch size must be >= 1, got {batch_size}.")
     spec = _as_spec(model)
     encode = encoder or _encoder(spec, layer, prompt, device, dtype, teacher_kwargs, view)
+    if isinstance(encode, _LazyEncoder):
+        encode.build()
     out: Optional[np.ndarray] = None
     done = 0
     with tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True) as bar:

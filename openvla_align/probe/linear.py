@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from .. import dtypes
 from .._io import atomic_write
+from ..argtypes import existing_dir, nonnegative_int, positive_int
 from ..vla.checkpoint import CameraView, parse_model, resolve_device_dtype
 from . import feature_cache
 from .feature_cache import CACHE_FORMAT  # noqa: F401  (re-exported)
@@ -270,7 +271,9 @@ def run_linear_probe(
     )
     data_keys = {split.name: feature_cache.data_key(split, dataset.classes) for split in (dataset.train, dataset.val)}
     results: Dict[str, Any] = {}
-    for spec in specs:
+    # teachers first: their weights are what a user gets wrong most often, and a teacher fails in seconds where a
+    # VLA's features take long to extract (the report keeps the order the models were given)
+    for spec in sorted(specs, key=lambda spec: not spec.is_teacher):
         t0 = time.time()
         model_key = feature_cache.model_key(spec, layer, prompt, dtype, teacher_kwargs, view)
         encode = _encoder(spec, layer, prompt, device, dtype, teacher_kwargs, view)
@@ -313,6 +316,7 @@ def run_linear_probe(
         }
         logger.info("%s", _summary(spec.label, results[spec.label]))
 
+    results = {spec.label: results[spec.label] for spec in specs}
     report = {"dataset": str(dataset.root), "protocol": PROTOCOL, "results": results}
     if out:
         out = Path(out)
@@ -435,7 +439,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root with train/<class>/ and val/<class>/")
+    p.add_argument(
+        "--data",
+        type=existing_dir,
+        required=True,
+        metavar="DIR",
+        help="ImageFolder root with train/<class>/ and val/<class>/",
+    )
     p.add_argument("--plot", metavar="PNG", default=None, help="also draw a bar chart of top-1 per model")
     p.add_argument(
         "--model",
@@ -455,13 +465,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="build teachers with random weights: smoke tests only, the numbers mean nothing",
     )
-    p.add_argument("--layer", type=int, default=16, help="LLM layer of the VLA's visual tokens (default: 16)")
+    p.add_argument("--layer", type=positive_int, default=16, help="LLM layer of the VLA's visual tokens (default: 16)")
     add_camera_args(p)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=dtypes.CHOICES, help="default: bfloat16 on cuda, else float32")
-    p.add_argument("--extract-batch-size", type=int, default=16, help="images per forward pass (default: 16)")
-    p.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: 4)")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="classifier epochs (default: %(default)s)")
+    p.add_argument("--extract-batch-size", type=positive_int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--workers", type=nonnegative_int, default=4, help="image-decoding threads (default: 4)")
+    p.add_argument(
+        "--epochs", type=positive_int, default=DEFAULTS["epochs"], help="classifier epochs (default: %(default)s)"
+    )
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="classifier AdamW lr (default: %(default)s)")
     p.add_argument(
         "--weight-decay",

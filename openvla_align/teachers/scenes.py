@@ -40,17 +40,42 @@ class SceneTeacher(Teacher):
         return self.encode(x).flatten(2).transpose(1, 2)
 
 
+def save_scene_teacher(teacher: SceneTeacher, path) -> None:
+    """Write ``teacher``'s weights to a safetensors file that also records its input resolution and native grid
+    (header metadata), so every command loads it with only the path (atomic: a crash leaves no half-written file)."""
+    from safetensors.torch import save
+
+    from .._io import atomic_write_bytes
+
+    side = teacher.native_grid
+    metadata = {"teacher": teacher.spec.name, "resolution": str(teacher.resolution), "grid": f"{side[0]}x{side[1]}"}
+    tensors = {k: v.detach().contiguous() for k, v in teacher.state_dict().items()}
+    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
+
+
+def saved_resolution(path) -> Optional[int]:
+    """The input resolution a file written by :func:`save_scene_teacher` records (None: an older file, or none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            value = (f.metadata() or {}).get("resolution")
+    except Exception:  # not a safetensors file: load_state_dict below says so
+        return None
+    return int(value) if value and value.isdigit() else None
+
+
 def teacher_factory(spec: TeacherSpec, **_params):
-    """The registry's factory for ``demo-scenes``: weights from ``path`` (written by `openvla-align demo`)."""
+    """The registry's factory for ``demo-scenes``: weights from ``path`` (written by `openvla-align demo`), at the
+    resolution the file records unless ``resolution`` is given."""
 
     def build(
         path=None, resolution=None, grid=(8, 8), allow_random: bool = False, trust_remote_code: bool = False, arch=None
     ) -> SceneTeacher:
         if arch:
             raise ValueError(f"Teacher {spec.name!r} has one architecture; arch={arch!r} is not supported.")
-        teacher = SceneTeacher(spec, resolution, grid)
         if wants_random(spec.name, path, allow_random):
-            return teacher.freeze()
+            return SceneTeacher(spec, resolution, grid).freeze()
         if path is None or not Path(path).is_file():
             raise TeacherWeightsNotFound(
                 f"Teacher {spec.name!r} needs teacher_path=<file>: the safetensors file `openvla-align demo` writes "
@@ -58,12 +83,24 @@ def teacher_factory(spec: TeacherSpec, **_params):
             )
         from safetensors.torch import load_file
 
+        saved = saved_resolution(path)
+        teacher = SceneTeacher(spec, resolution or saved, grid)
         try:
             teacher.load_state_dict(load_file(str(path)))
-        except Exception as exc:  # a truncated file, another model's weights, ...
+        except Exception as exc:  # a truncated file, another model's weights, another resolution ...
+            if saved and resolution and resolution != saved:
+                raise ValueError(
+                    f"Teacher {spec.name!r}: {path} was trained at resolution {saved}, not {resolution}; "
+                    "leave the teacher resolution unset (it is read from the file)."
+                ) from None
+            hint = (
+                ""
+                if saved
+                else " If it was written by an older openvla-align, pass its resolution (112 for the demo's)."
+            )
             raise ValueError(
-                f"Teacher {spec.name!r}: {path} does not hold its weights ({type(exc).__name__}: {exc}). "
-                "Run `openvla-align demo` again to write them."
+                f"Teacher {spec.name!r}: {path} does not hold its weights ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:300]}). Run `openvla-align demo` again to write them.{hint}"
             ) from None
         return teacher.freeze()
 

@@ -328,6 +328,7 @@ def build_tokenizer(text_vocab: int = 480, corpus: Sequence[str] = ()):
         pad_token="<pad>",
         padding_side="right",
         model_max_length=512,
+        clean_up_tokenization_spaces=False,  # a BPE tokenizer, as Llama's (OpenVLA's tokenizer config says false too)
     )
     return fast
 
