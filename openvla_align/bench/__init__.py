@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..argtypes import positive_int
 from .memory import memory_modes, peak_memory  # noqa: F401
 from .model import (  # noqa: F401
     CPU_SCALE,
@@ -224,9 +225,11 @@ def _cmd_bench(args) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every mode once)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per mode per round (after one warm-up step)")
-    p.add_argument("--batch-size", type=int, default=2, help="samples per training step")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (each runs every mode once)")
+    p.add_argument(
+        "--steps", type=positive_int, default=4, help="timed steps per mode per round (after one warm-up step)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=2, help="samples per training step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--out", default="bench.json", help="JSON with every figure, for later comparison")
     p.add_argument("--no-memory", action="store_true", help="skip the per-mode memory processes")
@@ -243,6 +246,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="instead: the evaluation policy's throughput, KV-cached decoding vs a full forward per action token",
     )
-    p.add_argument("--policy-batch", type=int, default=64, help="frames per policy call (the reference infers 64)")
+    p.add_argument(
+        "--policy-batch", type=positive_int, default=64, help="frames per policy call (the reference infers 64)"
+    )
     p.set_defaults(func=_cmd_bench)
     return p

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..argtypes import positive_int
 from ..vla.checkpoint import CameraView, load_image, load_vla, parse_model, release_memory, vqa_prompt
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def add_camera_args(p) -> None:
     """--num-images/--images, for multi-camera models (OpenVLA-OFT); shared by the probe commands."""
     p.add_argument(
         "--num-images",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="OpenVLA-OFT: the cameras the model was trained with (its --num_images_in_input; OFT checkpoints do not "

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from .. import dtypes
 from .._io import atomic_write
-from ..argtypes import existing_dir, nonnegative_int, positive_int
+from ..argtypes import existing_dir, nonnegative_int, positive_float, positive_int
 from ..vla.checkpoint import CameraView, parse_model, resolve_device_dtype
 from . import feature_cache
 from .feature_cache import CACHE_FORMAT  # noqa: F401  (re-exported)
@@ -474,7 +474,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--epochs", type=positive_int, default=DEFAULTS["epochs"], help="classifier epochs (default: %(default)s)"
     )
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="classifier AdamW lr (default: %(default)s)")
+    p.add_argument(
+        "--lr", type=positive_float, default=DEFAULTS["lr"], help="classifier AdamW lr (default: %(default)s)"
+    )
     p.add_argument(
         "--weight-decay",
         type=float,
@@ -483,7 +485,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=nonnegative_int,
         default=DEFAULTS["batch_size"],
         help="classifier batch size, 0 = full batch (default: %(default)s)",
     )

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write_bytes
+from ..argtypes import existing_dir, positive_float, positive_int
 from ..vla.checkpoint import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
 from ..vla.layout import check_layers
 from .attention import add_model_args, layers_arg, parse_layers
@@ -403,7 +404,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(p)
-    p.add_argument("--data", required=True, help="directory with one subdirectory of images per class")
+    p.add_argument(
+        "--data", type=existing_dir, required=True, help="directory with one subdirectory of images per class"
+    )
     p.add_argument("--classes", required=True, help="comma-separated class subdirectories, e.g. cup,bottle,knife")
     p.add_argument(
         "--layers", type=layers_arg, required=True, help="decoder layers (1-based), e.g. '1,10,20' or '8-16'"
@@ -419,11 +422,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_TEMPLATE,
         help="question with {} for the class name, wrapped as 'In: ...\\nOut:' (default: %(default)r)",
     )
-    p.add_argument("--k", type=int, default=5, help="neighbours for the leave-one-out k-NN score (default 5)")
+    p.add_argument("--k", type=positive_int, default=5, help="neighbours for the leave-one-out k-NN score (default 5)")
     p.add_argument("--metric", choices=METRICS, default="euclidean", help="distance for k-NN, silhouette and t-SNE")
-    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity, clamped to (images - 1) / 3")
+    p.add_argument(
+        "--perplexity", type=positive_float, default=30.0, help="t-SNE perplexity, clamped to (images - 1) / 3"
+    )
     p.add_argument("--seed", type=int, default=0, help="t-SNE seed")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     p.add_argument("--out", required=True, help="output PNG; a JSON summary goes next to it (same name, .json)")
     p.set_defaults(func=_cmd_tsne)
     return p

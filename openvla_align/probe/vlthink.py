@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import dtypes
 from .._io import atomic_write_bytes
+from ..argtypes import existing_file, positive_int
 from ..vla.checkpoint import (
     LoadedVLA,
     apply_adapter,
@@ -361,12 +362,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter on the single --model (same as DIR::ADAPTER)")
     p.add_argument(
         "--data",
+        type=existing_file,
         metavar="FILE",
         help="ground truth: JSON Lines or a JSON list of {image, board, present, position, domain} items",
     )
     p.add_argument("--out", default="vlthink_out", help="output directory (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions per forward (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="answer length cap (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="questions per forward (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=12, help="answer length cap (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=dtypes.CHOICES, help="bfloat16 on cuda, else float32")
     p.add_argument(
