@@ -26,6 +26,7 @@ __all__ = [
     "int_list",
     "need_dir",
     "need_file",
+    "need_model_dir",
     "need_output_dir",
     "nonnegative_int",
     "output_dir",
@@ -92,6 +93,17 @@ def need_dir(path, what: str = "directory", *, nonempty: bool = False) -> Path:
     if nonempty and not any(path.iterdir()):
         raise FileNotFoundError(f"{what} {str(path)!r} is empty")
     return path
+
+
+def need_model_dir(path, adapter=None, what: str = "model", adapter_what: str = "adapter") -> Path:
+    """``path`` as a Path if it is a checkpoint directory (with ``config.json``) and ``adapter``, when given, a PEFT
+    adapter directory (with ``adapter_config.json``); else the error that names which and why (nothing is loaded)."""
+    model = need_dir(path, what)
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} has no config.json: not a checkpoint directory.")
+    if adapter and not (need_dir(adapter, adapter_what) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_what} {str(adapter)!r} has no adapter_config.json: not a PEFT adapter.")
+    return model
 
 
 def need_file(path, what: str = "file") -> Path:

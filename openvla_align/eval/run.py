@@ -30,7 +30,7 @@ import torch
 
 from .. import dtypes
 from .._io import read_yaml
-from ..argtypes import int_list, need_dir, nonnegative_int, positive_int
+from ..argtypes import int_list, need_model_dir, nonnegative_int, positive_int
 from .results import RESULT_FILE, write_result
 
 logger = logging.getLogger(__name__)
@@ -295,10 +295,7 @@ def _cmd_run(args) -> int:
     recipe.check("--seeds/--num-envs")
     check_backends(args.sim_backend, args.render_backend, recipe.num_envs)
     vla_path, adapter = parse_model(args.vla_path, args.adapter)
-    if not (need_dir(vla_path, "--vla-path") / "config.json").is_file():
-        raise FileNotFoundError(f"--vla-path {str(vla_path)!r} has no config.json: not a checkpoint directory.")
-    if adapter and not (need_dir(adapter, "--adapter") / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--adapter {str(adapter)!r} has no adapter_config.json: not a PEFT adapter.")
+    need_model_dir(vla_path, adapter, "--vla-path", "--adapter")
     check_env_ids(recipe.envs)
     loaded = load_vla(vla_path, adapter, device=args.device, dtype=args.dtype, attn_implementation=None)
     policy = BatchedPolicy(loaded, args.unnorm_key or recipe.unnorm_key)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import dtypes
 from .._io import atomic_write, sha256_file
-from ..argtypes import need_dir
+from ..argtypes import need_model_dir
 
 if TYPE_CHECKING:
     from .features import ModelSpec
@@ -59,13 +59,7 @@ def check_model(spec: ModelSpec) -> None:
         if spec.teacher_path and not Path(spec.teacher_path).expanduser().exists():
             raise FileNotFoundError(f"Teacher weights {spec.teacher_path} for {spec.label} do not exist.")
         return
-    model = need_dir(spec.path, "model")
-    if not (model / "config.json").is_file():
-        raise FileNotFoundError(f"model {spec.path!r} has no config.json: not a checkpoint directory.")
-    if spec.adapter:
-        adapter = need_dir(spec.adapter, "adapter")
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter {spec.adapter!r} has no adapter_config.json: not a PEFT adapter.")
+    need_model_dir(spec.path, spec.adapter)
 
 
 def model_key(spec: ModelSpec, layer: int, prompt: str, dtype: str, teacher_kwargs, view=None) -> Dict[str, Any]:
