@@ -43,7 +43,7 @@ def write_episode_gif(
 ) -> Path:
     """``frames`` (uint8 H x W x 3; frame 0 after reset, frame t after step t) at the control rate (5 Hz), with the
     instruction on every frame and, from ``success_step`` on, "success at step N": in a scalable font sized to the
-    frame (17 px on the simulator's 640 x 480) on a dark band across the top, wrapped to the frame's width."""
+    frame (21 px on the simulator's 640 x 480) on a dark band across the top, wrapped to the frame's width."""
     from PIL import Image, ImageDraw
 
     from .._io import atomic_write_bytes
@@ -52,7 +52,7 @@ def write_episode_gif(
     for t, frame in enumerate(frames):
         im = Image.fromarray(np.asarray(frame, dtype=np.uint8)).convert("RGB")
         if font is None:
-            size = max(12, im.height // 28)
+            size = max(12, im.height // 22)
             font, pad = _font(size), max(3, size // 4)
         draw = ImageDraw.Draw(im, "RGBA")
         lines = [(text, (255, 255, 255)) for text in _wrap(draw, instruction, font, im.width - 2 * pad)]
