@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 __all__ = [
     "existing_dir",
@@ -32,6 +32,7 @@ __all__ = [
     "output_dir",
     "positive_float",
     "positive_int",
+    "shard_spec",
 ]
 
 
@@ -79,6 +80,22 @@ def int_list(text: str) -> List[int]:
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"{text!r} names a value twice")
     return values
+
+
+def shard_spec(text: str) -> Tuple[int, int]:
+    """``K/N``: the K-th of N shares, ``0 <= K < N`` (a SLURM array's ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``
+    with ``--array=0-(N-1)``)."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N (e.g. 0/4: the first of four shares)")
+    k, n = (int(p) for p in parts)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: N must be at least 1")
+    if k >= n:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: K counts from 0 and must be below N ({n}), e.g. 0/{n} to {n - 1}/{n}"
+        )
+    return k, n
 
 
 # ------------------------------------------------------------------------------------------------- paths

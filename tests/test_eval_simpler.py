@@ -232,7 +232,8 @@ REAL_ENVS = [
 @needs_simulator
 def test_eval_run_in_the_real_simulator(tmp_path, vla, tokenizer):
     """`eval run` on the real forks (CPU physics and software rendering, one env per process) for a few steps per
-    environment, with a tiny checkpoint; `eval report` reads what it wrote."""
+    environment, with a tiny checkpoint, under torchrun with 2 ranks (2 environments each); a re-run finds every pair
+    done; `eval report` reads what it wrote."""
     from openvla_align.testing import save_tiny_checkpoint
 
     stats = {"action": {"q01": Q01, "q99": Q99, "mask": MASK}}
@@ -245,8 +246,15 @@ def test_eval_run_in_the_real_simulator(tmp_path, vla, tokenizer):
     cmd = [SIMPLER_PYTHON, "-m", "openvla_align.cli", "eval", "run", str(recipe), "--vla-path", str(tmp_path / "ckpt")]
     cmd += ["--out", str(out), "--device", "cpu", "--dtype", "float32", "--sim-backend", "cpu"]
     cmd += ["--render-backend", "cpu", "--video", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    torchrun = [SIMPLER_PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *cmd[1:]]
+    proc = subprocess.run(
+        torchrun, capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0/2: 2 evaluated" in proc.stdout and "rank 1/2: 2 evaluated" in proc.stdout, proc.stdout
+    assert "4 evaluated by 2 ranks, 0 already there, 0 missing" in proc.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "all 4 (env, seed) pairs already evaluated" in again.stdout, again.stderr[-3000:]
     from PIL import Image
 
     for env_id in REAL_ENVS:
@@ -255,6 +263,8 @@ def test_eval_run_in_the_real_simulator(tmp_path, vla, tokenizer):
         (episode,) = result["episodes"]
         assert result["episode_len"] == 3 and episode["env_seed"] == 0 and episode["instruction"]
         assert set(episode) == {"success", "instruction", "first_success_step", "env_seed"}
+        made_by = result["identity"]
+        assert (made_by["simulator"], made_by["sim_backend"], made_by["num_envs"]) == ("simpler", "cpu", 1)
         gif = Image.open(where / "episode_0.gif")  # --video 1: reset + 3 steps of the real renderer's frames
         assert gif.n_frames == 4 and gif.size == (640, 480)
     report = subprocess.run(

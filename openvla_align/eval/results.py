@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .identity import signature
+
 RESULT_FILE = "result.json"
 REFERENCE_FILE = "stats.yaml"
 ENV_PATTERN = re.compile(r"^[A-Za-z0-9]+-v\d+$")
@@ -26,6 +28,8 @@ class Run:
     cells: Dict[Tuple[str, str, str], float] = field(default_factory=dict)
     episodes: Dict[Tuple[str, str, str], int] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)
+    # identity signature (see ``identity.signature``) -> the (env_id, obj_set, seed) cells it produced
+    identities: Dict[Tuple, List[Tuple[str, str, str]]] = field(default_factory=dict)
 
     def envs(self) -> List[str]:
         return sorted({env for env, _, _ in self.cells})
@@ -45,13 +49,22 @@ def _read_reference(path: Path) -> Tuple[float, Optional[int]]:
     return rate, len(instructions) if isinstance(instructions, dict) else None
 
 
-def _read_ours(path: Path) -> Tuple[float, int]:
-    data = json.loads(path.read_text())
-    episodes = data.get("episodes")
+def read_result(path: Path) -> dict:
+    """A ``result.json``; ``ValueError`` when it is not one (e.g. cut short by a crash: never a success rate)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): cut short by a crash?") from exc
+    episodes = data.get("episodes") if isinstance(data, dict) else None
     if not isinstance(episodes, list) or not episodes:
         raise ValueError(f"{path} has no per-episode successes (`episodes`)")
-    successes = [bool(e["success"] if isinstance(e, dict) else e) for e in episodes]
-    return sum(successes) / len(successes), len(successes)
+    return data
+
+
+def _read_ours(path: Path) -> Tuple[float, int, Optional[dict]]:
+    data = read_result(path)
+    successes = [bool(e["success"] if isinstance(e, dict) else e) for e in data["episodes"]]
+    return sum(successes) / len(successes), len(successes), data.get("identity")
 
 
 def load_run(root, label: Optional[str] = None, obj_set: Optional[str] = None) -> Run:
@@ -74,7 +87,8 @@ def load_run(root, label: Optional[str] = None, obj_set: Optional[str] = None) -
                     continue
                 try:
                     if found[0] == RESULT_FILE:
-                        rate, n = _read_ours(seed_dir / RESULT_FILE)
+                        rate, n, ident = _read_ours(seed_dir / RESULT_FILE)
+                        run.identities.setdefault(signature(ident), []).append(key)
                     else:
                         rate, n = _read_reference(seed_dir / REFERENCE_FILE)
                 except (ValueError, KeyError, TypeError, OSError) as exc:
@@ -83,6 +97,14 @@ def load_run(root, label: Optional[str] = None, obj_set: Optional[str] = None) -
                 run.cells[key] = rate
                 if n is not None:
                     run.episodes[key] = n
+    if len(run.identities) > 1:
+        groups = sorted(run.identities.values(), key=len, reverse=True)
+        counts = ", ".join(f"{len(g)} like {'/'.join(g[0])}" for g in groups)
+        raise ValueError(
+            f"{root} holds results of {len(groups)} different models or settings ({counts}), which must not be "
+            "averaged: evaluate each model into its own directory (`eval run --out`), or re-run the odd ones with "
+            "`eval run --overwrite`."
+        )
     if not run.cells:
         raise FileNotFoundError(
             f"No results under {root}: expected {root}/<env_id>/<obj_set>/<seed>/{RESULT_FILE} (openvla-align) "

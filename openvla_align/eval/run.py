@@ -4,8 +4,11 @@ A recipe (``recipes/eval/*.yaml``) names the environments, seeds, parallel envir
 and unnorm key. For each (environment, seed) the runner resets a batched environment, feeds every step's images
 and instructions to the model in one batch, turns the 7 greedy action tokens into un-normalised 7-D actions (as
 OpenVLA's ``predict_action`` does, for the whole batch at once) and records per-episode success ("success once",
-as the reference counts it) to ``OUT/<env_id>/<obj_set>/<seed>/result.json``. Finished (environment, seed) pairs
-are skipped on a re-run, so an interrupted evaluation resumes.
+as the reference counts it) to ``OUT/<env_id>/<obj_set>/<seed>/result.json``, with the identity of what produced it
+(``identity.py``: the weights' fingerprint, unnorm key, settings). A re-run skips the pairs this model and setting
+already finished, so an interrupted evaluation resumes; results of another model or setting stop it before the VLA
+is loaded. ``--shard K/N`` and ``torchrun`` split the pairs over jobs and ranks (``shard.py``); the simulator is
+the recipe's ``simulator:`` (``simulators.py``; default ``simpler``).
 
 The environment contract (``simpler.SimplerEnv`` builds the paper's environments as the reference does):
 ``reset(obj_set) -> (images uint8 (B, H, W, 3), instructions [B], info)`` and
@@ -23,15 +26,16 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .. import dtypes
 from .._io import read_yaml
-from ..argtypes import int_list, need_model_dir, nonnegative_int, positive_int
-from .results import RESULT_FILE, write_result
+from ..argtypes import int_list, need_model_dir, nonnegative_int, positive_int, shard_spec
+from . import identity as identities
+from .results import RESULT_FILE, read_result, write_result
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ class EvalRecipe:
     obj_set: str = "test"
     episode_len: int = 80
     unnorm_key: str = "sft"
+    simulator: str = "simpler"  # see eval.simulators
 
     @classmethod
     def load(cls, path) -> "EvalRecipe":
@@ -203,6 +208,51 @@ def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
+def pairs_of(recipe: EvalRecipe) -> List[Tuple[str, int]]:
+    """The recipe's (environment, seed) pairs, in a fixed order (environments, then seeds)."""
+    return [(env_id, seed) for env_id in recipe.envs for seed in recipe.seeds]
+
+
+def result_path(out, recipe: EvalRecipe, env_id: str, seed: int) -> Path:
+    return Path(out) / env_id / recipe.obj_set / str(seed) / RESULT_FILE
+
+
+def plan(recipe: EvalRecipe, out, pairs=None, identity: Optional[Dict] = None, overwrite: bool = False):
+    """``(todo, done)`` among ``pairs`` (all of the recipe's by default): a pair is done when its ``result.json``
+    reads and was produced by ``identity`` (any readable one when ``identity`` is None). A result cut short by a
+    crash is re-run (logged); a result of another model or setting stops everything (:class:`ResultConflict`)
+    unless ``overwrite``."""
+    todo, done, conflicts = [], [], []
+    for env_id, seed in pairs_of(recipe) if pairs is None else pairs:
+        path = result_path(out, recipe, env_id, seed)
+        if overwrite or not path.exists():
+            todo.append((env_id, seed))
+            continue
+        try:
+            have = read_result(path).get("identity")
+        except (ValueError, OSError) as exc:
+            logger.warning("%s; evaluating it again", exc)
+            todo.append((env_id, seed))
+            continue
+        diffs = identities.differences(have, identity) if identity is not None else []
+        if diffs:
+            conflicts.append((path, diffs, have))
+        else:
+            done.append((env_id, seed))
+    if conflicts:
+        path, diffs, have = conflicts[0]
+        raise ResultConflict(
+            f"{Path(out)} already holds results of another model or setting for {len(conflicts)} of these "
+            f"(env, seed) pairs ({path}: {identities.describe(diffs, have)}): pass --out DIR to keep both, or "
+            "--overwrite to replace them"
+        )
+    return todo, done
+
+
+class ResultConflict(ValueError):
+    """Results on disk that another model or setting produced."""
+
+
 def run_recipe(
     recipe: EvalRecipe,
     policy: Callable,
@@ -213,8 +263,12 @@ def run_recipe(
     progress: bool = True,
     meta: Optional[Dict] = None,
     video: int = 0,
+    identity: Optional[Dict] = None,
+    pairs: Optional[Sequence[Tuple[str, int]]] = None,
+    label: str = "",
 ) -> Dict[str, object]:
-    """Evaluate every (env, seed) of ``recipe``; ``make_env(env_id, seed)`` builds a batched environment.
+    """Evaluate every (env, seed) of ``recipe`` (or ``pairs``) that :func:`plan` finds missing; ``make_env(env_id,
+    seed)`` builds a batched environment; ``identity`` is written into each ``result.json``.
 
     Each episode's record holds its instruction, "success once" (as the reference counts it), the first step at
     which it succeeded (None if never) and its environment seed (``seed * 1000 + i``). ``video`` > 0 also writes the
@@ -225,16 +279,13 @@ def run_recipe(
     from .video import write_episode_gif
 
     out = Path(out)
-    done, skipped = [], []
-    todo = []
-    for env_id in recipe.envs:
-        for seed in recipe.seeds:
-            target = out / env_id / recipe.obj_set / str(seed) / RESULT_FILE
-            (skipped if target.is_file() and not overwrite else todo).append((env_id, seed))
+    todo, skipped = plan(recipe, out, pairs, identity, overwrite)
+    done = []
     episodes = len(todo) * recipe.num_envs
+    prefix = f"[{label}] " if label else ""
     bar = tqdm(total=episodes, unit="episode", disable=not progress, dynamic_ncols=True)
     for env_id, seed in todo:
-        bar.set_description(f"{env_id} seed {seed}")
+        bar.set_description(f"{prefix}{env_id} seed {seed}")
         random.seed(seed)  # as the reference's runner, before the environment is built
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -263,6 +314,7 @@ def run_recipe(
             write_episode_gif(
                 where / f"episode_{k}.gif", kept, records[k]["instruction"], records[k]["first_success_step"]
             )
+        extra = dict(meta or {}, **({"identity": identity} if identity is not None else {}))
         write_result(
             out,
             env_id,
@@ -272,42 +324,104 @@ def run_recipe(
             records,
             episode_len=recipe.episode_len,
             suite=recipe.suite,
-            **(meta or {}),
+            **extra,
         )
         done.append((env_id, seed))
         bar.update(n)
-        bar.write(f"{env_id} seed {seed}: success {success.mean():.3f} over {n} episodes")
+        bar.write(f"{prefix}{env_id} seed {seed}: success {success.mean():.3f} over {n} episodes")
     bar.close()
     return {"evaluated": done, "skipped": skipped, "out": str(out)}
 
 
+def default_out(vla_path, adapter, fingerprint: str) -> Path:
+    """``eval/<adapter or model directory name>-<8 hex of the weights' fingerprint>``: two models that share a
+    directory name (``runs/a/merged``, ``runs/b/merged``) get two directories."""
+    return Path("eval") / f"{Path(adapter or vla_path).name}-{fingerprint.split(':')[-1][:8]}"
+
+
 def _cmd_run(args) -> int:
     from ..vla.checkpoint import load_vla, parse_model
-    from .simpler import SimplerEnv, check_backends, check_env_ids
+    from . import simulators
+    from .shard import Group, Ranks
 
     # cheap checks first, what the user typed before what the machine lacks: the recipe and backends, the model's
-    # files, the environment ids, then the simulator, then loading the VLA
+    # files, the environment ids (which need the simulator), the results already on disk; then loading the VLA
     recipe = EvalRecipe.load(args.recipe)
     if args.seeds:
         recipe.seeds = list(args.seeds)
     if args.num_envs:
         recipe.num_envs = args.num_envs
     recipe.check("--seeds/--num-envs")
-    check_backends(args.sim_backend, args.render_backend, recipe.num_envs)
+    env_cls = simulators.resolve(recipe.simulator)
+    simulators.check(env_cls, "check_settings", recipe.num_envs, args.sim_backend, args.render_backend)
+    ranks = Ranks.from_env(args.shard or (0, 1))
+    device = ranks.device(args.device, torch.cuda.device_count() if args.device.startswith("cuda") else 0)
     vla_path, adapter = parse_model(args.vla_path, args.adapter)
     need_model_dir(vla_path, adapter, "--vla-path", "--adapter")
-    check_env_ids(recipe.envs)
-    loaded = load_vla(vla_path, adapter, device=args.device, dtype=args.dtype, attn_implementation=None)
-    policy = BatchedPolicy(loaded, args.unnorm_key or recipe.unnorm_key)
+    simulators.check(env_cls, "check_env_ids", recipe.envs)
+    unnorm_key = args.unnorm_key or recipe.unnorm_key
+    identity = identities.build(
+        vla_path,
+        adapter,
+        unnorm_key=unnorm_key,
+        recipe=recipe,
+        simulator=recipe.simulator,
+        sim_backend=args.sim_backend,
+        render_backend=args.render_backend,
+        dtype=args.dtype,
+    )
+    out = Path(args.out) if args.out else default_out(vla_path, adapter, identity["fingerprint"])
+    shard_pairs = ranks.of_shard(pairs_of(recipe))
+    todo, _ = plan(recipe, out, pairs_of(recipe), identity, args.overwrite)  # every pair: a conflict stops all
+    todo = [p for p in todo if p in set(shard_pairs)]
+    group = Group(ranks)
+    try:
+        group.barrier()  # every rank has listed what is missing before any rank writes
+        mine = ranks.of_rank(todo)
+        evaluated: List = []
+        if mine:
+            loaded = load_vla(vla_path, adapter, device=device, dtype=args.dtype, attn_implementation=None)
+            policy = BatchedPolicy(loaded, unnorm_key)
 
-    def env_cls(env_id: str, seed: int) -> SimplerEnv:
-        backends = dict(sim_backend=args.sim_backend, render_backend=args.render_backend)
-        return SimplerEnv(env_id, seed, recipe.num_envs, recipe.episode_len, **backends)
+            def make_env(env_id: str, seed: int):
+                backends = dict(sim_backend=args.sim_backend, render_backend=args.render_backend)
+                return env_cls(env_id, seed, recipe.num_envs, recipe.episode_len, **backends)
 
-    out = args.out or str(Path("eval") / Path(adapter or vla_path).name)
-    meta = {"vla_path": str(vla_path), "adapter": str(adapter) if adapter else None}
-    summary = run_recipe(recipe, policy, env_cls, out, overwrite=args.overwrite, meta=meta, video=args.video)
-    print(f"{len(summary['evaluated'])} evaluated, {len(summary['skipped'])} already there; results in {out}")
+            meta = {"vla_path": str(vla_path), "adapter": str(adapter) if adapter else None}
+            summary = run_recipe(
+                recipe,
+                policy,
+                make_env,
+                out,
+                overwrite=args.overwrite,
+                meta=meta,
+                video=args.video,
+                identity=identity,
+                pairs=mine,
+                label=ranks.label,
+            )
+            evaluated = summary["evaluated"]
+        if ranks.world > 1:
+            print(f"{ranks.label}: {len(evaluated)} evaluated", flush=True)
+        group.barrier()  # rank 0 sums up once every rank is through
+    finally:
+        group.close()
+    if ranks.rank == 0:
+        missing, done = plan(recipe, out, shard_pairs, identity)
+        scope = f" of {ranks.label.split(',')[0]}" if ranks.shards > 1 else ""
+        if not todo:
+            print(
+                f"all {len(done)} (env, seed) pairs{scope} already evaluated for this model and setting (the VLA "
+                f"was not loaded); results in {out}"
+            )
+        else:
+            now = len(todo) - len([p for p in missing if p in set(todo)])
+            by = f" by {ranks.world} ranks" if ranks.world > 1 else ""
+            print(
+                f"{now} evaluated{by}, {len(done) - now} already there, {len(missing)} missing{scope}; results in {out}"
+            )
+        if missing:
+            return 1
     return 0
 
 
@@ -316,13 +430,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("recipe", help="evaluation recipe, e.g. recipes/eval/ood.yaml or recipes/eval/vlthink.yaml")
     p.add_argument("--vla-path", required=True, help="base or merged OpenVLA checkpoint directory")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory on top of --vla-path")
-    p.add_argument("--out", default=None, help="results directory (default: eval/<adapter or model name>)")
+    p.add_argument(
+        "--out", default=None, help="results directory (default: eval/<adapter or model name>-<weights fingerprint>)"
+    )
     p.add_argument("--unnorm-key", default=None, help="override the recipe's unnorm key")
     p.add_argument("--seeds", type=int_list, default=None, help="comma-separated seeds instead of the recipe's")
     p.add_argument("--num-envs", type=positive_int, default=None, help="parallel environments instead of the recipe's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the VLA")
     p.add_argument("--dtype", default="bfloat16", choices=dtypes.CHOICES, help="dtype of the VLA")
-    p.add_argument("--overwrite", action="store_true", help="re-run (env, seed) pairs that already have results")
+    p.add_argument(
+        "--overwrite", action="store_true", help="re-run (env, seed) pairs that already have results, whoever made them"
+    )
+    p.add_argument(
+        "--shard",
+        type=shard_spec,
+        default=None,
+        metavar="K/N",
+        help="evaluate the K-th of N shares of the (env, seed) pairs (K from 0; e.g. a SLURM array task); under "
+        "torchrun the ranks also split the pending pairs among them",
+    )
     p.add_argument(
         "--video",
         type=nonnegative_int,

@@ -130,6 +130,14 @@ class SimplerEnv:
         self.seeds = env_seeds(seed, num_envs)
         self.env.reset(seed=self.seeds)
 
+    @staticmethod
+    def check_settings(num_envs: int, sim_backend: str, render_backend: str) -> None:
+        check_backends(sim_backend, render_backend, num_envs)
+
+    @staticmethod
+    def check_env_ids(env_ids: Sequence[str]) -> None:
+        check_env_ids(env_ids)
+
     def reset(self, obj_set: str) -> Tuple[np.ndarray, List[str], dict]:
         obs, info = self.env.reset(options={"obj_set": obj_set})
         return self._images(obs), list(self.env.unwrapped.get_language_instruction()), info
