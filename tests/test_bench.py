@@ -2,12 +2,18 @@
 the same loss as the hook. (The bench measures speed and memory; these tests check what it computes, not how fast.)"""
 
 import json
+import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import transformers
 
 from openvla_align import bench
 from openvla_align.cli import main
+
+from conftest import cli_fails
 
 
 def test_the_four_modes_compute_the_same_alignment_loss(tmp_path):
@@ -112,30 +118,69 @@ def test_policy_bench_is_for_openvla_decoding_only():
         main(["bench", "--policy", "--family", "openvla-oft", "--scale", "smoke"])
 
 
-def test_policy_throughput_reports_both_decoding_paths(tmp_path, capsys):
-    """`bench --policy`: both decoding paths run on the same frames and the figures are printed and saved (their
-    values are the benchmark's business, not this test's)."""
-    assert (
-        main(
-            [
-                "bench",
-                "--policy",
-                "--scale",
-                "smoke",
-                "--rounds",
-                "1",
-                "--policy-batch",
-                "3",
-                "--out",
-                str(tmp_path / "p.json"),
-            ]
-        )
-        == 0
-    )
+BLINDVLA = Path(os.environ.get("OPENVLA_UPSTREAM", Path(__file__).resolve().parents[2] / "shared" / "upstream"))
+BLINDVLA = BLINDVLA / "blindvla"
+REFERENCE_TOO_NEW = int(transformers.__version__.split(".")[0]) >= 5  # its HF classes import transformers 4 names
+
+
+@pytest.mark.skipif(
+    not (BLINDVLA / "openvla" / "prismatic" / "extern" / "hf").is_dir(),
+    reason=f"the reference's HF classes are not at {BLINDVLA} (../shared/upstream/blindvla, or OPENVLA_UPSTREAM)",
+)
+def test_policy_bench_runs_the_reference_ours_and_the_floor_on_identical_tokens(tmp_path, capsys):
+    """`bench --policy`: BlindVLA's predict_action_batch, eval run's policy and the prefill floor run on one
+    checkpoint; the reference and ours choose identical action tokens (the bench stops otherwise), and the figures
+    are printed and saved (their values are the benchmark's business, not this test's). Under transformers 5, where
+    the reference's classes do not import, the bench says so in one line."""
+    argv = ["bench", "--policy", "--scale", "smoke", "--rounds", "1", "--policy-batches", "1,3"]
+    if REFERENCE_TOO_NEW:
+        cli_fails(capsys, [*argv, "--reference-src", str(BLINDVLA)], r"run bench --policy in an OpenVLA environment")
+        return
+    assert main([*argv, "--reference-src", str(BLINDVLA), "--out", str(tmp_path / "p.json")]) == 0
     out = capsys.readouterr().out
-    assert "eval policy at batch 3 (smoke scale): KV cache" in out and "full re-forward per token" in out
+    assert "eval policy vs the reference's predict_action_batch (smoke scale" in out
     result = json.loads((tmp_path / "p.json").read_text())
-    assert set(result["actions_per_s"]) == {"kv_cache", "full_forward"} and result["batch"] == 3
-    assert result["speedup"] == pytest.approx(
-        result["actions_per_s"]["kv_cache"] / result["actions_per_s"]["full_forward"], rel=0.02
-    )
+    assert set(result["batches"]) == {"1", "3"}
+    for r in result["batches"].values():
+        assert r["identical_tokens"] and set(r["actions_per_s"]) == {"reference", "ours", "floor"}
+    assert 0 < result["analytic_7b"]["ours_extra_over_floor"] < result["analytic_7b"]["reference_extra_over_floor"]
+
+
+@pytest.mark.skipif(
+    not (BLINDVLA / "openvla").is_dir() or REFERENCE_TOO_NEW,
+    reason="needs the reference's HF classes (../shared/upstream/blindvla) and transformers 4.x, which they import",
+)
+def test_policy_tokens_match_the_reference_token_for_token(tmp_path):
+    """The check the bench relies on, made directly, at two batch sizes and with different frames per row."""
+    from openvla_align.bench import policy
+    from openvla_align.eval.run import BatchedPolicy
+    from openvla_align.vla.checkpoint import load_vla
+
+    checkpoint = policy._build(policy.reference_files(BLINDVLA), bench.SMOKE_SCALE, tmp_path / "ckpt")
+    reference = policy.Reference(checkpoint, "cpu")
+    ours = BatchedPolicy(load_vla(checkpoint, device="cpu", dtype="float32"), policy.UNNORM_KEY)
+    frames = np.random.default_rng(1).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    pixels = policy._pixels(checkpoint, frames, "cpu")
+    row = ours.rows(["open the drawer"])[0]
+    for n in (1, 5):
+        ids = reference(torch.tensor([row] * n), pixels[:n])
+        assert ids.shape == (n, 7) and (ids >= 32000 - 256).all() and (ids < 32000).all()
+        np.testing.assert_array_equal(ours.decode([row] * n, pixels[:n]), ids)
+        np.testing.assert_array_equal(ours.decode([row] * n, pixels[:n], kv_cache=False), ids)
+        np.testing.assert_array_equal(ours.first_tokens([row] * n, pixels[:n]), ids[:, 0])
+
+
+def test_policy_bench_needs_the_reference(tmp_path):
+    from openvla_align.bench.policy import reference_files
+
+    with pytest.raises(SystemExit, match="pass --reference-src"):
+        main(["bench", "--policy", "--scale", "smoke"])
+    with pytest.raises(FileNotFoundError, match="holds no prismatic/extern/hf/modeling_prismatic.py"):
+        reference_files(tmp_path)
+    hf = tmp_path / "openvla" / "prismatic" / "extern" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "modeling_prismatic.py").write_text(
+        "class OpenVLAForActionPrediction:\n    pass\n"
+    )  # OpenVLA's, not BlindVLA's
+    with pytest.raises(ValueError, match="has no predict_action_batch: --reference-src must be a checkout of"):
+        reference_files(tmp_path)

@@ -48,6 +48,7 @@ def test_every_readme_example_parses(argv, monkeypatch):
 
     for check in ("need_dir", "need_file", "need_output_dir"):  # the examples' paths are not on this machine
         monkeypatch.setattr(argtypes, check, lambda path, *args, **kwargs: Path(path))
+    argv = [a.replace("$SLURM_ARRAY_TASK_ID", "3") for a in argv]  # what SLURM puts there, in an array job
     args = build_parser(argv).parse_args(argv)
     assert callable(args.func)
 

@@ -8,6 +8,9 @@ Four ways to run a step, on one model, interleaved round by round so that drift 
   reference  the reference implementation's approach: ``output_hidden_states=True`` (every layer returned), the
              layer sliced from that tuple, plus the live teacher
 
+``--policy`` instead measures evaluation: ``eval run``'s policy against the reference's ``predict_action_batch`` and
+the prefill floor (``policy.py``).
+
 The model is OpenVLA-7B + C-RADIOv3-L scaled down so that it runs on a CPU: widths / 8 and depths / 4 for every
 component, the same 256 visual tokens per image and the same prompt length, so the vision : LLM : teacher FLOP
 proportions stay close to the full-size ones (both are printed). ``--family openvla-oft`` gives the same model
@@ -31,7 +34,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..argtypes import positive_int
+from ..argtypes import existing_dir, int_list, positive_int
 from .memory import memory_modes, peak_memory  # noqa: F401
 from .model import (  # noqa: F401
     CPU_SCALE,
@@ -199,7 +202,14 @@ def _cmd_bench(args) -> int:
                 "decodes its whole action chunk in one forward. Drop --family, or drop --policy to time OFT's "
                 "training step."
             )
-        result = policy_throughput(SCALES[args.scale], args.policy_batch, args.rounds, args.device)
+        if args.reference_src is None:
+            raise SystemExit(
+                "bench --policy compares eval run's policy with the reference's predict_action_batch: pass "
+                "--reference-src, a checkout of CognitiveAISystems/BlindVLA (or its openvla/ folder)"
+            )
+        result = policy_throughput(
+            args.reference_src, SCALES[args.scale], args.policy_batches, args.rounds, args.device
+        )
         print(format_policy(result))
         if args.out:
             from .._io import atomic_write_bytes
@@ -244,10 +254,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--policy",
         action="store_true",
-        help="instead: the evaluation policy's throughput, KV-cached decoding vs a full forward per action token",
+        help="instead: eval run's policy against the reference's predict_action_batch and the prefill floor",
     )
     p.add_argument(
-        "--policy-batch", type=positive_int, default=64, help="frames per policy call (the reference infers 64)"
+        "--policy-batches",
+        type=int_list,
+        default=[1, 8, 64],
+        help="frames per policy call, comma-separated (the reference evaluates 64 at a time)",
+    )
+    p.add_argument(
+        "--reference-src",
+        type=existing_dir,
+        default=None,
+        help="for --policy: a checkout of CognitiveAISystems/BlindVLA (its openvla/prismatic/extern/hf is loaded)",
     )
     p.set_defaults(func=_cmd_bench)
     return p

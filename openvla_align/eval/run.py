@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -111,25 +112,31 @@ class BatchedPolicy:
     def __call__(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> np.ndarray:
         return self.unnormalize(self.action_tokens(images, instructions))
 
+    def rows(self, instructions: Sequence[str]) -> List[List[int]]:
+        """Token rows: BOS + ``predict_action``'s prompt + the "▁" it appends."""
+        rows = [self.loaded.tokenizer(PROMPT.format(str(i).lower())).input_ids for i in instructions]
+        if self.space_id is not None:
+            rows = [r if r[-1] == self.space_id else r + [self.space_id] for r in rows]
+        return rows
+
     def prompts(self, images: Sequence[np.ndarray], instructions: Sequence[str]):
-        """Token rows (BOS + ``predict_action``'s prompt + the "▁" it appends) and the batch's pixel values."""
+        """Token rows (:meth:`rows`) and the batch's pixel values."""
         from PIL import Image
 
         loaded = self.loaded
-        rows = [loaded.tokenizer(PROMPT.format(str(i).lower())).input_ids for i in instructions]
-        if self.space_id is not None:
-            rows = [r if r[-1] == self.space_id else r + [self.space_id] for r in rows]
         pixels = loaded.pixel_values([Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images])
-        return rows, pixels.to(loaded.device, loaded.dtype)
+        return self.rows(instructions), pixels.to(loaded.device, loaded.dtype)
 
     @torch.no_grad()
     def action_tokens(self, images, instructions, *, kv_cache: bool = True) -> np.ndarray:
         """Greedy action token ids (B, action_dim), each step restricted to the 256 action tokens (as the reference's
         ``AllowedTokensLogitsProcessor``). ``kv_cache=False`` re-runs the whole multimodal forward per token."""
-        rows, pixel_values = self.prompts(images, instructions)
-        was_training = self.loaded.model.training
-        self.loaded.model.eval()
-        try:
+        return self.decode(*self.prompts(images, instructions), kv_cache=kv_cache)
+
+    @torch.no_grad()
+    def decode(self, rows: List[List[int]], pixel_values: torch.Tensor, *, kv_cache: bool = True) -> np.ndarray:
+        """:meth:`action_tokens` from token rows and pixel values already made (:meth:`prompts`)."""
+        with self._eval():
             if kv_cache:
                 return self._decode_cached(rows, pixel_values)
             from ..vla.decoding import next_token_logits
@@ -140,45 +147,74 @@ class BatchedPolicy:
                 for g, t in zip(generated, self._pick(logits).tolist()):
                     g.append(int(t))
             return np.asarray(generated)
-        finally:
-            self.loaded.model.train(was_training)
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         """Argmax over the action tokens only: ids ``[vocab_size - 256, vocab_size)``."""
         first = self.vocab_size - N_BINS
         return logits[:, first : self.vocab_size].float().argmax(-1) + first
 
-    def _decode_cached(self, rows: List[List[int]], pixel_values: torch.Tensor) -> np.ndarray:
-        """One multimodal prefill over the right-padded rows, then one single-token LLM step per action dimension.
+    @torch.no_grad()
+    def first_tokens(self, rows: List[List[int]], pixel_values: torch.Tensor) -> np.ndarray:
+        """The first action token of each row from one multimodal prefill, without a cache or further steps: the
+        floor any decoder of this policy pays (``bench --policy``)."""
+        with self._eval():
+            return self._prefill(rows, pixel_values, use_cache=False)[0].cpu().numpy()
 
-        Each new token sits at cache index ``width + t`` for every row, with its row's true position id and an
-        attention mask that hides the row's padding, so every row sees exactly what it would see alone."""
+    @contextmanager
+    def _eval(self):
+        was_training = self.loaded.model.training
+        self.loaded.model.eval()
+        try:
+            yield
+        finally:
+            self.loaded.model.train(was_training)
+
+    def _prefill(self, rows: List[List[int]], pixel_values: torch.Tensor, use_cache: bool):
+        """One multimodal forward over the right-padded rows, logits only at each row's last prompt position and
+        only for the 256 action tokens. Returns (first tokens, output, rows' lengths behind the visual tokens,
+        padding mask, head)."""
+        from ..vla.decoding import RowsHead
         from ..vla.layout import language_model
 
         loaded = self.loaded
         device = loaded.device
         ids, mask = loaded.pad(rows)
-        width = ids.shape[1]
-        out = loaded.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=True)
-        logits = out.logits
-        offset = logits.shape[1] - width  # visual tokens inserted after BOS
-        lengths = torch.tensor([len(r) + offset for r in rows], device=device)
-        last = logits[torch.arange(len(rows), device=device), lengths - 1]
-        tokens = [self._pick(last)]
+        first = self.vocab_size - N_BINS
+        lm = language_model(loaded.model)
+        head = RowsHead(lm.lm_head, first, self.vocab_size)
+        head.select(torch.tensor([len(r) - 1 for r in rows], device=device), ids.shape[1])
+        with head.installed(lm):
+            out = loaded.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=use_cache)
+        lengths = torch.tensor([len(r) + head.offset for r in rows], device=device)
+        return out.logits[:, -1].float().argmax(-1) + first, out, lengths, mask, head
+
+    def _decode_cached(self, rows: List[List[int]], pixel_values: torch.Tensor) -> np.ndarray:
+        """One multimodal prefill over the right-padded rows, then one single-token LLM step per action dimension,
+        every logit computed only where it is read (the last position, the 256 action rows).
+
+        Each new token sits at cache index ``width + t`` for every row, with its row's true position id and an
+        attention mask that hides the row's padding, so every row sees exactly what it would see alone."""
+        from ..vla.layout import language_model
+
+        token, out, lengths, mask, head = self._prefill(rows, pixel_values, use_cache=True)
+        tokens = [token]
+        offset = head.offset
         full_mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]).expand(-1, offset), mask[:, 1:]], dim=1)
         cache = _cache(out)
-        lm = language_model(loaded.model)
-        for t in range(1, self.action_dim):
-            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=1)
-            step = lm(
-                input_ids=tokens[-1][:, None],
-                attention_mask=full_mask,
-                position_ids=(lengths + t - 1)[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = _cache(step)
-            tokens.append(self._pick(step.logits[:, -1]))
+        lm = language_model(self.loaded.model)
+        head.select(None)
+        with head.installed(lm):
+            for t in range(1, self.action_dim):
+                full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=1)
+                step = lm(
+                    input_ids=tokens[-1][:, None],
+                    attention_mask=full_mask,
+                    position_ids=(lengths + t - 1)[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache = _cache(step)
+                tokens.append(step.logits[:, -1].float().argmax(-1) + head.lo)
         return torch.stack(tokens, dim=1).cpu().numpy()
 
     def unnormalize(self, token_ids: np.ndarray) -> np.ndarray:

@@ -244,13 +244,15 @@ def build_tiny_openvla_checkpoint(
     vocab_size: int = 1024,
     norm_stats: Optional[Dict] = None,
     timm_model_ids: Sequence[str] = tuple(TINY_TIMM_IDS),
+    intermediate_size: Optional[int] = None,
+    num_heads: int = 4,
 ) -> Path:
     """Save a tiny random OpenVLA (upstream classes) + processor to ``out_dir``; returns ``out_dir``.
 
     Fused DINOv2/SigLIP-style backbone shape (two pico ViT/14 towers, ``PICO_VIT``, at 224 px => 256 patches; any
-    timm ids via ``timm_model_ids``), an 18-layer Llama of
-    width ``hidden_size``, 256 action bins, norm stats under ``dataset`` (random 7-d ones, or ``norm_stats`` as
-    given: ``{dataset: {"action": ..., "proprio": ...}}``). Loads with the stock AutoClasses and
+    timm ids via ``timm_model_ids``), an 18-layer Llama of width ``hidden_size`` (``intermediate_size`` default
+    twice that, ``num_heads`` heads), 256 action bins, norm stats under ``dataset`` (random 7-d ones, or
+    ``norm_stats`` as given: ``{dataset: {"action": ..., "proprio": ...}}``). Loads with the stock AutoClasses and
     ``trust_remote_code=True``. ``src`` is any checkout whose ``prismatic/extern/hf`` holds OpenVLA's three files
     (OpenVLA's, or OpenVLA-OFT's: the classes and copied files are the checkout's).
     """
@@ -273,10 +275,10 @@ def build_tiny_openvla_checkpoint(
     text_config = LlamaConfig(
         vocab_size=padded_vocab,
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
         max_position_embeddings=2048,
         pad_token_id=pad_id,
         bos_token_id=1,

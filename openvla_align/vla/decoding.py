@@ -3,10 +3,13 @@ tokens are inserted after BOS) and batched greedy answers built on them."""
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from contextlib import contextmanager
+from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from .checkpoint import LoadedVLA
 
@@ -97,3 +100,45 @@ def greedy_answer(
     OpenVLA generation cannot do) more than pays for it. Keep ``max_new_tokens`` small."""
     ids = greedy_decode(loaded, prompts, images, max_new_tokens=max_new_tokens)
     return [decode_answer(loaded.tokenizer, g) for g in ids]
+
+
+class RowsHead(nn.Module):
+    """An LLM's output head that computes logits only where they are read: at one position per row of a
+    multi-token forward (``select(last, width)``: each row's last real text token, found behind the visual tokens the
+    model inserts after BOS) and only for the vocabulary ids ``[lo, hi)``.
+
+    Installed in place of ``lm_head`` (:meth:`installed`), it turns the prefill's logits from (B, L, vocab) into
+    (B, 1, hi - lo): OpenVLA-7B's full-vocabulary logits at every prompt position of a batch of 64 are
+    64 x ~290 x 32064 floats (2.4 GB in fp32). A plain ``nn.Linear`` head is sliced to its ``[lo, hi)`` rows; any
+    other head (a LoRA-wrapped one) runs whole on the selected positions and is sliced after."""
+
+    def __init__(self, head: nn.Module, lo: int, hi: int):
+        super().__init__()
+        self.head, self.lo, self.hi = head, lo, hi
+        self.last: Optional[torch.Tensor] = None
+        self.width = 0
+        self.offset: Optional[int] = None
+
+    def select(self, last: Optional[torch.Tensor], width: int = 0) -> None:
+        """Rows' last real text positions (``None``: every position, as for single-token cached steps)."""
+        self.last, self.width, self.offset = last, width, None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.last is not None and hidden.shape[1] > 1:
+            self.offset = hidden.shape[1] - self.width  # visual tokens inserted after BOS
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            hidden = hidden[rows, self.last + self.offset][:, None]
+        if type(self.head) is nn.Linear:
+            bias = self.head.bias[self.lo : self.hi] if self.head.bias is not None else None
+            return F.linear(hidden, self.head.weight[self.lo : self.hi], bias)
+        return self.head(hidden)[..., self.lo : self.hi]
+
+    @contextmanager
+    def installed(self, lm: nn.Module):
+        """``lm.lm_head`` is this head inside the block, the original again after it (also on errors)."""
+        original = lm.lm_head
+        lm.lm_head = self
+        try:
+            yield self
+        finally:
+            lm.lm_head = original
