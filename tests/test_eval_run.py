@@ -168,3 +168,24 @@ def test_kv_cached_decoding_equals_full_forwards_for_prompts_of_different_length
     assert ((cached >= policy.vocab_size - 256) & (cached < policy.vocab_size)).all()
     alone = np.concatenate([policy.action_tokens(images[i : i + 1], instructions[i : i + 1]) for i in range(3)])
     assert (alone == cached).all()  # batch-invariant
+
+
+def test_preallocated_cache_steps_give_the_growing_caches_tokens(checkpoint, monkeypatch):
+    """The decode steps write into a preallocated key/value cache on the transformers releases it supports (4.40,
+    OpenVLA's pin, and 5.x: both installed in the test environments) and choose the tokens of the growing cache."""
+    import transformers
+
+    from openvla_align.vla import decoding
+
+    policy = BatchedPolicy(load_vla(checkpoint), "sft")
+    images = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    instructions = ["put the carrot on the plate", "pick up the red cup and put it in the bowl near the left", "push"]
+    made = []
+    real = decoding.preallocated_cache
+    monkeypatch.setattr(decoding, "preallocated_cache", lambda *a: made.append(real(*a)) or made[-1])
+    static = policy.action_tokens(images, instructions)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    supported = (major, minor) == (4, 40) or major >= 5
+    assert made and all((m is not None) == supported for m in made)
+    policy.preallocate = False
+    assert (policy.action_tokens(images, instructions) == static).all()

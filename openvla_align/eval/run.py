@@ -108,6 +108,7 @@ class BatchedPolicy:
         tok = loaded.tokenizer
         space = tok.convert_tokens_to_ids("▁") if "▁" in tok.get_vocab() else None
         self.space_id = space  # predict_action appends Llama's "▁" (29871) to the prompt; so do we, when it exists
+        self.preallocate = True  # decode steps write into a preallocated key/value cache where transformers allows
 
     def __call__(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> np.ndarray:
         return self.unnormalize(self.action_tokens(images, instructions))
@@ -194,26 +195,37 @@ class BatchedPolicy:
 
         Each new token sits at cache index ``width + t`` for every row, with its row's true position id and an
         attention mask that hides the row's padding, so every row sees exactly what it would see alone."""
+        from ..vla.decoding import preallocated_cache
         from ..vla.layout import language_model
 
         token, out, lengths, mask, head = self._prefill(rows, pixel_values, use_cache=True)
         tokens = [token]
-        offset = head.offset
+        offset, steps = head.offset, self.action_dim - 1
         full_mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]).expand(-1, offset), mask[:, 1:]], dim=1)
+        length = full_mask.shape[1]
         cache = _cache(out)
+        static = preallocated_cache(language_model(self.loaded.model), cache, steps) if self.preallocate else None
+        if static is not None:  # steps write into buffers; the mask covers them, unwritten slots masked out
+            cache, full_mask = static, torch.cat([full_mask, torch.zeros_like(full_mask[:, :steps])], dim=1)
         lm = language_model(self.loaded.model)
         head.select(None)
         with head.installed(lm):
             for t in range(1, self.action_dim):
-                full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=1)
+                if static is not None:
+                    full_mask[:, length + t - 1] = 1
+                    where = {"cache_position": torch.tensor([length + t - 1], device=full_mask.device)}
+                else:
+                    full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=1)
+                    where = {}
                 step = lm(
                     input_ids=tokens[-1][:, None],
                     attention_mask=full_mask,
                     position_ids=(lengths + t - 1)[:, None],
                     past_key_values=cache,
                     use_cache=True,
+                    **where,
                 )
-                cache = _cache(step)
+                cache = static if static is not None else _cache(step)
                 tokens.append(step.logits[:, -1].float().argmax(-1) + head.lo)
         return torch.stack(tokens, dim=1).cpu().numpy()
 
