@@ -21,8 +21,6 @@ the reference spends beyond the floor at OpenVLA-7B's widths, which is the figur
 
 from __future__ import annotations
 
-import contextlib
-import io
 import statistics
 import tempfile
 import time
@@ -85,9 +83,8 @@ class Reference:
         cls = get_class_from_dynamic_module(REFERENCE_CLASS, str(checkpoint))
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the value head is not in the checkpoint: initialised, as RL4VLA's
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints its value-head mode
-                self.model = cls.from_pretrained(checkpoint, vh_mode="a0", torch_dtype=torch.float32).to(device).eval()
+        try:  # (its constructor prints "Using value head mode: a0")
+            self.model = cls.from_pretrained(checkpoint, vh_mode="a0", torch_dtype=torch.float32).to(device).eval()
         finally:
             transformers.logging.set_verbosity(verbosity)
 
