@@ -141,3 +141,17 @@ def test_fingerprint_follows_the_weights_not_the_path(tmp_path, tokenizer):
     assert identity.fingerprint(big.parent) != first
     with pytest.raises(FileNotFoundError, match="holds no weight files"):
         identity.fingerprint(tmp_path)
+
+
+def test_a_recipe_names_its_simulator(monkeypatch):
+    from openvla_align.eval import simulators
+    from openvla_align.eval.simpler import SimplerEnv
+
+    assert simulators.resolve("simpler") is SimplerEnv
+    assert simulators.resolve("standin_sim:StandInSim").__name__ == "StandInSim"
+    monkeypatch.setattr(simulators, "_entry_points", lambda: {"standin": "standin_sim:StandInSim"})
+    assert simulators.resolve("standin").__name__ == "StandInSim"  # an installed package's entry point
+    with pytest.raises(ValueError, match="unknown simulator 'libero': known simpler, standin"):
+        simulators.resolve("libero")
+    with pytest.raises(ValueError, match="cannot import standin_sim:Nope"):
+        simulators.resolve("standin_sim:Nope")
