@@ -3,6 +3,8 @@ the same loss as the hook. (The bench measures speed and memory; these tests che
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,9 +138,17 @@ def test_policy_bench_runs_the_reference_ours_and_the_floor_on_identical_tokens(
     if REFERENCE_TOO_NEW:
         cli_fails(capsys, [*argv, "--reference-src", str(BLINDVLA)], r"run bench --policy in an OpenVLA environment")
         return
-    assert main([*argv, "--reference-src", str(BLINDVLA), "--out", str(tmp_path / "p.json")]) == 0
-    out = capsys.readouterr().out
-    assert "eval policy vs the reference's predict_action_batch (smoke scale" in out
+    # the installed command, in its own process: the reference's classes are loaded as a user's run loads them
+    command = Path(sys.executable).parent / "openvla-align"
+    run = subprocess.run(
+        [str(command), *argv, "--reference-src", str(BLINDVLA), "--out", str(tmp_path / "p.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "eval policy vs the reference's predict_action_batch (smoke scale" in run.stdout
     result = json.loads((tmp_path / "p.json").read_text())
     assert set(result["batches"]) == {"1", "3"}
     for r in result["batches"].values():
