@@ -10,6 +10,7 @@ import torch
 from openvla_align.cli import main
 from openvla_align.demo import DemoConfig, report, run_demo, stages
 from openvla_align.demo import scenes as sc
+from openvla_align.demo.code import source_fingerprint
 from openvla_align.teachers import TeacherWeightsNotFound, create_teacher, teacher_spec
 
 
@@ -45,14 +46,15 @@ def test_splits_keep_their_promises():
 
 def _table(scene):
     """The table colour a scene was drawn on (median of the table pixels, noise removed)."""
-    rgb = np.median(scene.image[scene.cover == 0], axis=0)
+    rgb = np.median(scene.image[scene.cover == 0], axis=0) / 255
     return min(sc.ALL_TABLES, key=lambda t: np.abs(np.asarray(t) - rgb).sum())
 
 
 def test_pixels_carry_the_labels():
     (scene,) = sc.make_split("probe", 1, 3)
     colour, _ = scene.target
-    assert np.allclose(np.median(scene.image[scene.cover > 0], axis=0), sc.COLORS[colour], atol=0.05)
+    assert scene.image.dtype == np.uint8
+    assert np.allclose(np.median(scene.image[scene.cover > 0], axis=0) / 255, sc.COLORS[colour], atol=0.05)
     assert set(np.unique(scene.cover)) == {0, 1 + sc.COMBOS.index(scene.target)}
 
 
@@ -131,28 +133,41 @@ def test_object_pooling_reads_only_the_object_patches():
 # --- verdict -----------------------------------------------------------------------------------------------------
 
 
+BASE = dict.fromkeys([k for _, k in report.METRICS], 0.45)
+
+
 def _summary(sft, align):
-    rows = {"sft": [dict.fromkeys([k for _, k in report.METRICS], v) for v in sft]}
-    rows["align"] = [dict.fromkeys([k for _, k in report.METRICS], v) for v in align]
-    return report.summarize(rows)
+    rows = {
+        run: [{"seed": i, **dict.fromkeys(BASE, v)} for i, v in enumerate(vals)]
+        for run, vals in (("sft", sft), ("align", align))
+    }
+    return report.summarize(BASE, rows)
 
 
-def test_verdict_counts_only_differences_beyond_the_seed_spread():
-    clear = _summary([0.40, 0.42, 0.41], [0.50, 0.51, 0.52])
-    assert report.better_with_align(clear) == [k for _, k in report.METRICS]
-    assert all("higher with Align" in line for line in report.verdict(clear))
-    noisy = _summary([0.30, 0.50, 0.40], [0.35, 0.55, 0.45])  # +0.05, SD 0.1
-    assert report.better_with_align(noisy) == []
-    assert all("no clear difference" in line for line in report.verdict(noisy))
-    assert "did NOT beat plain SFT" in report.conclusion(noisy)
-    worse = _summary([0.50, 0.51, 0.52], [0.30, 0.31, 0.32])
-    assert all("LOWER with Align" in line for line in report.verdict(worse))
-    assert report.better_with_align(worse) == []
-    # the verdict lines and the list of wins apply one rule, also at its edges
-    for sft, align in (([0.40, 0.40], [0.4125, 0.4125]), ([0.40, 0.40], [0.405, 0.405]), ([0.4, 0.5], [0.46, 0.56])):
-        edge = _summary(sft, align)
-        wins = [label for (label, key), line in zip(report.METRICS, report.verdict(edge)) if "higher" in line]
-        assert wins == [label for label, key in report.METRICS if key in report.better_with_align(edge)]
+def test_verdict_is_read_from_the_intervals():
+    clear = _summary([0.40, 0.42, 0.41, 0.40, 0.41], [0.50, 0.51, 0.52, 0.50, 0.52])
+    assert {w["align_vs_sft"] for w in report.words(clear).values()} == {"beats"}
+    assert {w["sft_vs_base"] for w in report.words(clear).values()} == {"degraded"}
+    assert all("SFT vs base degraded" in line and "Align vs SFT beats" in line for line in report.verdict(clear))
+    assert "Alignment beat plain SFT on: probe top-1, object tokens" in report.conclusion(clear)
+    # +0.05 on average, but seed by seed from -0.15 to +0.25: the interval crosses 0
+    noisy = _summary([0.30, 0.50, 0.40, 0.45, 0.35], [0.45, 0.35, 0.65, 0.40, 0.40])
+    assert {w["align_vs_sft"] for w in report.words(noisy).values()} == {"no difference shown"}
+    assert {w["sft_vs_base"] for w in report.words(noisy).values()} == {"no change shown"}
+    assert "did NOT beat plain SFT" in report.conclusion(noisy) and "did NOT degrade" in report.conclusion(noisy)
+    worse = _summary([0.50, 0.51, 0.52, 0.50, 0.53], [0.30, 0.31, 0.32, 0.33, 0.30])
+    assert {w["align_vs_sft"] for w in report.words(worse).values()} == {"worse"}
+    assert "Alignment was worse than plain SFT on" in report.conclusion(worse)
+    # the interval of Align - SFT is the paired one: the per-seed spread of each arm does not count
+    paired = _summary([0.30, 0.40, 0.50, 0.60, 0.70], [0.32, 0.41, 0.52, 0.61, 0.72])
+    row = paired["probe"]["align_vs_sft"]
+    assert row["low"] > 0 and row["p"] < 0.01 and report.words(paired)["probe"]["align_vs_sft"] == "beats"
+
+
+def test_summary_refuses_arms_with_different_seeds():
+    rows = {"sft": [{"seed": s, **BASE} for s in (0, 1)], "align": [{"seed": s, **BASE} for s in (1, 0)]}
+    with pytest.raises(ValueError, match="same seeds in the same order"):
+        report.summarize(BASE, rows)
 
 
 # --- its teacher, through the registry ---------------------------------------------------------------------------
@@ -175,7 +190,7 @@ def test_demo_stages_on_a_small_setting(tmp_path, capsys):
     out_dir = tmp_path / "demo"
     cfg = DemoConfig(
         out_dir=str(out_dir),
-        seeds=(0,),
+        seeds=(0, 1),
         n_vl=400,
         n_train=64,
         n_eval=16,
@@ -196,20 +211,26 @@ def test_demo_stages_on_a_small_setting(tmp_path, capsys):
     assert metrics["base"]["probe"] > 2 * chance  # the VL-pretrained VLA's aligned layer carries them
     keys = {k for _, k in report.METRICS}
     assert set(metrics["base"]) == keys
+    assert set(metrics["summary"]) == keys and set(metrics["words"]) == keys
     for run in ("sft", "align"):
-        (row,) = metrics["per_seed"][run]
-        assert set(row) == keys | {"seed"} and all(0 <= row[k] <= 1 for k in keys)
-        assert set(metrics["summary"][run]) == keys
-        assert (out_dir / run / "seed0" / "adapter" / "adapter_config.json").is_file()
+        assert [row["seed"] for row in metrics["per_seed"][run]] == [0, 1]
+        for row in metrics["per_seed"][run]:
+            assert set(row) == keys | {"seed"} and all(0 <= row[k] <= 1 for k in keys)
+        assert (out_dir / run / "seed1" / "adapter" / "adapter_config.json").is_file()
         assert len(metrics["history"][run][0]) == 3
     assert "align/cos_layer4" in metrics["history"]["align"][0][-1]
     assert (out_dir / "align" / "seed0" / "adapter" / "align" / "projector.safetensors").is_file()
     assert not (out_dir / "sft" / "seed0" / "adapter" / "align").exists()
     assert (out_dir / "teacher" / "model.safetensors").is_file() and (out_dir / "base" / "config.json").is_file()
     assert metrics["reload_max_abs_logit_diff"] < 1e-4
-    assert set(metrics["seconds"]) >= {"data", "teacher", "base", "sft", "align", "evaluation", "total"}
+    assert set(metrics["seconds"]) >= {"data", "teacher", "base", "fine-tuning + evaluation", "report", "total"}
+    assert "time per stage: data" in printed
     assert len(metrics["verdict"]) == len(report.METRICS) and metrics["conclusion"] in printed
-    assert metrics["table"] in printed and "SFT+Align (1 seed)" in metrics["table"]
+    assert metrics["table"] in printed and "Align (2 seeds)" in metrics["table"]
+    code = metrics["code"]
+    assert "demo/run.py" in code["files"] and "stats.py" in code["files"]
+    assert code["fingerprint"] == source_fingerprint(code["files"])
+    assert torch.__version__.startswith(code["versions"]["torch"])
     assert (out_dir / "demo.png").stat().st_size > 10_000
     last = printed.strip().splitlines()[-1]
     assert str(out_dir) in last and "openvla-align probe linear" in last and "openvla-align eval" in last

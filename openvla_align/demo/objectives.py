@@ -36,8 +36,8 @@ def dense_loss(logits: torch.Tensor, target: torch.Tensor, side: int) -> torch.T
 def fit_dense(
     encode: Callable[[torch.Tensor], torch.Tensor],
     params: Iterable[torch.nn.Parameter],
-    inputs: torch.Tensor,
-    covers: Sequence[np.ndarray],
+    scenes: Sequence,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
     width: int,
     n_classes: int,
     steps: int,
@@ -46,18 +46,21 @@ def fit_dense(
     desc: str,
     batch_size: int = 32,
 ) -> List[float]:
-    """Fit ``encode`` (inputs -> (B, N, width) patch features; ``params`` are its weights) and a throw-away linear
-    head to ``dense_loss`` on the scenes' pixel class maps; seeded, AdamW; returns the loss of every step."""
+    """Fit ``encode`` (``prepare``d images -> (B, N, width) patch features; ``params`` are its weights) and a
+    throw-away linear head to ``dense_loss`` on the ``scenes``' pixel class maps; seeded, AdamW; returns the loss of
+    every step. Batches are drawn and prepared one at a time (the whole set, prepared, would cost ~0.5 GB)."""
+    from .scenes import images
+
     torch.manual_seed(seed)
-    target = torch.from_numpy(np.stack([patch_targets(c, n_classes).reshape(-1, n_classes) for c in covers]))
+    target = torch.from_numpy(np.stack([patch_targets(s.cover, n_classes).reshape(-1, n_classes) for s in scenes]))
     side = int(round(target.shape[1] ** 0.5))
     head = torch.nn.Linear(width, n_classes + 2 * side)
     opt = torch.optim.AdamW(list(params) + list(head.parameters()), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
-        idx = torch.randint(len(inputs), (batch_size,), generator=g)
-        loss = dense_loss(head(encode(inputs[idx])), target[idx], side)
+        idx = torch.randint(len(scenes), (batch_size,), generator=g)
+        loss = dense_loss(head(encode(prepare(images([scenes[i] for i in idx])))), target[idx], side)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Tuple
@@ -37,7 +40,7 @@ BANNER = (
 class DemoConfig:
     out_dir: str = "openvla_align_demo"
     seed: int = 0  # data, teacher and base VLA
-    seeds: Tuple[int, ...] = (0, 1, 2)  # robot fine-tuning runs (LoRA init, projector init, batch order)
+    seeds: Tuple[int, ...] = (0, 1, 2, 3, 4)  # robot fine-tuning runs (LoRA init, projector init, batch order)
     n_vl: int = 1500
     n_train: int = 1500
     n_eval: int = 128
@@ -46,7 +49,7 @@ class DemoConfig:
     vision_steps: int = 300
     vl_steps: int = 200
     vl_lr: float = 1e-3
-    steps: int = 150
+    steps: int = 70
     lr: float = 3e-3
     batch_size: int = 16
     lora_rank: int = 8
@@ -56,6 +59,8 @@ class DemoConfig:
     image_size: int = 112  # an 8x8 grid of 14 px patches
     attention_examples: int = 4
     model: Dict[str, int] = field(default_factory=lambda: {"vision_depth": 3})
+    threads: int = 1  # torch threads of every stage and of each fine-tuning run (the figures depend on it, slightly)
+    workers: int = 0  # fine-tuning runs at once (Python threads); 0: the CPU count // threads
 
 
 class Stopwatch:
@@ -67,6 +72,16 @@ class Stopwatch:
 
 
 def run_demo(cfg: DemoConfig) -> Dict:
+    """Every stage on ``cfg.threads`` torch threads (restored afterwards); ``cfg.workers`` fine-tuning runs at once."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: DemoConfig) -> Dict:
     from ..aligner import Aligner
     from ..config import AlignConfig
     from ..probe import linear as probe_linear
@@ -74,9 +89,10 @@ def run_demo(cfg: DemoConfig) -> Dict:
     from ..teachers.scenes import SceneTeacher, save_scene_teacher
     from ..testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
     from ..testing.tiny import ActionTokenizer
-    from . import report
+    from . import plot, report
     from . import stages as S
-    from .scenes import N_CLASSES, images, make_split
+    from .code import code_identity
+    from .scenes import N_CLASSES, make_split
     from .teacher import train_scene_teacher
 
     t_start = time.time()
@@ -122,7 +138,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
     t = time.time()
     torch.manual_seed(cfg.seed)
     trained = SceneTeacher(teacher_spec("demo-scenes"), grid=grid)
-    train_scene_teacher(trained, images(vl), [s.cover for s in vl], N_CLASSES, cfg.teacher_steps, cfg.seed)
+    train_scene_teacher(trained, vl, N_CLASSES, cfg.teacher_steps, cfg.seed)
     weights = out / "teacher" / "model.safetensors"
     save_scene_teacher(trained, weights)  # records its resolution: later commands need only the path
     teacher = build_teacher("demo-scenes", path=str(weights), grid=grid)  # through the registry, as a run would
@@ -149,24 +165,25 @@ def run_demo(cfg: DemoConfig) -> Dict:
     save_tiny_checkpoint(out / "base", vla, tok)
     clock.add("base", t)
 
+    rng_lock = threading.Lock()  # torch's global RNG: LoRA init and the probe's init draw from it
+
     def evaluate(model) -> Dict[str, float]:
-        t_eval = time.time()
-        res = probe(*(S.pooled_features(model, batcher, p, cfg.layer) for p in (probe_tr, probe_te)))
+        feats = [S.pooled_features(model, batcher, p, cfg.layer) for p in (probe_tr, probe_te)]
+        with rng_lock:
+            res = probe(*feats)
         res.update({k: S.sort_accuracy(model, batcher, scenes) for k, scenes in evals.items()})
-        clock.add("evaluation", t_eval)
         return res
 
+    t = time.time()
     base = evaluate(vla)
+    clock.add("evaluation", t)
     print("base VLA: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()), flush=True)
     base_state = copy.deepcopy(vla.state_dict())
 
-    # --- 3. robot task: SFT vs SFT+Align, per seed ---
-    per_seed: Dict[str, list] = {"sft": [], "align": []}
-    histories: Dict[str, list] = {"sft": [], "align": []}
-    keep = {}
-    for seed in cfg.seeds:
-        for run in ("sft", "align"):
-            t = time.time()
+    # --- 3. robot task: SFT vs SFT+Align, same seeds; runs in parallel threads, each on cfg.threads torch threads ---
+    def fine_tune(run: str, seed: int):
+        t0 = time.time()
+        with rng_lock:
             model = build_tiny_vla(seed=cfg.seed, **arch)
             model.load_state_dict(base_state)
             model = S.lora(model, cfg.lora_rank, seed)
@@ -182,61 +199,90 @@ def run_demo(cfg: DemoConfig) -> Dict:
                     projector_seed=seed,
                 )
                 aligner = Aligner(align_cfg, teacher).attach(model)
-            order = np.random.default_rng(seed)
+        order = np.random.default_rng(seed)
 
-            def robot_batch(_step):
-                return batcher.action([train[i] for i in order.choice(len(train), cfg.batch_size, replace=False)])
+        def robot_batch(_step):
+            return batcher.action([train[i] for i in order.choice(len(train), cfg.batch_size, replace=False)])
 
-            hist = S.train_loop(model, robot_batch, cfg.steps, cfg.lr, f"{run} seed {seed}", aligner=aligner)
-            run_dir = out / run / f"seed{seed}"
-            with warnings.catch_warnings():  # PEFT notes that it saves the (untouched) embeddings too
-                warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
-                model.save_pretrained(run_dir / "adapter")
-            if aligner is not None:
-                aligner.save(run_dir / "adapter" / "align")
-                aligner.remove()
-            clock.add(run, t)
-            metrics = evaluate(model)
-            print(f"{run} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
-            per_seed[run].append({"seed": seed, **metrics})
-            histories[run].append(hist)
-            if seed == cfg.seeds[0]:
-                keep[run] = model
+        hist = S.train_loop(model, robot_batch, cfg.steps, cfg.lr, None, aligner=aligner)
+        run_dir = out / run / f"seed{seed}"
+        with warnings.catch_warnings():  # PEFT notes that it saves the (untouched) embeddings too
+            warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+            model.save_pretrained(run_dir / "adapter")
+        if aligner is not None:
+            aligner.save(run_dir / "adapter" / "align")
+            aligner.remove()
+        t1 = time.time()
+        metrics = evaluate(model)
+        print(f"{run} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+        return model, {"seed": seed, **metrics}, hist, t1 - t0, time.time() - t1
+
+    jobs = [(run, seed) for seed in cfg.seeds for run in ("sft", "align")]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = cfg.workers or max(1, cpus // cfg.threads)
+    print(
+        f"robot task: {len(jobs)} LoRA runs of {cfg.steps} steps, {min(workers, len(jobs))} at a time, "
+        f"{cfg.threads} torch thread(s) each",
+        flush=True,
+    )
+    t = time.time()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        done = list(pool.map(lambda job: fine_tune(*job), jobs))
+    clock.add("fine-tuning + evaluation", t)
+    per_seed: Dict[str, list] = {"sft": [], "align": []}
+    histories: Dict[str, list] = {"sft": [], "align": []}
+    keep, run_seconds = {}, {"sft": [], "align": []}
+    for (run, seed), (model, metrics, hist, train_s, _eval_s) in zip(jobs, done):
+        per_seed[run].append(metrics)
+        histories[run].append(hist)
+        run_seconds[run].append(train_s)
+        if seed == cfg.seeds[0]:
+            keep[run] = model
+    del done
 
     # --- 4. report ---
+    t = time.time()
     reload_diff = _check_reload(
         keep["align"], out / "base", out / "align" / f"seed{cfg.seeds[0]}", teacher, batcher, evals
     )
-    summary = report.summarize(per_seed)
+    summary = report.summarize(base, per_seed)
     examples = evals["ood_objects"][: cfg.attention_examples // 2] + evals["ood_scenes"][: cfg.attention_examples // 2]
     attention = {
-        "images": np.stack([s.image for s in examples]),
+        "scenes": examples,
+        "splits": ["OOD objects"] * (cfg.attention_examples // 2) + ["OOD scenes"] * (cfg.attention_examples // 2),
+        "instruction": S.ACTION_PROMPT,
         "layer": cfg.layer,
         "rows": {
             name: S.attention_rows(model, batcher, examples, cfg.layer)
-            for name, model in (("base", vla), ("SFT", keep["sft"]), ("SFT+Align", keep["align"]))
+            for name, model in (("base VLA", vla), ("SFT", keep["sft"]), ("SFT+Align", keep["align"]))
         },
     }
-    png = report.plot(out / "demo.png", teacher_probe, base, summary, attention)
-    table = report.table(teacher_probe, base, summary, clock.seconds, cfg.seeds)
+    png = plot.plot(out / "demo.png", teacher_probe, base, summary, attention)
+    seconds = {k: round(v, 1) for k, v in clock.seconds.items()}
+    seconds.update({f"{r} s/run": round(float(np.mean(v)), 1) for r, v in run_seconds.items()})
+    table = report.table(teacher_probe, base, summary, cfg.seeds)
     lines = report.verdict(summary)
     conclusion = report.conclusion(summary)
+    clock.add("report", t)
+    total = round(time.time() - t_start, 1)
+    seconds = {**{k: round(v, 1) for k, v in clock.seconds.items()}, **seconds, "total": total}
     print("\n" + table + "\n")
     for line in lines:
         print("  " + line)
     print(conclusion)
-    seconds = round(time.time() - t_start, 1)
+    print(report.stage_times(seconds))
     summary_json = {
         "note": BANNER,
         "config": json.loads(json.dumps(asdict(cfg))),
+        "code": code_identity(),
         "teacher_probe": teacher_probe,
         "base": base,
         "per_seed": per_seed,
         "summary": summary,
         "verdict": lines,
+        "words": report.words(summary),
         "conclusion": conclusion,
-        "align_better_on": report.better_with_align(summary),
-        "seconds": {**{k: round(v, 1) for k, v in clock.seconds.items()}, "total": seconds},
+        "seconds": seconds,
         "reload_max_abs_logit_diff": reload_diff,
         "history": histories,
         "table": table,
@@ -247,7 +293,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
     print(
         f"reloaded {out}/align/seed{cfg.seeds[0]}/adapter with the stock loaders: max |logit diff| {reload_diff:.1e}\n"
         f"wrote {out}/metrics.json" + (f", {png}" if png else "") + f", {out}/base, {out}/teacher, "
-        f"{out}/{{sft,align}}/seed*/adapter in {seconds:.0f} s. Next: on a real checkpoint, "
+        f"{out}/{{sft,align}}/seed*/adapter in {total:.0f} s. Next: on a real checkpoint, "
         "`openvla-align probe linear --help` and `openvla-align eval --help`.",
         flush=True,
     )
@@ -275,16 +321,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--seeds", type=int, nargs="+", default=list(DemoConfig.seeds), help="seeds of the robot runs (SFT and Align)"
     )
     p.add_argument("--lr", type=positive_float, default=DemoConfig.lr, help="LoRA learning rate")
+    p.add_argument("--threads", type=positive_int, default=DemoConfig.threads, help="torch threads per fine-tuning run")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="fine-tuning runs at once, each in its own Python thread (default: the CPU count // --threads)",
+    )
     p.set_defaults(func=_cmd_demo)
     return p
 
 
 def _cmd_demo(args) -> int:
+    if len(args.seeds) < 2:
+        raise ValueError("--seeds needs at least two seeds: the verdict is a confidence interval over seeds.")
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds names a seed twice ({' '.join(map(str, args.seeds))}); each run needs its own seed.")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
         run_demo(
-            DemoConfig(out_dir=str(args.out), steps=args.steps, seed=args.seed, seeds=tuple(args.seeds), lr=args.lr)
+            DemoConfig(
+                out_dir=str(args.out),
+                steps=args.steps,
+                seed=args.seed,
+                seeds=tuple(args.seeds),
+                lr=args.lr,
+                threads=args.threads,
+                workers=args.workers or 0,
+            )
         )
     return 0

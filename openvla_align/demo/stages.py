@@ -6,6 +6,7 @@ Text follows OpenVLA's layout: BOS, the visual tokens (inserted by the model), `
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -52,16 +53,25 @@ class Batcher:
     def __init__(self, tokenizer, action_tokenizer: ActionTokenizer):
         self.tok = tokenizer
         self.act = action_tokenizer
+        self._ids: Dict[str, List[int]] = {}
+        self._lock = threading.Lock()  # a fast tokenizer must not be called from two threads at once
+
+    def prompt_ids(self, prompt: str) -> List[int]:
+        with self._lock:
+            if prompt not in self._ids:
+                self._ids[prompt] = self.tok(prompt).input_ids
+            return self._ids[prompt]
 
     def action_ids(self, scene: Scene) -> List[int]:
         return self.act.encode(np.concatenate([sort_action(scene.target), REST]))
 
     def _rows(self, prompts: Sequence[str], answers: Sequence[Optional[List[int]]]) -> Dict[str, torch.Tensor]:
-        return answer_batch([self.tok(p).input_ids for p in prompts], answers, self.tok)
+        return answer_batch([self.prompt_ids(p) for p in prompts], answers, self.tok)
 
     def vl(self, scenes: Sequence[Scene], kinds: Sequence[str]) -> Dict[str, torch.Tensor]:
         qa = [vl_example(s, k) for s, k in zip(scenes, kinds)]
-        answers = [self.tok(" " + a, add_special_tokens=False).input_ids for _, a in qa]
+        with self._lock:
+            answers = [self.tok(" " + a, add_special_tokens=False).input_ids for _, a in qa]
         batch = self._rows([f"In: {q}?\nOut:" for q, _ in qa], answers)
         return {**batch, "pixel_values": normalize_fused(images(scenes))}
 
@@ -88,9 +98,16 @@ def lora(vla, rank: int, seed: int):
 
 
 def train_loop(
-    model, make_batch: Callable[[int], dict], steps: int, lr: float, desc: str, aligner=None, warmup: int = 10
+    model,
+    make_batch: Callable[[int], dict],
+    steps: int,
+    lr: float,
+    desc: Optional[str],
+    aligner=None,
+    warmup: int = 10,
 ) -> List[Dict[str, float]]:
-    """AdamW, linear warmup then cosine decay, gradients clipped at 1; an attached ``aligner`` adds its loss."""
+    """AdamW, linear warmup then cosine decay, gradients clipped at 1; an attached ``aligner`` adds its loss.
+    ``desc=None`` shows no progress bar (for runs in parallel threads)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, min(warmup, steps // 2))
@@ -99,7 +116,7 @@ def train_loop(
     )
     history = []
     model.train()
-    for step in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
+    for step in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, disable=desc is None):
         batch = make_batch(step)
         out = model(**batch)
         loss = out.loss
@@ -123,10 +140,17 @@ def pretrain_vision(vla, scenes: Sequence[Scene], n_classes: int, steps: int, lr
     it and where it is. The demo's stand-in for the web-scale pretraining of DINOv2 and SigLIP."""
     backbone = vla.vision_backbone
     backbone.train()
-    pixels = normalize_fused(images(scenes))
-    covers = [s.cover for s in scenes]
     losses = fit_dense(
-        backbone, backbone.parameters(), pixels, covers, backbone.embed_dim, n_classes, steps, lr, seed, "vision"
+        backbone,
+        backbone.parameters(),
+        scenes,
+        normalize_fused,
+        backbone.embed_dim,
+        n_classes,
+        steps,
+        lr,
+        seed,
+        "vision",
     )
     backbone.eval()
     return losses

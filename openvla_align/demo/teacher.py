@@ -8,20 +8,23 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-import torch
-
 from ..teachers.scenes import SceneTeacher
 from .objectives import fit_dense
 
 
-def train_scene_teacher(
-    teacher: SceneTeacher, images: torch.Tensor, covers: Sequence[np.ndarray], n_classes: int, steps: int, seed: int
-) -> float:
-    """Fit the teacher (and a throw-away linear head) to the patch targets; returns the last loss."""
-    x = teacher.preprocess(images)
+def train_scene_teacher(teacher: SceneTeacher, scenes: Sequence, n_classes: int, steps: int, seed: int) -> float:
+    """Fit the teacher (and a throw-away linear head) to the scenes' patch targets; returns the last loss."""
     losses = fit_dense(
-        teacher._features, teacher.parameters(), x, covers, teacher.spec.width, n_classes, steps, 3e-3, seed, "teacher"
+        teacher._features,
+        teacher.parameters(),
+        scenes,
+        teacher.preprocess,
+        teacher.spec.width,
+        n_classes,
+        steps,
+        3e-3,
+        seed,
+        "teacher",
     )
     teacher.freeze()
     return losses[-1]

@@ -1,0 +1,139 @@
+"""The demo's picture: each arm's mean with its 95 % interval, the two differences with theirs, and where each model
+looks (attention maps with titled columns, the object outlined and one colour bar)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from .report import METRICS, RUNS
+
+logger = logging.getLogger(__name__)
+COLOURS = {"base": "#999999", "sft": "#d95f02", "align": "#1b9e77"}
+NAMES = {"sft": "SFT", "align": "SFT+Align"}
+
+
+def plot(path: Path, teacher_probe: Dict[str, float], base, summary, attention: Optional[dict] = None):
+    """``summary`` as ``report.summarize`` returns it; ``attention``: {"scenes", "splits", "instruction", "layer",
+    "rows": {model label: (n, h, w) attention over the visual grid}}. Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; skipping %s (pip install 'openvla-align[demo]').", path.name)
+        return None
+    rows = attention["rows"] if attention else {}
+    n_img = len(attention["scenes"]) if attention else 0
+    fig = plt.figure(figsize=(13, 6.4 + 2.0 * len(rows)))
+    outer = fig.add_gridspec(2 + (1 if rows else 0), 1, height_ratios=[2.4, 1.8] + ([2.0 * len(rows)] if rows else []))
+    _means(fig.add_subplot(outer[0]), teacher_probe, base, summary)
+    _differences(fig.add_subplot(outer[1]), summary)
+    if rows:
+        _attention(fig, outer[2], attention, n_img)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _labels():
+    return [label.replace(", ", "\n", 1) for label, _ in METRICS]
+
+
+def _means(ax, teacher_probe, base, summary) -> None:
+    x = np.arange(len(METRICS))
+    width = 0.27
+    n = len(summary[METRICS[0][1]]["sft"]["values"])
+    ax.bar(x - width, [base[k] for _, k in METRICS], width, color=COLOURS["base"], label="base VLA (VL-pretrained)")
+    for i, run in enumerate(RUNS):
+        iv = [summary[k][run]["mean"] for _, k in METRICS]
+        means = np.array([d["mean"] for d in iv])
+        err = np.array([[d["mean"] - d["low"] for d in iv], [d["high"] - d["mean"] for d in iv]])
+        ax.bar(
+            x + i * width, means, width, yerr=err, capsize=3, color=COLOURS[run], label=f"{NAMES[run]} (mean, 95% CI)"
+        )
+        for j, (_, key) in enumerate(METRICS):  # each seed as a dot
+            ax.plot([x[j] + i * width] * n, summary[key][run]["values"], ".", color="black", ms=3, alpha=0.6)
+    for i, (_, key) in enumerate(METRICS):
+        if key in teacher_probe:
+            ax.plot(
+                [i - 1.5 * width, i + 1.5 * width],
+                [teacher_probe[key]] * 2,
+                color="black",
+                ls="--",
+                lw=1,
+                label="teacher probe" if i == 0 else None,
+            )
+    ax.axhline(1 / 12, color="black", ls=":", lw=1, label="chance (1/12)")
+    ax.set_xticks(x, _labels(), fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share correct")
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
+    ax.set_title(f"openvla-align demo: tiny models, generated scenes ({n} seeds per arm; dots: seeds)", fontsize=10)
+
+
+def _differences(ax, summary) -> None:
+    x = np.arange(len(METRICS))
+    for i, (kind, colour, label) in enumerate(
+        (
+            ("sft_vs_base", COLOURS["sft"], "SFT - base VLA"),
+            ("align_vs_sft", COLOURS["align"], "SFT+Align - SFT (paired)"),
+        )
+    ):
+        iv = [summary[k][kind] for _, k in METRICS]
+        mid = np.array([d["mean"] for d in iv])
+        err = np.array([[d["mean"] - d["low"] for d in iv], [d["high"] - d["mean"] for d in iv]])
+        ax.errorbar(x + (i - 0.5) * 0.25, mid, yerr=err, fmt="o", color=colour, capsize=4, label=f"{label}, 95% CI")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, _labels(), fontsize=8)
+    ax.set_ylabel("difference")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(
+        "differences: an interval that misses 0 is a finding; one that crosses 0 shows no difference", fontsize=9
+    )
+
+
+def _attention(fig, cell, attention, n_img: int) -> None:
+    rows = attention["rows"]
+    grid = cell.subgridspec(len(rows), n_img + 1, width_ratios=[1] * n_img + [0.06], wspace=0.05, hspace=0.08)
+    vmax = max(float(np.max(m)) for m in rows.values())
+    image = None
+    for r, (label, maps) in enumerate(rows.items()):
+        for c, scene in enumerate(attention["scenes"]):
+            a = fig.add_subplot(grid[r, c])
+            img = scene.image
+            a.imshow(img)
+            image = a.imshow(
+                maps[c], cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, extent=(0, img.shape[1], img.shape[0], 0)
+            )
+            target = 1 + _combo_index(scene)
+            a.contour((scene.cover == target).astype(float), levels=[0.5], colors="cyan", linewidths=1.2)
+            a.set_xticks([])
+            a.set_yticks([])
+            if r == 0:
+                colour, shape = scene.target
+                extra = " + plate" if len(scene.objects) > 1 else ""
+                a.set_title(f"{attention['splits'][c]}\n{colour} {shape}{extra}", fontsize=8)
+            if c == 0:
+                a.set_ylabel(label, fontsize=9)
+    bar = fig.colorbar(image, cax=fig.add_subplot(grid[:, n_img]))
+    bar.set_label("attention weight", fontsize=8)
+    instruction = attention["instruction"].replace("\n", " ")
+    fig.text(
+        0.5,
+        0.005,
+        f"attention of the prompt's last token over the 8x8 visual tokens at LLM layer "
+        f'{attention["layer"]} (heads averaged); cyan: the object\'s outline; prompt: "{instruction}"',
+        ha="center",
+        fontsize=8,
+    )
+
+
+def _combo_index(scene) -> int:
+    from .scenes import COMBOS
+
+    return COMBOS.index(scene.target)
