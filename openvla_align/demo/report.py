@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 METRICS = (
     ("probe top-1, object tokens, aligned layer", "probe"),
     ("probe top-1, all tokens, aligned layer", "probe_mean"),
+    ("VL questions answered exactly", "vl"),
     ("sorting accuracy, in-distribution", "id"),
     ("sorting accuracy, OOD objects", "ood_objects"),
     ("sorting accuracy, OOD scenes", "ood_scenes"),
@@ -147,6 +148,7 @@ def table(teacher_probe: Dict[str, float], base: Dict[str, float], summary, seed
         f"arms: mean ± SD over seeds {list(seeds)} (fixed before any run); chance: probe 1/12 = 0.083, "
         "sorting 1/12 = 0.083; p: paired t-test of Align - SFT"
     )
+    lines.append("base: the VL-pretrained VLA, never trained on the robot task (its sorting is an untrained policy's)")
     return "\n".join(lines)
 
 

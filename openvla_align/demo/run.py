@@ -115,6 +115,8 @@ def _run(cfg: DemoConfig) -> Dict:
         make_split("probe", cfg.n_probe[1], cfg.seed + 1),
     )
     y_tr, y_te = torch.tensor([s.label for s in probe_tr]), torch.tensor([s.label for s in probe_te])
+    vl_test = make_split("vl", cfg.n_eval, cfg.seed + 1)  # held-out VL questions, one fixed kind per scene
+    vl_kinds = list(np.random.default_rng([cfg.seed, 1]).choice(S.VL_KINDS, cfg.n_eval))
     tok = build_tokenizer(corpus=S.corpus())
     batcher = S.Batcher(tok, ActionTokenizer(len(tok)))
     clock.add("data", t)
@@ -171,6 +173,7 @@ def _run(cfg: DemoConfig) -> Dict:
         feats = [S.pooled_features(model, batcher, p, cfg.layer) for p in (probe_tr, probe_te)]
         with rng_lock:
             res = probe(*feats)
+        res["vl"] = S.vl_accuracy(model, batcher, vl_test, vl_kinds)
         res.update({k: S.sort_accuracy(model, batcher, scenes) for k, scenes in evals.items()})
         return res
 

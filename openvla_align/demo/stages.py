@@ -215,6 +215,24 @@ def predict_xy(model, batcher: Batcher, scenes: Sequence[Scene], batch_size: int
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def vl_accuracy(model, batcher: Batcher, scenes: Sequence[Scene], kinds: Sequence[str], batch_size: int = 64) -> float:
+    """Share of VL questions (the base VLA's pretraining task) answered exactly: with the answer fed in, the greedy
+    token at every answer position, EOS included, is the right one. What the VLM knew, asked again after the robot
+    task, as the paper's VL-Think asks its VLM questions."""
+    right = []
+    for start in range(0, len(scenes), batch_size):
+        batch = batcher.vl(scenes[start : start + batch_size], kinds[start : start + batch_size])
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        n_vis = logits.shape[1] - labels.shape[1]
+        pred = logits[:, n_vis:-1].argmax(-1)  # predicts input_ids[1:]: text token t sits at n_vis + t
+        target = labels[:, 1:]
+        scored = target != -100
+        right += ((pred == target) | ~scored).all(1).tolist()
+    return float(np.mean(right))
+
+
 def sort_accuracy(model, batcher: Batcher, scenes: Sequence[Scene]) -> float:
     """Share of scenes whose greedy action puts the object in its bin (both axes right)."""
     xy = predict_xy(model, batcher, scenes)
