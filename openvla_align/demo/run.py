@@ -49,9 +49,10 @@ class DemoConfig:
     vision_steps: int = 300
     vl_steps: int = 200
     vl_lr: float = 1e-3
-    steps: int = 70
+    steps: int = 100
     lr: float = 3e-3
-    batch_size: int = 16
+    batch_size: int = 16  # VL stage
+    robot_batch_size: int = 8
     lora_rank: int = 8
     llm_layers: int = 8
     layer: int = 4  # the middle of the 8-block LLM, as layer 16 is of Llama-2-7B's 32
@@ -59,7 +60,7 @@ class DemoConfig:
     image_size: int = 112  # an 8x8 grid of 14 px patches
     attention_examples: int = 4
     model: Dict[str, int] = field(default_factory=lambda: {"vision_depth": 3})
-    threads: int = 1  # torch threads of every stage and of each fine-tuning run (the figures depend on it, slightly)
+    threads: int = 1  # torch threads of each fine-tuning run (its figures depend on it, slightly)
     workers: int = 0  # fine-tuning runs at once (Python threads); 0: the CPU count // threads
 
 
@@ -72,16 +73,22 @@ class Stopwatch:
 
 
 def run_demo(cfg: DemoConfig) -> Dict:
-    """Every stage on ``cfg.threads`` torch threads (restored afterwards); ``cfg.workers`` fine-tuning runs at once."""
+    """The stages before the robot task run on ``threads x workers`` torch threads, then ``workers`` fine-tuning
+    runs at once on ``threads`` each (the previous thread count is restored afterwards)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
     try:
         return _run(cfg)
     finally:
         torch.set_num_threads(before)
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _run(cfg: DemoConfig) -> Dict:
+    workers = cfg.workers or max(1, _cpus() // cfg.threads)
+    torch.set_num_threads(cfg.threads * workers)
     from ..aligner import Aligner
     from ..config import AlignConfig
     from ..probe import linear as probe_linear
@@ -205,7 +212,7 @@ def _run(cfg: DemoConfig) -> Dict:
         order = np.random.default_rng(seed)
 
         def robot_batch(_step):
-            return batcher.action([train[i] for i in order.choice(len(train), cfg.batch_size, replace=False)])
+            return batcher.action([train[i] for i in order.choice(len(train), cfg.robot_batch_size, replace=False)])
 
         hist = S.train_loop(model, robot_batch, cfg.steps, cfg.lr, None, aligner=aligner)
         run_dir = out / run / f"seed{seed}"
@@ -221,8 +228,7 @@ def _run(cfg: DemoConfig) -> Dict:
         return model, {"seed": seed, **metrics}, hist, t1 - t0, time.time() - t1
 
     jobs = [(run, seed) for seed in cfg.seeds for run in ("sft", "align")]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = cfg.workers or max(1, cpus // cfg.threads)
+    torch.set_num_threads(cfg.threads)
     print(
         f"robot task: {len(jobs)} LoRA runs of {cfg.steps} steps, {min(workers, len(jobs))} at a time, "
         f"{cfg.threads} torch thread(s) each",
