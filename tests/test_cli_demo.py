@@ -164,6 +164,16 @@ def test_verdict_is_read_from_the_intervals():
     assert row["low"] > 0 and row["p"] < 0.01 and report.words(paired)["probe"]["align_vs_sft"] == "beats"
 
 
+def test_an_interval_ending_near_zero_is_called_borderline():
+    near = _summary([0.40, 0.41, 0.40, 0.42, 0.41], [0.40, 0.43, 0.41, 0.42, 0.43])  # Align - SFT: +0.01 +- ~0.01
+    iv = near["probe"]["align_vs_sft"]
+    assert abs(iv["low"]) < report.BORDER
+    assert all("(borderline)" in line for line in report.verdict(near))
+    assert "Borderline (an interval ends within 0.005 of 0" in report.conclusion(near)
+    far = _summary([0.40, 0.42, 0.41, 0.40, 0.41], [0.50, 0.51, 0.52, 0.50, 0.52])
+    assert not any("borderline" in line for line in report.verdict(far)) and "Borderline" not in report.conclusion(far)
+
+
 def test_summary_refuses_arms_with_different_seeds():
     rows = {"sft": [{"seed": s, **BASE} for s in (0, 1)], "align": [{"seed": s, **BASE} for s in (1, 0)]}
     with pytest.raises(ValueError, match="same seeds in the same order"):

@@ -76,15 +76,24 @@ def _p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+BORDER = 0.005  # an interval with an end this close to 0 gets a warning: its word may flip on another machine
+
+
+def borderline(iv: Interval) -> bool:
+    return iv.high > iv.low and min(abs(iv.low), abs(iv.high)) < BORDER
+
+
 def verdict(summary: Dict[str, Dict]) -> List[str]:
-    """One line per metric: what SFT did to the base VLA, and what alignment did against SFT, each from its interval."""
+    """One line per metric: what SFT did to the base VLA, and what alignment did against SFT, each from its interval.
+    An interval ending within ``BORDER`` of 0 is marked "(borderline)"."""
     lines = []
     for label, key in METRICS:
         row = summary[key]
         down, diff = _iv(row["sft_vs_base"]), _iv(row["align_vs_sft"])
         lines.append(
-            f"{label}: SFT vs base {degradation_word(row)} ({_ci(down)}, p {_p(down.p)}); "
-            f"Align vs SFT {align_word(row)} ({_ci(diff)}, p {_p(diff.p)})"
+            f"{label}: SFT vs base {degradation_word(row)}{' (borderline)' * borderline(down)} "
+            f"({_ci(down)}, p {_p(down.p)}); "
+            f"Align vs SFT {align_word(row)}{' (borderline)' * borderline(diff)} ({_ci(diff)}, p {_p(diff.p)})"
         )
     return lines
 
@@ -124,6 +133,12 @@ def conclusion(summary: Dict[str, Dict]) -> str:
     rest = [labels[k] for _, k in METRICS if by[k]["align_vs_sft"] == "no difference shown"]
     if rest:
         parts.append(f"No difference shown on: {'; '.join(rest)}.")
+    near = [labels[k] for _, k in METRICS if any(borderline(_iv(summary[k][kind])) for kind in by[k])]
+    if near:
+        parts.append(
+            f"Borderline (an interval ends within {BORDER} of 0, so may read otherwise on another machine): "
+            f"{'; '.join(near)}."
+        )
     parts.append(f"({n} seeds per arm, 95% intervals, Student's t; paired by seed for Align - SFT.)")
     return " ".join(parts)
 
