@@ -81,8 +81,10 @@ def render(run: Dict, other: Dict) -> str:
         f"2-core CPU machine: {run['seconds']['total']:.0f} s in the process."
         + _time_line(run.get("time_log"))
         + f" A second run at {threads[1]} torch threads per run (`--threads {threads[1]} --workers 1`) gave "
-        f"{agree}" + (f" ({'; '.join(diffs)})" if diffs else "") + "; both runs' per-seed results are in "
-        "`docs/demo/`, and `scripts/demo_readme.py` wrote this section from them.",
+        f"{agree}" + (f" ({'; '.join(diffs)})" if diffs else "") + "; its fine-tuning and evaluation took "
+        f"{other['seconds']['fine-tuning + evaluation']:.0f} s against {run['seconds']['fine-tuning + evaluation']:.0f}"
+        " s here. Both runs' per-seed results are in `docs/demo/`, and `scripts/demo_readme.py` wrote this section "
+        "from them.",
         "",
         "```text",
         run["table"],

@@ -10,14 +10,13 @@ python - "$WORK/scenes" <<'PY'
 # the demo's probe scenes as an ImageFolder, one class per shape
 import sys
 from pathlib import Path
-import numpy as np
 from PIL import Image
 from openvla_align.demo.scenes import make_split
 for split, n, seed in (("train", 96, 0), ("val", 48, 1)):
     for i, scene in enumerate(make_split("probe", n, seed)):
         folder = Path(sys.argv[1]) / split / scene.target[1]
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((scene.image * 255).round().astype(np.uint8)).save(folder / f"{i:04d}.png")
+        Image.fromarray(scene.image).save(folder / f"{i:04d}.png")  # uint8 RGB
 PY
 IMG=$(ls "$WORK"/scenes/val/circle/*.png | head -n 1)
 SFT="$DEMO/sft/seed0/adapter"

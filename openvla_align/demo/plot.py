@@ -28,14 +28,18 @@ def plot(path: Path, teacher_probe: Dict[str, float], base, summary, attention: 
         logger.warning("matplotlib is not installed; skipping %s (pip install 'openvla-align[demo]').", path.name)
         return None
     rows = attention["rows"] if attention else {}
-    n_img = len(attention["scenes"]) if attention else 0
-    fig = plt.figure(figsize=(13, 6.4 + 2.0 * len(rows)))
-    outer = fig.add_gridspec(2 + (1 if rows else 0), 1, height_ratios=[2.4, 1.8] + ([2.0 * len(rows)] if rows else []))
-    _means(fig.add_subplot(outer[0]), teacher_probe, base, summary)
-    _differences(fig.add_subplot(outer[1]), summary)
+    top_height, row_height = 6.0, 2.1
+    fig = plt.figure(figsize=(12, top_height + row_height * len(rows)), layout="constrained")
     if rows:
-        _attention(fig, outer[2], attention, n_img)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+        top, bottom = fig.subfigures(2, 1, height_ratios=[top_height, row_height * len(rows)])
+    else:
+        top, bottom = fig, None
+    means, differences = top.subplots(2, 1, height_ratios=[1.3, 1])
+    _means(means, teacher_probe, base, summary)
+    _differences(differences, summary)
+    if bottom is not None:
+        _attention(bottom, attention)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
@@ -97,39 +101,38 @@ def _differences(ax, summary) -> None:
     )
 
 
-def _attention(fig, cell, attention, n_img: int) -> None:
-    rows = attention["rows"]
-    grid = cell.subgridspec(len(rows), n_img + 1, width_ratios=[1] * n_img + [0.06], wspace=0.05, hspace=0.08)
+def _attention(fig, attention) -> None:
+    rows, scenes = attention["rows"], attention["scenes"]
+    axes = fig.subplots(len(rows), len(scenes), squeeze=False)
     vmax = max(float(np.max(m)) for m in rows.values())
     image = None
     for r, (label, maps) in enumerate(rows.items()):
-        for c, scene in enumerate(attention["scenes"]):
-            a = fig.add_subplot(grid[r, c])
+        for c, scene in enumerate(scenes):
+            a = axes[r, c]
             img = scene.image
             a.imshow(img)
             image = a.imshow(
                 maps[c], cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, extent=(0, img.shape[1], img.shape[0], 0)
             )
-            target = 1 + _combo_index(scene)
-            a.contour((scene.cover == target).astype(float), levels=[0.5], colors="cyan", linewidths=1.2)
+            a.contour(
+                (scene.cover == 1 + _combo_index(scene)).astype(float), levels=[0.5], colors="cyan", linewidths=1.2
+            )
             a.set_xticks([])
             a.set_yticks([])
             if r == 0:
                 colour, shape = scene.target
                 extra = " + plate" if len(scene.objects) > 1 else ""
-                a.set_title(f"{attention['splits'][c]}\n{colour} {shape}{extra}", fontsize=8)
+                a.set_title(f"{attention['splits'][c]}: {colour} {shape}{extra}", fontsize=9)
             if c == 0:
-                a.set_ylabel(label, fontsize=9)
-    bar = fig.colorbar(image, cax=fig.add_subplot(grid[:, n_img]))
+                a.set_ylabel(label, fontsize=10)
+    bar = fig.colorbar(image, ax=axes, shrink=0.9, pad=0.01)
     bar.set_label("attention weight", fontsize=8)
     instruction = attention["instruction"].replace("\n", " ")
-    fig.text(
-        0.5,
-        0.005,
-        f"attention of the prompt's last token over the 8x8 visual tokens at LLM layer "
-        f'{attention["layer"]} (heads averaged); cyan: the object\'s outline; prompt: "{instruction}"',
-        ha="center",
-        fontsize=8,
+    fig.suptitle(
+        f"Where each model looks: attention of the prompt's last token over the 8x8 visual tokens at LLM layer "
+        f"{attention['layer']} (heads averaged, seed {attention.get('seed', 0)}); cyan: the object's outline\n"
+        f'prompt: "{instruction}"',
+        fontsize=9,
     )
 
 

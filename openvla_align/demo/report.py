@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 # (row label, metric key); every metric is a share in [0, 1], higher is better
 METRICS = (
     ("probe top-1, object tokens, aligned layer", "probe"),
+    ("probe top-1, object's place (9 cells)", "probe_place"),
     ("probe top-1, all tokens, aligned layer", "probe_mean"),
     ("VL questions answered exactly", "vl"),
     ("sorting accuracy, in-distribution", "id"),
@@ -160,7 +161,7 @@ def table(teacher_probe: Dict[str, float], base: Dict[str, float], summary, seed
             f"{_p(diff.p):>7}"
         )
     lines.append(
-        f"arms: mean ± SD over seeds {list(seeds)} (fixed before any run); chance: probe 1/12 = 0.083, "
+        f"arms: mean ± SD over seeds {list(seeds)} (fixed before any run); chance: probe 1/12 = 0.083 (place 1/9), "
         "sorting 1/12 = 0.083; p: paired t-test of Align - SFT"
     )
     lines.append("base: the VL-pretrained VLA, never trained on the robot task (its sorting is an untrained policy's)")

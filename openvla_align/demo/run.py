@@ -133,14 +133,21 @@ def _run(cfg: DemoConfig) -> Dict:
         flush=True,
     )
 
+    place_tr, place_te = (torch.tensor([int(s.cells[0]) for s in split]) for split in (probe_tr, probe_te))
+
     def probe(train, test) -> Dict[str, float]:
-        """Top-1 of a linear probe per pooling: "probe" (the object's tokens) and "probe_mean" (all tokens)."""
-        fit = probe_linear.linear_probe
-        return {
-            ("probe" if k == "object" else f"probe_{k}"): fit(
-                train[k], y_tr, test[k], y_te, 300, 0, lr=0.05, weight_decay=1e-3, batch_size=0
+        """Top-1 of linear probes: the object (12 classes) from its tokens ("probe") and from all tokens
+        ("probe_mean"), and the object's place (9 cells, which the robot task never needs) from its tokens."""
+
+        def fit(x_tr, labels_tr, x_te, labels_te):
+            return probe_linear.linear_probe(
+                x_tr, labels_tr, x_te, labels_te, 300, 0, lr=0.05, weight_decay=1e-3, batch_size=0
             )
-            for k in train
+
+        return {
+            "probe": fit(train["object"], y_tr, test["object"], y_te),
+            "probe_place": fit(train["object"], place_tr, test["object"], place_te),
+            "probe_mean": fit(train["mean"], y_tr, test["mean"], y_te),
         }
 
     # --- 1. teacher ---
@@ -261,6 +268,7 @@ def _run(cfg: DemoConfig) -> Dict:
         "splits": ["OOD objects"] * (cfg.attention_examples // 2) + ["OOD scenes"] * (cfg.attention_examples // 2),
         "instruction": S.ACTION_PROMPT,
         "layer": cfg.layer,
+        "seed": cfg.seeds[0],
         "rows": {
             name: S.attention_rows(model, batcher, examples, cfg.layer)
             for name, model in (("base VLA", vla), ("SFT", keep["sft"]), ("SFT+Align", keep["align"]))
