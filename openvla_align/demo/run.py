@@ -223,9 +223,7 @@ def _run(cfg: DemoConfig) -> Dict:
 
         hist = S.train_loop(model, robot_batch, cfg.steps, cfg.lr, None, aligner=aligner)
         run_dir = out / run / f"seed{seed}"
-        with warnings.catch_warnings():  # PEFT notes that it saves the (untouched) embeddings too
-            warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
-            model.save_pretrained(run_dir / "adapter")
+        model.save_pretrained(run_dir / "adapter")
         if aligner is not None:
             aligner.save(run_dir / "adapter" / "align")
             aligner.remove()
@@ -242,7 +240,10 @@ def _run(cfg: DemoConfig) -> Dict:
         flush=True,
     )
     t = time.time()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # warning filters are process-wide: set them here, not in the runs' threads (catch_warnings is not thread-safe)
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
+        warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")  # PEFT saves the untouched embeddings
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         done = list(pool.map(lambda job: fine_tune(*job), jobs))
     clock.add("fine-tuning + evaluation", t)
     per_seed: Dict[str, list] = {"sft": [], "align": []}
