@@ -1,5 +1,6 @@
 """The demo: its world and splits, batches, decoding, verdict logic, its registered teacher, and every stage end to
-end on a small setting (the README's full run takes ~3.5 minutes and is not a test)."""
+end on a small setting (the full run, about 3 minutes, is not a test; tests/test_demo_readme.py checks its recorded
+results)."""
 
 import json
 
