@@ -97,6 +97,8 @@ def inputs(tmp_path):
 
 
 BAD_INPUT = {
+    "demo-one-seed": (["demo", "--seeds", "3", "--out", "{t}/o"], r"--seeds needs at least two seeds"),
+    "demo-seed-twice": (["demo", "--seeds", "1", "1", "--out", "{t}/o"], r"--seeds names a seed twice"),
     "unknown-teacher-pattern": (
         ["teachers", "radio-v9"],
         r"no registered teacher matches 'radio-v9'; known teachers: ",
@@ -196,6 +198,14 @@ USAGE = {
     "demo-zero-steps": (["demo", "--steps", "0", "--out", "{t}/o"], r"argument --steps: must be a positive integer"),
     "demo-out-is-a-file": (["demo", "--out", "{t}/a-file"], r"argument --out: .*a-file' is a file, not a directory"),
     "demo-lr-not-a-number": (["demo", "--lr", "fast", "--out", "{t}/o"], r"argument --lr: 'fast' is not a number"),
+    "demo-zero-threads": (
+        ["demo", "--threads", "0", "--out", "{t}/o"],
+        r"argument --threads: must be a positive integer",
+    ),
+    "demo-zero-workers": (
+        ["demo", "--workers", "0", "--out", "{t}/o"],
+        r"argument --workers: must be a positive integer",
+    ),
     "linear-data-is-a-file": (
         ["probe", "linear", "--data", "{t}/a-file", "--model", "teacher:demo-scenes", "--out", "{t}/o/r.json"],
         r"argument --data: directory '.*a-file' is a file, not a directory",
