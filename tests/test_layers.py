@@ -85,20 +85,33 @@ def imports():
 
 
 def place(module):
-    """(layer index, unit) of a module: the longest listed prefix decides (``cache.store`` before ``cache``)."""
+    """(layer index, unit) of a module: the longest listed prefix decides (``cache.store`` before ``cache``); ``""``
+    is the package root alone. None for a module no unit covers."""
     best = None
     for index, (_, units) in enumerate(LAYERS):
         for unit in units:
-            if unit == "" or module == unit or module.startswith(unit + "."):
+            if module == unit or (unit and module.startswith(unit + ".")):
                 if best is None or len(unit) > len(best[1]):
                     best = (index, unit)
     return best
 
 
+def unplaced(names):
+    return sorted(m for m in names if place(m) is None)
+
+
 def test_every_module_has_a_layer():
-    assert all(place(m) is not None for m in modules())
+    missing = unplaced(modules())
+    assert not missing, f"modules in no layer (add them to LAYERS and this file's docstring): {missing}"
     assert place("cache.store") == (2, "cache.store") and place("cache.build") == (4, "cache.build")
     assert place("vla.checkpoint") == (1, "vla") and place("") == (5, "")
+
+
+def test_a_module_in_no_layer_fails_the_layer_test():
+    """The test of the test: a new top-level module or package is not silently put in the top layer."""
+    added = ["simulators", "simulators.libero", "helpers"]
+    assert unplaced(list(modules()) + added) == sorted(added)
+    assert place("eval.new_simulator") == (4, "eval")  # a new module inside a placed package takes its layer
 
 
 def test_no_import_points_up_and_tools_stand_alone():
