@@ -315,8 +315,9 @@ def run_recipe(
     pairs: Optional[Sequence[Tuple[str, int]]] = None,
     label: str = "",
 ) -> Dict[str, object]:
-    """Evaluate every (env, seed) of ``recipe`` (or ``pairs``) that :func:`plan` finds missing; ``make_env(env_id,
-    seed)`` builds a batched environment; ``identity`` is written into each ``result.json``.
+    """Evaluate every (env, seed) of ``recipe`` that :func:`plan` finds missing, or exactly ``pairs`` when the caller
+    planned them already (``eval run`` plans once, before its ranks meet); ``make_env(env_id, seed)`` builds a
+    batched environment; ``identity`` is written into each ``result.json``.
 
     Each episode's record holds its instruction, "success once" (as the reference counts it), the first step at
     which it succeeded (None if never) and its environment seed (``seed * 1000 + i``). ``video`` > 0 also writes the
@@ -327,7 +328,7 @@ def run_recipe(
     from .video import write_episode_gif
 
     out = Path(out)
-    todo, skipped = plan(recipe, out, pairs, identity, overwrite)
+    todo, skipped = plan(recipe, out, None, identity, overwrite) if pairs is None else (list(pairs), [])
     done = []
     episodes = len(todo) * recipe.num_envs
     prefix = f"[{label}] " if label else ""
@@ -441,7 +442,6 @@ def _cmd_run(args) -> int:
                 policy,
                 make_env,
                 out,
-                overwrite=args.overwrite,
                 meta=meta,
                 video=args.video,
                 identity=identity,
