@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Dict, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's package, whatever is installed
+
+from openvla_align._io import atomic_write, atomic_write_bytes  # noqa: E402
+from openvla_align.demo.code import source_fingerprint  # noqa: E402
+
 BEGIN, END = "<!-- demo results: written by scripts/demo_readme.py -->", "<!-- end of demo results -->"
 RUN, OTHER = ROOT / "docs" / "demo" / "run.json", ROOT / "docs" / "demo" / "other.json"
 PICTURE = ROOT / "docs" / "images" / "demo.png"
@@ -38,9 +43,6 @@ def load_run(out: Path) -> Dict:
 
 
 def check_code(run: Dict, name: str) -> None:
-    sys.path.insert(0, str(ROOT))
-    from openvla_align.demo.code import source_fingerprint
-
     code = run.get("code") or {}
     if not code.get("files"):
         raise SystemExit(f"{name} records no code identity; re-run the demo with this checkout.")
@@ -138,15 +140,10 @@ def main(argv=None) -> int:
     picture = args.run / "demo.png"
     if not picture.is_file():
         raise SystemExit(f"{picture} is missing (matplotlib not installed?); install openvla-align[demo] and re-run.")
-    RUN.parent.mkdir(parents=True, exist_ok=True)
     for path, data in ((RUN, run), (OTHER, other)):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
-    shutil.copyfile(picture, PICTURE)
-    tmp = readme_path.with_suffix(".tmp")
-    tmp.write_text(readme)
-    tmp.replace(readme_path)
+        atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(PICTURE, lambda tmp: shutil.copyfile(picture, tmp))
+    atomic_write_bytes(readme_path, readme.encode())
     print(f"wrote {RUN.relative_to(ROOT)}, {OTHER.relative_to(ROOT)}, {PICTURE.relative_to(ROOT)} and README.md")
     return 0
 
