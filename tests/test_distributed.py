@@ -1,22 +1,21 @@
 """Two gloo processes must build bit-identical projectors and compute identical losses on identical data."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _init(rank, world, out_dir):
+    # A FileStore rendezvous: no TCP store server whose owner (rank 0) may exit while rank 1 still tears down, and
+    # no free-port race with other tests (a rare SIGABRT at teardown was seen in CI with the TCP store).
+    store = os.path.join(out_dir, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, out_dir):
+    _init(rank, world, out_dir)
     try:
         torch.manual_seed(1000 + rank)  # different global RNG state on each rank must not matter
         from openvla_align import AlignConfig, Aligner
@@ -57,7 +56,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def test_two_ranks_identical(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     results = torch.load(tmp_path / "rank0.pt")
     (fp0, loss0, g0), (fp1, loss1, g1) = results
     assert fp0 == fp1 and len(fp0) == 64
@@ -65,9 +64,8 @@ def test_two_ranks_identical(tmp_path):
     assert g0 == g1 and g0 != 0  # DDP averaged the alignment gradient of block 4 across both ranks
 
 
-def _mismatch_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _mismatch_worker(rank, world, out_dir):
+    _init(rank, world, out_dir)
     try:
         from openvla_align import AlignConfig
         from openvla_align.openvla.plugins import AlignPlugin
@@ -91,6 +89,6 @@ def _mismatch_worker(rank, world, port, out_dir):
 
 
 def test_plugin_refuses_ranks_with_different_projectors(tmp_path):
-    mp.spawn(_mismatch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_mismatch_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         assert "Alignment projectors differ across ranks" in (tmp_path / f"rank{rank}.txt").read_text()
