@@ -40,6 +40,10 @@ setup(
         "console_scripts": ["openvla-align=openvla_align.cli:main"],
         # The built-ins as data (spec + family module, imported when one of them is created).
         "openvla_align.teachers": ["builtin=openvla_align.teachers.catalog"],
+        # config.json model_type -> loader of checkpoints of other classes with OpenVLA's layout (vla/checkpoint.py).
+        "openvla_align.checkpoint_loaders": ["tiny_openvla=openvla_align.tiny.model:load_tiny_checkpoint"],
+        # A recipe's `simulator:` -> environment class with SimplerEnv's contract (eval/simulators.py).
+        "openvla_align.simulators": ["simpler=openvla_align.eval.simpler:SimplerEnv"],
         # The generic plugin group the patched vla-scripts/finetune.py discovers (see patches/).
         "openvla.finetune_plugins": [
             "align=openvla_align.openvla.plugins.align:AlignPlugin",

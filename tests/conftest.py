@@ -4,9 +4,9 @@ import torch
 import torch.nn as nn
 
 from openvla_align.teachers import Teacher, TeacherSpec
-from openvla_align.testing import build_tiny_vla, build_tokenizer
-from openvla_align.testing.data import collate, generate_scenes
-from openvla_align.testing.tiny import ActionTokenizer
+from openvla_align.tiny import build_tiny_vla, build_tokenizer
+from openvla_align.tiny.data import collate, generate_scenes
+from openvla_align.vla.actions import ActionTokenizer
 
 
 @pytest.fixture(scope="session")

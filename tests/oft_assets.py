@@ -5,7 +5,7 @@
 * :func:`fork_attention_installed`: OFT trains with its transformers fork, ``transformers==4.40.1`` whose
   ``LlamaSdpaAttention`` is bidirectional (``transformers-openvla-oft.patch`` applied to ``modeling_llama.py``).
 * :func:`build_tiny_oft_checkpoint` writes a random-weight OpenVLA built from OFT's own ``prismatic/extern/hf``
-  classes (through :func:`openvla_align.testing.upstream.build_tiny_openvla_checkpoint`), with statistics in OFT's
+  classes (through :func:`openvla_align.tiny.openvla.build_tiny_openvla_checkpoint`), with statistics in OFT's
   format (7-d action, 8-d LIBERO proprio).
 * :func:`write_tiny_libero_rlds` writes a tfds RLDS build in the schema of OFT's LIBERO datasets.
 * :func:`stock_finetune` runs OFT's ``vla-scripts/finetune.py`` on CPU under ``tests/_cpu_shim.py``.
@@ -25,25 +25,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from _cpu_shim import import_tensorflow_graphics
+from assets import _scene, build_rlds, step_flags
 
 from openvla_align.openvla.env import OFT_FORK_LLAMA_SHA256, STOCK_LLAMA_SHA256
 from openvla_align.openvla.env import llama_modeling_sha256 as modeling_llama_sha256
-from openvla_align.testing.upstream import (
+from openvla_align.tiny.openvla import (
     ACTION_DIM,
     PICO_VIT,
     _norm_stats,
-    _scene,
     bounds_stats,
-    build_rlds,
     build_tiny_openvla_checkpoint,
-    step_flags,
     write_pico_sitecustomize,
 )
 
 TESTS_DIR = Path(__file__).resolve().parent
 # transformers 4.40.1's models/llama/modeling_llama.py, before and after transformers-openvla-oft.patch
 STOCK_MODELING_LLAMA_SHA256, FORK_MODELING_LLAMA_SHA256 = STOCK_LLAMA_SHA256, OFT_FORK_LLAMA_SHA256
-# The tiny checkpoints' towers: openvla_align.testing.upstream.PICO_VIT (pico ViT/14, ~2 s a bf16 step instead of
+# The tiny checkpoints' towers: openvla_align.tiny.openvla.PICO_VIT (pico ViT/14, ~2 s a bf16 step instead of
 # ~90 s with ViT-S/14), registered in the script's processes by the `sitecustomize` that `oft_env` puts on PYTHONPATH.
 LIBERO_DATASET = "libero_spatial_no_noops"
 LIBERO_PROPRIO_DIM = 8  # OFT's LIBERO_CONSTANTS: EEF pose (6) + gripper qpos (2)

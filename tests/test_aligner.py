@@ -135,7 +135,7 @@ def test_matches_the_reference_implementation_step(vla, batch):
     times 0.2. Our hook-based Aligner must give the same number."""
     import torch.nn.functional as F
 
-    from openvla_align.testing import tiny_teacher
+    from openvla_align.tiny import tiny_teacher
 
     with pytest.warns(UserWarning):
         teacher = tiny_teacher("c-radio-v3-l")
@@ -175,7 +175,7 @@ def test_teacher_dtype_auto_is_bf16_on_cuda_only(name, device, expect):
 def test_teacher_runs_in_the_resolved_dtype(vla, name, expect, caplog):
     """The default (auto) keeps a CPU teacher in float32 (CPUs without native bf16 run bf16 ~4x slower) and says so
     once; an explicit dtype keeps its meaning."""
-    from openvla_align.testing.tiny import TINY_VIT as TINY_ARCH
+    from openvla_align.tiny.model import TINY_VIT as TINY_ARCH
 
     config = AlignConfig(enabled=True, projector_dim=32, allow_random_teacher=True, teacher_dtype=name)
     with pytest.warns(UserWarning, match="RANDOM"), caplog.at_level("INFO", logger="openvla_align.aligner"):

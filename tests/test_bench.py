@@ -163,12 +163,12 @@ def test_policy_bench_runs_the_reference_ours_and_the_floor_on_identical_tokens(
 def test_policy_tokens_match_the_reference_token_for_token(tmp_path):
     """The check the bench relies on, made directly, at two batch sizes and with different frames per row."""
     from openvla_align.bench import policy
-    from openvla_align.eval.run import BatchedPolicy
+    from openvla_align.vla.actions import ActionDecoder
     from openvla_align.vla.checkpoint import load_vla
 
     checkpoint = policy._build(policy.reference_files(BLINDVLA), bench.SMOKE_SCALE, tmp_path / "ckpt")
     reference = policy.Reference(checkpoint, "cpu")
-    ours = BatchedPolicy(load_vla(checkpoint, device="cpu", dtype="float32"), policy.UNNORM_KEY)
+    ours = ActionDecoder(load_vla(checkpoint, device="cpu", dtype="float32"))
     frames = np.random.default_rng(1).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
     pixels = policy._pixels(checkpoint, frames, "cpu")
     row = ours.rows(["open the drawer"])[0]

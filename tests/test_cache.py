@@ -24,7 +24,7 @@ from openvla_align.cache.build import build_cache, image_dir_frames
 from openvla_align.cache.store import open_for_training
 from openvla_align.cli import main
 from openvla_align.openvla.plugins import AlignPlugin
-from openvla_align.testing import tiny_teacher
+from openvla_align.tiny import tiny_teacher
 from openvla_align.vla.pixels import IMAGENET_MEAN, IMAGENET_STD
 
 from conftest import cli_fails, make_batch

@@ -298,10 +298,10 @@ def test_the_demo_teacher_loads_with_its_path_alone(tmp_path, capsys):
     import json
 
     import torch
+    from assets import write_image_folder
 
     from openvla_align.teachers import teacher_spec
     from openvla_align.teachers.scenes import SceneTeacher, save_scene_teacher
-    from openvla_align.testing.data import write_image_folder
 
     torch.manual_seed(0)
     weights = tmp_path / "demo" / "teacher" / "model.safetensors"
@@ -336,7 +336,7 @@ def test_loading_a_model_prints_no_warnings_the_user_cannot_act_on(tmp_path):
     from peft import LoraConfig, get_peft_model
     from PIL import Image
 
-    from openvla_align.testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
+    from openvla_align.tiny import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
 
     tok = build_tokenizer()
     vla = build_tiny_vla(vocab_size=len(tok), llm_layers=2, image_size=112)

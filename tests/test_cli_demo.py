@@ -71,8 +71,8 @@ def test_sort_bins_round_trip():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from openvla_align.testing import build_tiny_vla, build_tokenizer
-    from openvla_align.testing.tiny import ActionTokenizer
+    from openvla_align.tiny import build_tiny_vla, build_tokenizer
+    from openvla_align.vla.actions import ActionTokenizer
 
     tok = build_tokenizer(corpus=stages.corpus())
     batcher = stages.Batcher(tok, ActionTokenizer(len(tok)))

@@ -19,7 +19,7 @@ def _worker(rank, world, out_dir):
     try:
         torch.manual_seed(1000 + rank)  # different global RNG state on each rank must not matter
         from openvla_align import AlignConfig, Aligner
-        from openvla_align.testing import build_tiny_vla, build_tokenizer
+        from openvla_align.tiny import build_tiny_vla, build_tokenizer
 
         from conftest import PatchTeacher, make_batch
 
@@ -69,7 +69,7 @@ def _mismatch_worker(rank, world, out_dir):
     try:
         from openvla_align import AlignConfig
         from openvla_align.openvla.plugins import AlignPlugin
-        from openvla_align.testing import build_tiny_vla, build_tokenizer
+        from openvla_align.tiny import build_tiny_vla, build_tokenizer
 
         from conftest import PatchTeacher
 

@@ -11,7 +11,7 @@ import pytest
 
 from openvla_align.cli import main
 from openvla_align.eval import identity, load_run
-from openvla_align.testing import build_tiny_vla, save_tiny_checkpoint
+from openvla_align.tiny import build_tiny_vla, save_tiny_checkpoint
 
 from conftest import cli_fails
 

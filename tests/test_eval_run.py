@@ -16,7 +16,7 @@ import torch
 from openvla_align.eval import load_run
 from openvla_align.eval.report import build_report
 from openvla_align.eval.run import BatchedPolicy, EvalRecipe, run_recipe
-from openvla_align.testing import save_tiny_checkpoint
+from openvla_align.tiny import save_tiny_checkpoint
 from openvla_align.vla.checkpoint import load_vla
 
 from conftest import cli_fails
@@ -77,7 +77,8 @@ def test_recipes_name_the_papers_environments():
 def test_policy_decodes_a_batch_like_predict_action(checkpoint):
     loaded = load_vla(checkpoint)
     policy = BatchedPolicy(loaded, "sft")
-    ids = np.array([[policy.vocab_size - 1] * 7, [policy.vocab_size - 256] * 7])  # lowest and highest bins
+    vocab_size = policy.decoder.vocab_size
+    ids = np.array([[vocab_size - 1] * 7, [vocab_size - 256] * 7])  # lowest and highest bins
     actions = policy.unnormalize(ids)
     lowest, highest = -1 + 1 / 255, 1 - 1 / 255  # the first and last of 255 bin centres in [-1, 1]
     np.testing.assert_allclose(actions[0, :6], -0.5 + (lowest + 1) / 2)
@@ -165,7 +166,8 @@ def test_kv_cached_decoding_equals_full_forwards_for_prompts_of_different_length
     cached = policy.action_tokens(images, instructions)
     full = policy.action_tokens(images, instructions, kv_cache=False)
     assert cached.shape == (3, 7) and (cached == full).all()
-    assert ((cached >= policy.vocab_size - 256) & (cached < policy.vocab_size)).all()
+    vocab_size = policy.decoder.vocab_size
+    assert ((cached >= vocab_size - 256) & (cached < vocab_size)).all()
     alone = np.concatenate([policy.action_tokens(images[i : i + 1], instructions[i : i + 1]) for i in range(3)])
     assert (alone == cached).all()  # batch-invariant
 
@@ -175,17 +177,17 @@ def test_preallocated_cache_steps_give_the_growing_caches_tokens(checkpoint, mon
     OpenVLA's pin, and 5.x: both installed in the test environments) and choose the tokens of the growing cache."""
     import transformers
 
-    from openvla_align.vla import decoding
+    from openvla_align.vla import actions
 
     policy = BatchedPolicy(load_vla(checkpoint), "sft")
     images = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     instructions = ["put the carrot on the plate", "pick up the red cup and put it in the bowl near the left", "push"]
     made = []
-    real = decoding.preallocated_cache
-    monkeypatch.setattr(decoding, "preallocated_cache", lambda *a: made.append(real(*a)) or made[-1])
+    real = actions.preallocated_cache
+    monkeypatch.setattr(actions, "preallocated_cache", lambda *a: made.append(real(*a)) or made[-1])
     static = policy.action_tokens(images, instructions)
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     supported = (major, minor) == (4, 40) or major >= 5
     assert made and all((m is not None) == supported for m in made)
-    policy.preallocate = False
+    policy.decoder.preallocate = False
     assert (policy.action_tokens(images, instructions) == static).all()

@@ -11,7 +11,7 @@ import pytest
 
 from openvla_align.eval import load_run
 from openvla_align.eval.shard import Ranks
-from openvla_align.testing import save_tiny_checkpoint
+from openvla_align.tiny import save_tiny_checkpoint
 
 from conftest import cli_fails
 

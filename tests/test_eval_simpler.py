@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from openvla_align.eval.envs import short_name
-from openvla_align.eval.run import unnormalize_tokens
 from openvla_align.eval.simpler import ENV_SETTINGS, check_backends, env_action, env_seeds
+from openvla_align.vla.actions import unnormalize_tokens
 
 Q01 = [-0.02, -0.03, -0.04, -0.1, -0.2, -0.3, 0.0]
 Q99 = [0.02, 0.03, 0.04, 0.1, 0.2, 0.3, 1.0]
@@ -234,7 +234,7 @@ def test_eval_run_in_the_real_simulator(tmp_path, vla, tokenizer):
     """`eval run` on the real forks (CPU physics and software rendering, one env per process) for a few steps per
     environment, with a tiny checkpoint, under torchrun with 2 ranks (2 environments each); a re-run finds every pair
     done; `eval report` reads what it wrote."""
-    from openvla_align.testing import save_tiny_checkpoint
+    from openvla_align.tiny import save_tiny_checkpoint
 
     stats = {"action": {"q01": Q01, "q99": Q99, "mask": MASK}}
     vla.config.norm_stats = {"sft": stats}

@@ -2,34 +2,40 @@
 
 Bottom to top; a module may import its own layer and the ones below, never one above:
 
-0. foundation   ``_io``, ``argtypes``, ``config``, ``dtypes``, ``norms``, ``shapes``, ``stats``: atomic writes and
-                YAML reads, the CLI's argument types and path checks, the alignment config, dtype names, image
-                normalisation constants, the generated scenes' shape masks, confidence intervals over seeds
+0. foundation   ``_io``, ``_plugins``, ``argtypes``, ``config``, ``dtypes``, ``norms``, ``shapes``, ``stats``: atomic
+                writes and YAML reads, entry-point lookup, the CLI's argument types and path checks, the alignment
+                config, dtype names, image normalisation constants, the generated scenes' shape masks, confidence
+                intervals over seeds
 1. OpenVLA      ``vla``: the only code that knows OpenVLA's layout, pixels, checkpoints and logits
    teachers     ``teachers``: the teacher registry (data), specs, weight lookup, one module per family
    (``vla`` and ``teachers`` are independent: neither imports the other)
 2. core         ``losses``, ``projector``, ``hooks``, ``targets``, ``aligner``, ``cache.keys``, ``cache.store``:
                 what a training step computes, and where its targets come from (a live teacher or the cache)
 3. integration  ``openvla``: the finetune.py plugin, its patch, merging, dataset registration
-4. tools        ``cache.build``, ``probe``, ``eval``, ``data``, ``testing``: each stands alone (no tool imports
-                another tool)
+4. tools        ``cache.build``, ``probe``, ``eval``, ``data``, ``tiny``: each stands alone (no tool imports
+                another tool); ``tiny`` holds the tiny random-weight models the demo, the bench and the tests use
 5. apps         ``cli``, ``bench``, ``demo``, the package root: compose the tools
 
-Imports under ``if TYPE_CHECKING:`` are annotations only and are not counted.
+Imports under ``if TYPE_CHECKING:`` are annotations only and are not counted. A string constant that names a package
+module (``"openvla_align.eval.simpler:SimplerEnv"``, for ``importlib``) counts as an import of it. Test-only helpers
+live under ``tests/``; no package module names them.
 """
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "openvla_align"
 LAYERS = (
-    ("foundation", ("_io", "argtypes", "config", "dtypes", "norms", "shapes", "stats")),
+    ("foundation", ("_io", "_plugins", "argtypes", "config", "dtypes", "norms", "shapes", "stats")),
     ("openvla+teachers", ("vla", "teachers")),
     ("core", ("losses", "projector", "hooks", "targets", "aligner", "cache.keys", "cache.store")),
     ("integration", ("openvla",)),
-    ("tools", ("cache.build", "cache", "probe", "eval", "data", "testing")),
+    ("tools", ("cache.build", "cache", "probe", "eval", "data", "tiny")),
     ("apps", ("cli", "bench", "demo", "")),
 )
+NAMED_MODULE = re.compile(r"openvla_align((?:\.\w+)*)(?::\w+)?")
+TEST_ONLY = ("conftest", "assets", "oft_assets", "_cpu_shim", "tests")
 INDEPENDENT = {("vla", "teachers"), ("teachers", "vla")}
 TOOLS = dict(LAYERS)["tools"]
 
@@ -79,6 +85,13 @@ def imports():
                 for alias in node.names:
                     if alias.name.startswith("openvla_align"):
                         edges.add(alias.name[len("openvla_align") :].lstrip("."))
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                # not the bare "openvla_align" (the distribution's name) nor an enclosing package's name (the
+                # teachers' entry-point group "openvla_align.teachers" is spelled like their package)
+                named = NAMED_MODULE.fullmatch(node.value)
+                target = named.group(1).lstrip(".") if named else ""
+                if target and target in mods and not name.startswith(target + "."):
+                    edges.add(target)
         edges.discard(name)
         graph[name] = edges
     return graph
@@ -148,7 +161,29 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-def test_the_walk_sees_function_level_imports():
+def test_no_package_module_imports_test_helpers():
+    """Test support lives under tests/ and only tests import it: no package module names it, by statement or string."""
+    bad = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = [node.value.partition(":")[0]] if NAMED_MODULE.fullmatch(node.value) else []
+            else:
+                continue
+            bad += [
+                f"{name}: {n}" for n in names if n.split(".")[0] in TEST_ONLY or n.startswith("openvla_align.testing")
+            ]
+    assert not bad, bad
+
+
+def test_the_walk_sees_function_level_imports_and_named_modules():
     graph = imports()
-    assert "vla.decoding" in graph["eval.run"]  # imported inside a method
+    assert "vla.actions" in graph["eval.run"]  # imported inside a method
     assert "vla.pixels" in graph["targets"] and "targets" in graph["aligner"]
+    # a module named by string (an importlib target) is an edge too: found in a tree built for the purpose
+    assert NAMED_MODULE.fullmatch("openvla_align.eval.simpler:SimplerEnv").group(1) == ".eval.simpler"
+    assert not NAMED_MODULE.fullmatch("see openvla_align.eval for the runner")

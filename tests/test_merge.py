@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from openvla_align import AlignConfig
 from openvla_align.cli import main
 from openvla_align.openvla.plugins import AlignPlugin
-from openvla_align.testing import save_tiny_checkpoint, tiny_teacher
+from openvla_align.tiny import save_tiny_checkpoint, tiny_teacher
 from openvla_align.vla.checkpoint import load_vla
 
 from conftest import cli_fails, make_batch

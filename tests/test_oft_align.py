@@ -80,7 +80,7 @@ def reference_loss(out, pixel_values, teacher, projector, num_images: int):
 
 
 def tiny_radio():
-    from openvla_align.testing import tiny_teacher
+    from openvla_align.tiny import tiny_teacher
 
     with pytest.warns(UserWarning):  # random weights, said out loud
         return tiny_teacher("c-radio-v3-l")

@@ -23,7 +23,7 @@ import torch
 TEACHER_PLUGIN = '''
 """A third-party teacher: C-RADIOv3-L's architecture at tiny width, weights from `teacher_path`."""
 from openvla_align.teachers.radio import build_radio_teacher
-from openvla_align.testing.tiny import TINY_VIT as TINY_ARCH
+from openvla_align.tiny.model import TINY_VIT as TINY_ARCH
 
 
 def tiny_c_radio(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):

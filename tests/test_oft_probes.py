@@ -16,9 +16,10 @@ import numpy as np
 import oft_assets as A
 import pytest
 import torch
+from assets import write_image_folder
 
 from openvla_align.cli import main
-from openvla_align.testing.data import SHAPES, write_image_folder
+from openvla_align.tiny.data import SHAPES
 from openvla_align.vla.checkpoint import CameraView, load_vla
 
 pytestmark = pytest.mark.skipif(A.oft_unavailable() is not None, reason=str(A.oft_unavailable()))

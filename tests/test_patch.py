@@ -549,7 +549,7 @@ def _shim_main() -> None:
     import torch.nn.parallel
     from transformers import PreTrainedTokenizerFast
 
-    from openvla_align.testing.tiny import TinyOpenVLA
+    from openvla_align.tiny.model import TinyOpenVLA
 
     spec = json.loads(sys.argv[1])
     script, base = str(Path(spec["script"]).resolve()), Path(spec["base"])
@@ -663,7 +663,7 @@ def _shim_main() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    from openvla_align.testing import build_tiny_vla, build_tokenizer
+    from openvla_align.tiny import build_tiny_vla, build_tokenizer
 
     base = tmp_path_factory.mktemp("tiny_base")
     tokenizer = build_tokenizer()

@@ -21,7 +21,7 @@ from openvla_align.openvla.plugins import (
     load_reference_projector,
 )
 from openvla_align.teachers import TeacherWeightsNotFound
-from openvla_align.testing import tiny_teacher
+from openvla_align.tiny import tiny_teacher
 
 from conftest import make_batch
 

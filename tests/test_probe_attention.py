@@ -17,8 +17,8 @@ from openvla_align.probe.attention import (
     parse_layers,
     save_attention_grid,
 )
-from openvla_align.testing import build_tiny_vla, save_tiny_checkpoint
-from openvla_align.testing.data import generate_scenes
+from openvla_align.tiny import build_tiny_vla, save_tiny_checkpoint
+from openvla_align.tiny.data import generate_scenes
 
 N_VIS = 256
 PROMPT = vqa_prompt("What action should the robot take to put the red cup on the plate?")
@@ -225,7 +225,7 @@ def test_bad_layers_and_missing_image(vla, image_path, tmp_path):
 def test_lora_adapter_is_applied(ckpt, vla, image_path, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from openvla_align.testing.tiny import TinyOpenVLA
+    from openvla_align.tiny.model import TinyOpenVLA
 
     lora = get_peft_model(
         TinyOpenVLA.from_pretrained(ckpt), LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False)
@@ -245,7 +245,7 @@ def test_cli_takes_the_adapter_either_way(ckpt, image_path, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from openvla_align.cli import main
-    from openvla_align.testing.tiny import TinyOpenVLA
+    from openvla_align.tiny.model import TinyOpenVLA
 
     lora = get_peft_model(
         TinyOpenVLA.from_pretrained(ckpt), LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False)

@@ -5,12 +5,12 @@ checkpoints: tests/test_oft_probes.py."""
 import numpy as np
 import pytest
 import torch
+from assets import write_image_folder
 
 from openvla_align.probe import feature_cache
 from openvla_align.probe.attention import attention_maps
 from openvla_align.probe.features import ModelSpec, extract_features
-from openvla_align.testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
-from openvla_align.testing.data import write_image_folder
+from openvla_align.tiny import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
 from openvla_align.vla.checkpoint import CameraView, load_vla
 
 LAYER = 3

@@ -18,8 +18,8 @@ from openvla_align.probe.linear import (
     run_linear_probe,
     scan_imagefolder,
 )
-from openvla_align.testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
-from openvla_align.testing.tiny import TINY_VIT as TINY_ARCH
+from openvla_align.tiny import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
+from openvla_align.tiny.model import TINY_VIT as TINY_ARCH
 from openvla_align.vla.checkpoint import load_vla
 
 from conftest import cli_fails

@@ -19,7 +19,7 @@ from openvla_align.probe.tsne import (
     silhouette,
     tsne_2d,
 )
-from openvla_align.testing import build_tiny_vla, save_tiny_checkpoint
+from openvla_align.tiny import build_tiny_vla, save_tiny_checkpoint
 
 CLASSES = {"cup": (220, 40, 40), "bottle": (40, 200, 60), "knife": (40, 60, 230)}
 PER_CLASS = 6

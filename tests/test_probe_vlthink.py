@@ -21,7 +21,7 @@ from openvla_align.probe.vlthink import (
     score_answers,
     summarize,
 )
-from openvla_align.testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
+from openvla_align.tiny import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
 from openvla_align.vla.checkpoint import LoadedVLA, load_image, load_vla, vqa_prompt
 
 IMAGE_SIZE = 56  # 4x4 patches: fast, same code paths as 224

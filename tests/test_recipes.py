@@ -20,7 +20,7 @@ from test_patch import PATCH_DIR, exec_block, upstream_config_source
 from openvla_align import AlignConfig
 from openvla_align.openvla import patch as P
 from openvla_align.openvla.plugins import PLUGINS, AlignPlugin, FreezePlugin
-from openvla_align.testing import build_tiny_vla, tiny_teacher
+from openvla_align.tiny import build_tiny_vla, tiny_teacher
 
 from conftest import make_batch
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from openvla_align.teachers import TeacherWeightsNotFound, radio, teacher_spec
-from openvla_align.testing.tiny import TINY_VIT
+from openvla_align.tiny.model import TINY_VIT
 
 WIDTH, DEPTH, HEADS, MLP, PREFIX, GRID = 32, 2, 2, 64, 8, 128
 ARCH = dict(TINY_VIT)

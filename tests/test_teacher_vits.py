@@ -29,7 +29,7 @@ from openvla_align.teachers import (
     teacher_spec,
     theia,
 )
-from openvla_align.testing.tiny import TINY_VIT
+from openvla_align.tiny.model import TINY_VIT
 
 IMAGENET = (torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225]))
 HALF = (torch.full((3,), 0.5), torch.full((3,), 0.5))

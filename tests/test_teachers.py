@@ -19,7 +19,7 @@ from openvla_align.teachers import (
     load_plugins,
     teacher_spec,
 )
-from openvla_align.testing import tiny_teacher
+from openvla_align.tiny import tiny_teacher
 
 ALL = list_teachers()
 
@@ -80,7 +80,7 @@ def test_random_weights_only_on_request_and_loudly(name):
 
 
 def test_wrong_width_and_grid_are_refused(tokenizer):
-    from openvla_align.testing import build_tiny_vla
+    from openvla_align.tiny import build_tiny_vla
 
     vla = build_tiny_vla(vocab_size=len(tokenizer))
     teacher = _tiny("dinov2-vit-s", grid=(14, 14))
@@ -153,7 +153,7 @@ def test_a_broken_plugin_is_reported_once_and_hides_no_other(tmp_path, monkeypat
         "good_teacher_pkg",
         """
         from openvla_align.teachers.radio import build_radio_teacher
-        from openvla_align.testing.tiny import TINY_VIT as TINY_ARCH
+        from openvla_align.tiny.model import TINY_VIT as TINY_ARCH
 
         def make(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):
             args = (path, resolution, grid, allow_random, trust_remote_code, TINY_ARCH)
@@ -190,7 +190,7 @@ def test_build_teacher_is_the_one_way_in():
 
     from openvla_align.config import AlignConfig
     from openvla_align.teachers import build_teacher, teacher_from_config
-    from openvla_align.testing.tiny import TINY_VIT
+    from openvla_align.tiny.model import TINY_VIT
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights, on purpose

@@ -38,7 +38,9 @@ pytestmark = pytest.mark.skipif(not _OK, reason=_WHY)
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from openvla_align.testing.upstream import build_tiny_openvla_checkpoint, write_tiny_rlds
+    from assets import write_tiny_rlds
+
+    from openvla_align.tiny.openvla import build_tiny_openvla_checkpoint
 
     root = tmp_path_factory.mktemp("upstream")
     ckpt = build_tiny_openvla_checkpoint(root / "ckpt", seed=0)
@@ -77,9 +79,8 @@ def test_checkpoint_loads_with_stock_autoclasses(assets):
 
 def test_forward_on_one_rlds_sample(assets):
     import torch
+    from assets import tiny_rlds_dataset
     from transformers import AutoModelForVision2Seq, AutoProcessor
-
-    from openvla_align.testing.upstream import tiny_rlds_dataset
 
     ckpt, data_root, _ = assets
     processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=True)
@@ -114,12 +115,12 @@ def test_teacher_cache_over_the_rlds_pipeline_matches_training_batches(assets, t
     import warnings
 
     import torch
+    from assets import tiny_rlds_dataset
     from transformers import AutoProcessor
 
     from openvla_align.cache import TeacherCache, keys_from_pixel_values
     from openvla_align.cache.build import build_cache, rlds_frames
-    from openvla_align.testing import tiny_teacher
-    from openvla_align.testing.upstream import tiny_rlds_dataset
+    from openvla_align.tiny import tiny_teacher
 
     ckpt, data_root, _ = assets
     frames, source = rlds_frames(data_root, "sft")
@@ -145,18 +146,19 @@ def test_batched_kv_cached_policy_equals_predict_action_one_sample_at_a_time(ass
     from PIL import Image
     from transformers import AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-    from openvla_align.eval.run import PROMPT, BatchedPolicy
-    from openvla_align.vla.checkpoint import load_vla
+    from openvla_align.eval.run import BatchedPolicy
+    from openvla_align.vla.checkpoint import action_prompt, load_vla
 
     ckpt = assets[0]
     loaded = load_vla(ckpt, dtype="float32", attn_implementation=None)
     policy = BatchedPolicy(loaded, "sft")
-    assert policy.vocab_size == 32000
+    vocab_size = policy.decoder.vocab_size
+    assert vocab_size == 32000
 
     class ActionTokensOnly(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            scores[:, : policy.vocab_size - 256] = -torch.inf
-            scores[:, policy.vocab_size :] = -torch.inf
+            scores[:, : vocab_size - 256] = -torch.inf
+            scores[:, vocab_size:] = -torch.inf
             return scores
 
     rng = np.random.default_rng(0)
@@ -168,7 +170,7 @@ def test_batched_kv_cached_policy_equals_predict_action_one_sample_at_a_time(ass
     assert len(np.unique(batched[:, :6])) > 3  # not one bin everywhere: the comparison discriminates
     processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=True)
     for i, text in enumerate(instructions):
-        inputs = processor(PROMPT.format(text), Image.fromarray(images[i]))
+        inputs = processor(action_prompt(text), Image.fromarray(images[i]))
         inputs["pixel_values"] = inputs["pixel_values"].float()
         with torch.no_grad():
             alone = loaded.model.predict_action(

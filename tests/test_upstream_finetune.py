@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from test_upstream_assets import _stack_available
 
-from openvla_align.testing.upstream import write_pico_sitecustomize
+from openvla_align.tiny.openvla import write_pico_sitecustomize
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(not _OK, reason=_WHY)
 TEACHER_PLUGIN = '''
 """A third-party teacher: C-RADIOv3-L's architecture at tiny width, weights from `teacher_path`."""
 from openvla_align.teachers.radio import build_radio_teacher
-from openvla_align.testing.tiny import TINY_VIT as TINY_ARCH
+from openvla_align.tiny.model import TINY_VIT as TINY_ARCH
 
 
 def tiny_c_radio(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):
@@ -50,10 +50,11 @@ def tiny_c_radio(path=None, resolution=None, grid=(16, 16), allow_random=False, 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A patched copy of the checkout, a tiny OpenVLA, a tiny RLDS build and a teacher plugin with its weights."""
+    from assets import write_tiny_rlds
     from test_teacher_radio import save_hf_snapshot, tiny_radio_parts
 
     from openvla_align.cli import main as cli
-    from openvla_align.testing.upstream import build_tiny_openvla_checkpoint, write_tiny_rlds
+    from openvla_align.tiny.openvla import build_tiny_openvla_checkpoint
 
     root = tmp_path_factory.mktemp("e2e")
     checkout = root / "openvla"

@@ -187,7 +187,7 @@ def build(scale: Scale = CPU_SCALE, seed: int = 0, device: str = "cpu", with_tea
     from peft import LoraConfig, get_peft_model
 
     from ..teachers.build import build_teacher
-    from ..testing import build_tiny_vla
+    from ..tiny import build_tiny_vla
 
     vla = build_tiny_vla(
         seed=seed,

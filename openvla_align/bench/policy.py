@@ -8,10 +8,10 @@ reference's HF classes), the same frames and the same prompts:
     package), with the value head ``a0`` and greedy decoding, as RL4VLA's evaluation policy loads and calls it:
     ``generate`` with its ``AllowedTokensLogitsProcessor``, ``output_hidden_states=True``, ``output_logits=True``,
     at its constraint of equal-length prompts (one instruction for the batch, different frames);
-(b) ours: ``eval run``'s ``BatchedPolicy`` (one prefill, six cached single-token steps, logits only at the last
-    position and only for the 256 action tokens, no hidden states kept);
+(b) ours: ``vla.actions.ActionDecoder``, ``eval run``'s decoder (one prefill, six cached single-token steps,
+    logits only at the last position and only for the 256 action tokens, no hidden states kept);
 (c) the floor: the batch's multimodal prefill up to the last prompt position's logits over the 256 action rows,
-    no decoding at all (``BatchedPolicy.first_tokens``).
+    no decoding at all (``ActionDecoder.first_tokens``).
 
 (a) and (b) must choose the same action tokens; the bench stops if they do not. Rounds interleave the paths; the
 median round of each counts. The CPU scale shrinks the LLM (width 512) but not the vocabulary (32064, which the
@@ -30,13 +30,13 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from ..vla.actions import ACTION_DIM
 from .model import CPU_SCALE, OPENVLA_7B, PROMPT_TEXT, VISUAL_TOKENS, Scale
 
 PATHS = ("reference", "ours", "floor")
 REFERENCE_CLASS = "modeling_prismatic.OpenVLAForActionPredictionWithValueHead"
 INSTRUCTION = "put the carrot on the plate"
 UNNORM_KEY = "bench"
-ACTION_DIM = 7
 
 
 def reference_files(src) -> Path:
@@ -58,7 +58,7 @@ def reference_files(src) -> Path:
 
 
 def _build(src: Path, scale: Scale, directory: Path) -> Path:
-    from ..testing.upstream import bounds_stats, build_tiny_openvla_checkpoint
+    from ..tiny.openvla import bounds_stats, build_tiny_openvla_checkpoint
 
     stats = {UNNORM_KEY: {"action": bounds_stats(np.random.default_rng(0), ACTION_DIM)}}
     return build_tiny_openvla_checkpoint(
@@ -121,7 +121,7 @@ def policy_throughput(
 
     Every path gets the same token ids (BOS + the prompt + "▁", equal length: one instruction) and the same pixel
     values, so the figures compare the models' paths, not preprocessing."""
-    from ..eval.run import BatchedPolicy
+    from ..vla.actions import ActionDecoder
     from ..vla.checkpoint import load_vla
 
     src = reference_files(reference_src)
@@ -138,7 +138,7 @@ def policy_throughput(
                 "(transformers 4.40.1)"
             ) from exc
         # as eval run loads it: the checkpoint's default attention (attn_implementation=None), as the reference's
-        ours = BatchedPolicy(load_vla(checkpoint, device=device, dtype="float32", attn_implementation=None), UNNORM_KEY)
+        ours = ActionDecoder(load_vla(checkpoint, device=device, dtype="float32", attn_implementation=None))
         frames = np.random.default_rng(0).integers(0, 256, (max(batches), 224, 224, 3), dtype=np.uint8)
         pixels = _pixels(checkpoint, frames, device)
         row = ours.rows([INSTRUCTION])[0]

@@ -94,8 +94,8 @@ def _run(cfg: DemoConfig) -> Dict:
     from ..probe import linear as probe_linear
     from ..teachers import build_teacher, teacher_spec
     from ..teachers.scenes import SceneTeacher, save_scene_teacher
-    from ..testing import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
-    from ..testing.tiny import ActionTokenizer
+    from ..tiny import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
+    from ..vla.actions import ActionTokenizer
     from . import plot, report
     from . import stages as S
     from .code import code_identity

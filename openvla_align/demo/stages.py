@@ -15,13 +15,14 @@ import torch
 from tqdm import tqdm
 
 from ..hooks import VisualTokenHook
-from ..testing.data import answer_batch
-from ..testing.tiny import ActionTokenizer
+from ..tiny.data import answer_batch
+from ..vla.actions import ActionDecoder, ActionTokenizer
+from ..vla.checkpoint import LoadedVLA, action_prompt
 from ..vla.pixels import normalize_fused
 from .objectives import fit_dense, patch_targets
 from .scenes import COLORS, SHAPES, Scene, images, name, sort_action, sorted_right, where
 
-ACTION_PROMPT = "In: What action should the robot take to put the object in its bin?\nOut:"
+ACTION_PROMPT = action_prompt("put the object in its bin")
 REST = (-0.1, 0.0, 0.0, 0.0, 1.0)  # the action's other five dims (z, rotation, gripper): the same in every scene
 VL_KINDS = ("colour", "shape", "where", "what")
 
@@ -195,23 +196,17 @@ def teacher_features(teacher, scenes: Sequence[Scene], batch_size: int = 64):
     return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
 
 
-@torch.no_grad()
 def predict_xy(model, batcher: Batcher, scenes: Sequence[Scene], batch_size: int = 64) -> np.ndarray:
-    """Greedy decoding of the first two action tokens (x, y), restricted to the 256 action tokens as OpenVLA's
-    ``predict_action`` effectively is after un-normalisation; the prompt is the same for every scene."""
-    first = batcher.act.vocab_size - 256
+    """The first two action dims (x, y) of each scene's greedy action: OpenVLA's action decoder (restricted to the
+    256 action tokens, as ``predict_action`` effectively is after un-normalisation) on the demo's prompt rows."""
+    loaded = LoadedVLA(model=model, tokenizer=batcher.tok, image_size=0, path="demo")  # pixels are made here
+    decoder = ActionDecoder(loaded, n_tokens=2, vocab_size=batcher.act.vocab_size)
+    row = batcher.prompt_ids(ACTION_PROMPT)
     out = []
     for start in range(0, len(scenes), batch_size):
-        batch = batcher.action(scenes[start : start + batch_size], with_answer=False)
-        ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
-        tokens = []
-        for _ in range(2):
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1, first:]
-            tok = logits.argmax(-1) + first
-            ids = torch.cat([ids, tok[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            tokens.append(batcher.act.decode(tok.numpy()))
-        out.append(np.stack(tokens, 1))
+        chunk = scenes[start : start + batch_size]
+        tokens = decoder.decode([row] * len(chunk), normalize_fused(images(chunk)))
+        out.append(batcher.act.decode(tokens))
     return np.concatenate(out)
 
 

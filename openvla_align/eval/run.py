@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -40,8 +39,6 @@ from .results import RESULT_FILE, read_result, write_result
 
 logger = logging.getLogger(__name__)
 
-PROMPT = "In: What action should the robot take to {}?\nOut:"
-N_BINS = 256
 PAPER_SEEDS = [0, 1, 2, 4, 5, 6, 7, 8]  # the reference README's evaluation loop (no seed 3)
 
 
@@ -83,10 +80,11 @@ class EvalRecipe:
 
 # --------------------------------------------------------------------------------------------------- policy
 class BatchedPolicy:
-    """Images + instructions -> un-normalised 7-D actions, for a whole batch per call: greedy over the 256 action
-    tokens with a KV cache, prompts and "▁" as upstream ``predict_action``, un-normalised as it does."""
+    """Images + instructions -> un-normalised 7-D actions, for a whole batch per call: the greedy action tokens of
+    ``vla.actions.ActionDecoder`` (prompts and "▁" as upstream ``predict_action``), un-normalised as it does."""
 
     def __init__(self, loaded, unnorm_key: str):
+        from ..vla.actions import ActionDecoder
         from ..vla.layout import unwrap
 
         self.loaded = loaded
@@ -102,154 +100,27 @@ class BatchedPolicy:
         action = stats[unnorm_key]["action"]
         self.q01, self.q99 = np.asarray(action["q01"], dtype=np.float64), np.asarray(action["q99"], dtype=np.float64)
         self.mask = np.asarray(action.get("mask", [True] * len(self.q01)), dtype=bool)
-        # OpenVLA: the last N_BINS ids below the unpadded vocabulary are the action bins
-        self.vocab_size = int(getattr(base, "vocab_size", None) or len(loaded.tokenizer))
-        self.action_dim = len(self.q01)
-        tok = loaded.tokenizer
-        space = tok.convert_tokens_to_ids("▁") if "▁" in tok.get_vocab() else None
-        self.space_id = space  # predict_action appends Llama's "▁" (29871) to the prompt; so do we, when it exists
-        self.preallocate = True  # decode steps write into a preallocated key/value cache where transformers allows
+        self.decoder = ActionDecoder(loaded, n_tokens=len(self.q01))
 
     def __call__(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> np.ndarray:
         return self.unnormalize(self.action_tokens(images, instructions))
 
-    def rows(self, instructions: Sequence[str]) -> List[List[int]]:
-        """Token rows: BOS + ``predict_action``'s prompt + the "▁" it appends."""
-        rows = [self.loaded.tokenizer(PROMPT.format(str(i).lower())).input_ids for i in instructions]
-        if self.space_id is not None:
-            rows = [r if r[-1] == self.space_id else r + [self.space_id] for r in rows]
-        return rows
-
     def prompts(self, images: Sequence[np.ndarray], instructions: Sequence[str]):
-        """Token rows (:meth:`rows`) and the batch's pixel values."""
+        """The decoder's token rows and the batch's pixel values."""
         from PIL import Image
 
         loaded = self.loaded
         pixels = loaded.pixel_values([Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images])
-        return self.rows(instructions), pixels.to(loaded.device, loaded.dtype)
+        return self.decoder.rows(instructions), pixels.to(loaded.device, loaded.dtype)
 
-    @torch.no_grad()
     def action_tokens(self, images, instructions, *, kv_cache: bool = True) -> np.ndarray:
-        """Greedy action token ids (B, action_dim), each step restricted to the 256 action tokens (as the reference's
-        ``AllowedTokensLogitsProcessor``). ``kv_cache=False`` re-runs the whole multimodal forward per token."""
-        return self.decode(*self.prompts(images, instructions), kv_cache=kv_cache)
-
-    @torch.no_grad()
-    def decode(self, rows: List[List[int]], pixel_values: torch.Tensor, *, kv_cache: bool = True) -> np.ndarray:
-        """:meth:`action_tokens` from token rows and pixel values already made (:meth:`prompts`)."""
-        with self._eval():
-            if kv_cache:
-                return self._decode_cached(rows, pixel_values)
-            from ..vla.decoding import next_token_logits
-
-            generated: List[List[int]] = [[] for _ in rows]
-            for _ in range(self.action_dim):
-                logits = next_token_logits(self.loaded, [r + g for r, g in zip(rows, generated)], pixel_values)
-                for g, t in zip(generated, self._pick(logits).tolist()):
-                    g.append(int(t))
-            return np.asarray(generated)
-
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """Argmax over the action tokens only: ids ``[vocab_size - 256, vocab_size)``."""
-        first = self.vocab_size - N_BINS
-        return logits[:, first : self.vocab_size].float().argmax(-1) + first
-
-    @torch.no_grad()
-    def first_tokens(self, rows: List[List[int]], pixel_values: torch.Tensor) -> np.ndarray:
-        """The first action token of each row from one multimodal prefill, without a cache or further steps: the
-        floor any decoder of this policy pays (``bench --policy``)."""
-        with self._eval():
-            return self._prefill(rows, pixel_values, use_cache=False)[0].cpu().numpy()
-
-    @contextmanager
-    def _eval(self):
-        was_training = self.loaded.model.training
-        self.loaded.model.eval()
-        try:
-            yield
-        finally:
-            self.loaded.model.train(was_training)
-
-    def _prefill(self, rows: List[List[int]], pixel_values: torch.Tensor, use_cache: bool):
-        """One multimodal forward over the right-padded rows, logits only at each row's last prompt position and
-        only for the 256 action tokens. Returns (first tokens, output, rows' lengths behind the visual tokens,
-        padding mask, head)."""
-        from ..vla.decoding import RowsHead
-        from ..vla.layout import language_model
-
-        loaded = self.loaded
-        device = loaded.device
-        ids, mask = loaded.pad(rows)
-        first = self.vocab_size - N_BINS
-        lm = language_model(loaded.model)
-        head = RowsHead(lm.lm_head, first, self.vocab_size)
-        head.select(torch.tensor([len(r) - 1 for r in rows], device=device), ids.shape[1])
-        with head.installed(lm):
-            out = loaded.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=use_cache)
-        lengths = torch.tensor([len(r) + head.offset for r in rows], device=device)
-        return out.logits[:, -1].float().argmax(-1) + first, out, lengths, mask, head
-
-    def _decode_cached(self, rows: List[List[int]], pixel_values: torch.Tensor) -> np.ndarray:
-        """One multimodal prefill over the right-padded rows, then one single-token LLM step per action dimension,
-        every logit computed only where it is read (the last position, the 256 action rows).
-
-        Each new token sits at cache index ``width + t`` for every row, with its row's true position id and an
-        attention mask that hides the row's padding, so every row sees exactly what it would see alone."""
-        from ..vla.decoding import preallocated_cache
-        from ..vla.layout import language_model
-
-        token, out, lengths, mask, head = self._prefill(rows, pixel_values, use_cache=True)
-        tokens = [token]
-        offset, steps = head.offset, self.action_dim - 1
-        full_mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]).expand(-1, offset), mask[:, 1:]], dim=1)
-        length = full_mask.shape[1]
-        cache = _cache(out)
-        static = preallocated_cache(language_model(self.loaded.model), cache, steps) if self.preallocate else None
-        if static is not None:  # steps write into buffers; the mask covers them, unwritten slots masked out
-            cache, full_mask = static, torch.cat([full_mask, torch.zeros_like(full_mask[:, :steps])], dim=1)
-        lm = language_model(self.loaded.model)
-        head.select(None)
-        with head.installed(lm):
-            for t in range(1, self.action_dim):
-                if static is not None:
-                    full_mask[:, length + t - 1] = 1
-                    where = {"cache_position": torch.tensor([length + t - 1], device=full_mask.device)}
-                else:
-                    full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=1)
-                    where = {}
-                step = lm(
-                    input_ids=tokens[-1][:, None],
-                    attention_mask=full_mask,
-                    position_ids=(lengths + t - 1)[:, None],
-                    past_key_values=cache,
-                    use_cache=True,
-                    **where,
-                )
-                cache = static if static is not None else _cache(step)
-                tokens.append(step.logits[:, -1].float().argmax(-1) + head.lo)
-        return torch.stack(tokens, dim=1).cpu().numpy()
+        """Greedy action token ids (B, action_dim); ``kv_cache=False`` re-runs the whole forward per token."""
+        return self.decoder.decode(*self.prompts(images, instructions), kv_cache=kv_cache)
 
     def unnormalize(self, token_ids: np.ndarray) -> np.ndarray:
-        return unnormalize_tokens(token_ids, self.vocab_size, self.q01, self.q99, self.mask)
+        from ..vla.actions import unnormalize_tokens
 
-
-def _cache(out):
-    """The LLM's key/value cache of a model output (``past_key_values``; ``cache`` in transformers >= 5)."""
-    cache = getattr(out, "past_key_values", None)
-    cache = cache if cache is not None else getattr(out, "cache", None)
-    if cache is None:
-        raise RuntimeError(f"{type(out).__name__} returned no key/value cache; decode with kv_cache=False.")
-    return cache
-
-
-def unnormalize_tokens(token_ids, vocab_size: int, q01, q99, mask) -> np.ndarray:
-    """Action token ids (B, 7) -> un-normalised actions, as ``predict_action`` and the reference's wrapper compute
-    them: bin ``clip(vocab_size - id - 1, 0, 254)`` of 255 centres in [-1, 1], then q01/q99 on the masked dims."""
-    bins = np.linspace(-1, 1, N_BINS)
-    centers = (bins[:-1] + bins[1:]) / 2.0
-    normalized = centers[np.clip(vocab_size - np.asarray(token_ids) - 1, 0, len(centers) - 1)]
-    q01, q99 = np.asarray(q01, dtype=np.float64), np.asarray(q99, dtype=np.float64)
-    return np.where(np.asarray(mask, dtype=bool), 0.5 * (normalized + 1) * (q99 - q01) + q01, normalized)
+        return unnormalize_tokens(token_ids, self.decoder.vocab_size, self.q01, self.q99, self.mask)
 
 
 def _as_numpy(x) -> np.ndarray:

@@ -2,9 +2,9 @@
 
 A checkpoint is a directory: a merged/base OpenVLA model loaded with the stock AutoClasses and
 ``trust_remote_code=True`` (its processor comes along), optionally with a PEFT LoRA adapter on top. Checkpoints of
-other model classes with OpenVLA's layout load through a loader registered for their ``config.json`` ``model_type``
-(``LOADERS``: data naming ``module:function``, imported only when such a checkpoint is loaded; the tiny test models
-of ``openvla_align.testing`` register theirs there).
+other model classes with OpenVLA's layout load through a loader registered for their ``config.json`` ``model_type``:
+an entry point of the group ``openvla_align.checkpoint_loaders`` naming ``module:function`` (imported only when
+such a checkpoint is loaded; the package's tiny models register theirs so), or :func:`register_loader` at run time.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from PIL import Image
 from .. import dtypes
 
 # config.json model_type -> "module:function" returning (model, tokenizer, image_size) for
-# ``function(path, attn_implementation)``; OpenVLA's own class needs no entry.
-LOADERS: Dict[str, str] = {"tiny_openvla": "openvla_align.testing.tiny:load_tiny_checkpoint"}
+# ``function(path, attn_implementation)``; OpenVLA's own class needs none. Registered at run time; entry points of
+# LOADER_GROUP add to these when looked up.
+LOADERS: Dict[str, str] = {}
+LOADER_GROUP = "openvla_align.checkpoint_loaders"
 IGNORE_INDEX = -100
 IMAGE_CHOICES = ("all", "primary")
 
@@ -57,11 +59,11 @@ def register_loader(model_type: str, target: str) -> None:
     LOADERS[model_type] = target
 
 
-def _registered_loader(model_type: str):
-    import importlib
+def registered_loaders() -> Dict[str, str]:
+    """``{model_type: "module:function"}``: the installed packages' entry points, then run-time registrations."""
+    from .._plugins import entry_point_targets
 
-    module, _, name = LOADERS[model_type].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return {**entry_point_targets(LOADER_GROUP), **LOADERS}
 
 
 def resolve_device_dtype(device: Optional[str], dtype: Optional[str]) -> tuple:
@@ -80,6 +82,11 @@ def release_memory() -> None:
 def vqa_prompt(question: str) -> str:
     """OpenVLA's (PurePromptBuilder) single-turn format."""
     return f"In: {question}\nOut:"
+
+
+def action_prompt(instruction: str) -> str:
+    """The prompt OpenVLA is fine-tuned and queried with for an action (``predict_action``'s, before its "▁")."""
+    return vqa_prompt(f"What action should the robot take to {instruction}?")
 
 
 @dataclass
@@ -203,8 +210,8 @@ def load_vla(
     num_images: Optional[int] = None,
 ) -> LoadedVLA:
     """Load a base/merged OpenVLA checkpoint (``trust_remote_code=True``) or one of a registered model class
-    (``LOADERS``), plus an optional LoRA adapter. ``attn_implementation="eager"`` keeps attention weights available
-    (needed for attention maps).
+    (:func:`registered_loaders`), plus an optional LoRA adapter. ``attn_implementation="eager"`` keeps attention
+    weights available (needed for attention maps).
 
     OpenVLA-OFT checkpoints load the same way in a process where OFT's ``prismatic`` imports (its modeling file
     imports it); ``num_images`` sets the camera count they were trained with (OFT records it nowhere in the
@@ -218,8 +225,11 @@ def load_vla(
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     except json.JSONDecodeError as exc:
         raise ValueError(f"Model {path}: config.json is not valid JSON ({exc}); the checkpoint is damaged.") from None
-    if config.get("model_type") in LOADERS:
-        model, tokenizer, image_size = _registered_loader(config["model_type"])(path, attn_implementation)
+    loaders = registered_loaders()
+    if config.get("model_type") in loaders:
+        from .._plugins import load_target
+
+        model, tokenizer, image_size = load_target(loaders[config["model_type"]])(path, attn_implementation)
         processor = None
     else:
         from transformers import AutoProcessor

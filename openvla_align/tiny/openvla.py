@@ -1,9 +1,8 @@
-"""Tiny assets for end-to-end tests against a real OpenVLA checkout (``OPENVLA_SRC``).
+"""A tiny random-weight OpenVLA built from a real OpenVLA checkout's own HF classes (``OPENVLA_SRC``).
 
-* :func:`build_tiny_openvla_checkpoint` writes a random-weight OpenVLA built from upstream's own HF classes
-  (``prismatic/extern/hf``), loadable with ``AutoModelForVision2Seq`` / ``AutoProcessor`` and
-  ``trust_remote_code=True``.
-* :func:`write_tiny_rlds` writes a tensorflow-datasets RLDS build in the paper's schema.
+:func:`build_tiny_openvla_checkpoint` writes a checkpoint of upstream's ``prismatic/extern/hf`` classes, loadable
+with ``AutoModelForVision2Seq`` / ``AutoProcessor`` and ``trust_remote_code=True``: the bench's policy model and the
+end-to-end tests' (which add a tiny RLDS build, ``tests/assets.py``).
 
 Everything upstream is imported at call time; nothing from OpenVLA is vendored into this repository (the three
 ``prismatic/extern/hf/*.py`` files are copied next to the weights only, at runtime).
@@ -22,6 +21,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from ..norms import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
+from ..vla.actions import ACTION_DIM
+from ..vla.checkpoint import action_prompt
 
 HF_FILES = ("configuration_prismatic.py", "modeling_prismatic.py", "processing_prismatic.py")
 # The same shape as the released openvla/openvla-7b files.
@@ -53,7 +54,6 @@ def {PICO_VIT}(pretrained=False, **kwargs):
     return model
 """
 TINY_TIMM_IDS = [PICO_VIT, PICO_VIT]
-ACTION_DIM = 7
 RARE_CHAR_START, N_RARE_CHARS = 0x4E00, 320  # CJK unified ideographs
 LLAMA2_VOCAB_SIZE, LLAMA2_SPACE_ID = 32000, 29871  # Llama-2's vocabulary and its "▁" id (predict_action appends it)
 
@@ -67,7 +67,7 @@ def register_pico_vit() -> str:
     if PICO_VIT not in timm.list_models(PICO_VIT):
         module = types.ModuleType("openvla_pico_vit")  # timm's registry looks the function's module up in sys.modules
         sys.modules[module.__name__] = module
-        exec(compile(PICO_VIT_SOURCE, "openvla_align.testing.upstream.PICO_VIT_SOURCE", "exec"), module.__dict__)
+        exec(compile(PICO_VIT_SOURCE, "openvla_align.tiny.openvla.PICO_VIT_SOURCE", "exec"), module.__dict__)
     return PICO_VIT
 
 
@@ -206,7 +206,7 @@ def _check_action_tail(tokenizer, n_bins: int = 256) -> None:
     rng = np.random.default_rng(0)
     for _ in range(20):
         ids = rng.integers(top - n_bins, top, ACTION_DIM).tolist()
-        text = "In: What action should the robot take to pick up the block?\nOut: " + tokenizer.decode(ids)
+        text = action_prompt("pick up the block") + " " + tokenizer.decode(ids)
         encoded = tokenizer(text, add_special_tokens=False).input_ids
         if encoded[-ACTION_DIM:] != ids:
             raise RuntimeError(f"tiny tokenizer: action ids {ids} re-tokenize as {encoded[-ACTION_DIM:]}")
@@ -348,127 +348,3 @@ def _patch_json(path: Path, update: Dict, create: bool = False) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update(update)
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-# --------------------------------------------------------------------------------------------------- RLDS
-def _scene(rng: np.random.Generator, size: int) -> np.ndarray:
-    img = np.full((size, size, 3), rng.integers(0, 256, 3), dtype=np.uint8)
-    for _ in range(3):
-        y, x = rng.integers(0, size - size // 4, 2)
-        h, w = rng.integers(size // 8, size // 4, 2)
-        img[y : y + h, x : x + w] = rng.integers(0, 256, 3)
-    return img
-
-
-def write_tiny_rlds(
-    root: os.PathLike, name: str = "sft", episodes: int = 6, steps: int = 5, seed: int = 0, image_size: int = 64
-) -> Path:
-    """Build ``root/name/1.0.0/`` with tensorflow-datasets in the paper's RLDS schema; returns that directory."""
-    import tensorflow_datasets as tfds
-
-    instructions = ["pick up the red block", "put the cube in the bowl", "open the drawer", "push the blue cube left"]
-
-    def make_episodes():
-        rng = np.random.default_rng(seed)
-        for ep in range(episodes):
-            text = instructions[ep % len(instructions)]
-            traj = []
-            for t in range(steps):
-                action = rng.uniform(-0.4, 0.4, ACTION_DIM).astype(np.float32)
-                action[-1] = float(rng.random() < 0.5)
-                observation = {"image": _scene(rng, image_size)}
-                traj.append(
-                    {"observation": observation, "language_instruction": text, "action": action, **step_flags(t, steps)}
-                )
-            yield traj
-
-    image = tfds.features.Image(shape=(image_size, image_size, 3), dtype=np.uint8, encoding_format="jpeg")
-    return build_rlds(root, name, {"image": image}, make_episodes, seed=seed)
-
-
-def step_flags(t: int, steps: int) -> Dict:
-    """The RLDS bookkeeping fields of step ``t`` of ``steps`` (reward 1 on the last step only)."""
-    last = t == steps - 1
-    return {
-        "reward": np.float32(last),
-        "discount": np.float32(1.0),
-        "is_first": t == 0,
-        "is_last": last,
-        "is_terminal": last,
-    }
-
-
-def build_rlds(root: os.PathLike, name: str, observation: Dict, make_episodes, seed: int = 0) -> Path:
-    """Write ``root/name/1.0.0/`` with tensorflow-datasets; returns that directory.
-
-    ``observation`` maps observation keys to tfds features; ``make_episodes()`` yields episodes, each a list of steps
-    (``observation``, ``language_instruction``, a 7-d float32 ``action`` and :func:`step_flags`).
-    """
-    import tensorflow_datasets as tfds
-
-    root = Path(root)
-
-    def examples():
-        for ep, traj in enumerate(make_episodes()):
-            path = f"/tiny/{name}/episode_{ep}.npy"
-            yield path, {"steps": traj, "episode_metadata": {"file_path": path}}
-
-    features = tfds.features.FeaturesDict(
-        {
-            "steps": tfds.features.Dataset(
-                {
-                    "observation": tfds.features.FeaturesDict(observation),
-                    "language_instruction": tfds.features.Text(),
-                    "action": tfds.features.Tensor(shape=(ACTION_DIM,), dtype=np.float32),
-                    "reward": tfds.features.Scalar(dtype=np.float32),
-                    "discount": tfds.features.Scalar(dtype=np.float32),
-                    "is_first": tfds.features.Scalar(dtype=np.bool_),
-                    "is_last": tfds.features.Scalar(dtype=np.bool_),
-                    "is_terminal": tfds.features.Scalar(dtype=np.bool_),
-                }
-            ),
-            "episode_metadata": tfds.features.FeaturesDict({"file_path": tfds.features.Text()}),
-        }
-    )
-
-    with tfds.core.registered.skip_registration():
-        builder_cls = type(
-            f"TinyRlds_{name}_{seed}",
-            (tfds.core.GeneratorBasedBuilder,),
-            {
-                "name": name,
-                "VERSION": tfds.core.Version("1.0.0"),
-                "RELEASE_NOTES": {"1.0.0": "tiny generated episodes"},
-                "_info": lambda self: tfds.core.DatasetInfo(builder=self, features=features),
-                "_split_generators": lambda self, dl_manager: {"train": examples()},
-                "_generate_examples": lambda self: examples(),
-            },
-        )
-    builder = builder_cls(data_dir=str(root))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return root / name / "1.0.0"
-
-
-def tiny_rlds_dataset(root: os.PathLike, processor, name: str = "sft", shuffle_buffer_size: int = 100):
-    """Upstream's ``RLDSDataset`` over :func:`write_tiny_rlds`'s build, with the batch transform finetune.py uses."""
-    from prismatic.models.backbones.llm.prompting import PurePromptBuilder
-    from prismatic.vla.action_tokenizer import ActionTokenizer
-    from prismatic.vla.datasets import RLDSBatchTransform, RLDSDataset
-
-    from openvla_align.openvla.datasets import register_paper_datasets
-
-    register_paper_datasets()
-    transform = RLDSBatchTransform(
-        ActionTokenizer(processor.tokenizer),
-        processor.tokenizer,
-        image_transform=processor.image_processor.apply_transform,
-        prompt_builder_fn=PurePromptBuilder,
-    )
-    return RLDSDataset(
-        Path(root),
-        name,
-        transform,
-        resize_resolution=(224, 224),
-        shuffle_buffer_size=shuffle_buffer_size,
-        image_aug=False,
-    )

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from ..shapes import shape_mask
+from ..vla.actions import ActionTokenizer
+from ..vla.checkpoint import IGNORE_INDEX, action_prompt
 from ..vla.pixels import normalize_fused
-from .tiny import IGNORE_INDEX, ActionTokenizer
 
 SHAPES = ("square", "circle", "triangle")
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.85, 0.1)}
@@ -64,16 +65,12 @@ def generate_scenes(n: int, seed: int = 0, size: int = 224) -> Scenes:
     return Scenes(torch.stack(imgs), instr, np.stack(acts).astype(np.float32), np.array(shapes), np.array(colors))
 
 
-def prompt(instruction: str) -> str:
-    return f"In: What action should the robot take to {instruction}?\nOut:"
-
-
 def collate(
     scenes: Scenes, index: np.ndarray, tokenizer, action_tokenizer: ActionTokenizer, pad_to: int = 0
 ) -> Dict[str, torch.Tensor]:
     """OpenVLA-style batch: BOS + prompt + 7 action tokens + EOS, right-padded (to at least ``pad_to``), loss on
     action tokens + EOS."""
-    prompts = [tokenizer(prompt(scenes.instructions[i])).input_ids for i in index]
+    prompts = [tokenizer(action_prompt(scenes.instructions[i])).input_ids for i in index]
     answers = [action_tokenizer.encode(scenes.actions[i]) for i in index]
     batch = answer_batch(prompts, answers, tokenizer, pad_to)
     return {**batch, "pixel_values": normalize_fused(scenes.images[torch.as_tensor(index)])}
@@ -96,22 +93,3 @@ def answer_batch(prompts, answers, tokenizer, pad_to: int = 0) -> Dict[str, torc
         lab[j, : len(lbl)] = torch.tensor(lbl)
         mask[j, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": lab}
-
-
-def write_image_folder(root, n_train: int = 24, n_val: int = 12, label: str = "shape", seed: int = 0, size: int = 224):
-    """Generated scenes as an ImageFolder (``root/{train,val}/<class>/*.png``), classes = shapes or colours."""
-    from pathlib import Path
-
-    from PIL import Image
-
-    names = SHAPES if label == "shape" else tuple(COLORS)
-    root = Path(root)
-    for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 1)):
-        scenes = generate_scenes(n, seed=split_seed, size=size)
-        labels = getattr(scenes, f"{label}_label")
-        for i in range(n):
-            folder = root / split / names[labels[i]]
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = (scenes.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{split}_{i:04d}.png")
-    return root

@@ -1,4 +1,5 @@
-"""Tiny random-weight models with OpenVLA's module layout and forward semantics, for tests and the demo.
+"""Tiny random-weight models with OpenVLA's module layout and forward semantics: the demo's and the bench's models,
+and a smoke test of any tool without a 7B download.
 
 Layout (as upstream ``OpenVLAForActionPrediction``):
     vision_backbone.featurizer        timm ViT, DINOv2-like (patch 14, 4 registers, layer scale)
@@ -19,14 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
-IGNORE_INDEX = -100
-N_ACTION_BINS = 256
+from ..vla.actions import N_BINS
+from ..vla.checkpoint import IGNORE_INDEX, action_prompt
 
 
 class TinyVLAConfig(PretrainedConfig):
@@ -300,7 +300,7 @@ def build_tokenizer(text_vocab: int = 480, corpus: Sequence[str] = ()):
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     lines = list(corpus) + [" ".join(_WORDS[i : i + 12]) for i in range(0, len(_WORDS), 3)]
-    lines += [f"In: What action should the robot take to {w}?\nOut:" for w in _WORDS]
+    lines += [action_prompt(w) for w in _WORDS]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -314,7 +314,7 @@ def build_tokenizer(text_vocab: int = 480, corpus: Sequence[str] = ()):
     vocab = bpe.get_vocab()
     merges = _merges(bpe)
     start = len(vocab)
-    for i in range(N_ACTION_BINS):
+    for i in range(N_BINS):
         vocab[f"<act{i}>"] = start + i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -340,23 +340,6 @@ def _merges(bpe) -> List[tuple]:
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
 
 
-class ActionTokenizer:
-    """Uniform 256-bin discretisation of actions in [-1, 1] onto the last 256 token ids (OpenVLA's scheme)."""
-
-    def __init__(self, vocab_size: int, bins: int = N_ACTION_BINS):
-        self.vocab_size = vocab_size
-        self.bins = np.linspace(-1, 1, bins)
-        self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2.0
-        self.action_token_begin_idx = vocab_size - (bins + 1)
-
-    def encode(self, action: np.ndarray) -> List[int]:
-        return (self.vocab_size - np.digitize(np.clip(action, -1.0, 1.0), self.bins)).tolist()
-
-    def decode(self, token_ids: np.ndarray) -> np.ndarray:
-        idx = np.clip(self.vocab_size - np.asarray(token_ids) - 1, 0, len(self.bin_centers) - 1)
-        return self.bin_centers[idx]
-
-
 # The built-in ViT teacher families at tiny width and depth (no download, milliseconds on CPU); the demo's teacher is
 # tiny already and has no architecture to override.
 TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
@@ -375,7 +358,8 @@ def tiny_teacher(name: str, seed: int = 0, grid=(16, 16), **kwargs):
 
 def save_tiny_checkpoint(directory, model: "TinyOpenVLA", tokenizer) -> None:
     """Write a tiny model + tokenizer; ``openvla_align.vla.checkpoint.load_vla`` loads it like a real checkpoint
-    (its config.json ``model_type`` names the loader below)."""
+    (its config.json ``model_type`` is registered with the loader below: the ``openvla_align.checkpoint_loaders``
+    entry point ``tiny_openvla`` in setup.py)."""
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 

@@ -1,8 +1,8 @@
-"""Tiny random-weight models and generated data with OpenVLA's layout, for tests and the demo."""
+"""Tiny random-weight models and generated data with OpenVLA's layout: the demo's and the bench's models, smoke tests
+of every tool, and the test suite's fixtures (``tiny_openvla`` checkpoints load through ``load_vla``)."""
 
-from .tiny import (
+from .model import (
     IGNORE_INDEX,
-    ActionTokenizer,
     TinyOpenVLA,
     TinyVLAConfig,
     build_tiny_vla,
@@ -13,7 +13,6 @@ from .tiny import (
 
 __all__ = [
     "IGNORE_INDEX",
-    "ActionTokenizer",
     "TinyOpenVLA",
     "TinyVLAConfig",
     "build_tiny_vla",
