@@ -19,7 +19,7 @@ from conftest import cli_fails
 
 
 def test_the_four_modes_compute_the_same_alignment_loss(tmp_path):
-    from openvla_align.cache.store import TeacherCache
+    from openvla_align.targets.cache import TeacherCache
 
     scale = bench.SMOKE_SCALE
     vla, teacher = bench.build(scale)
@@ -41,7 +41,7 @@ def test_oft_step_aligns_every_camera_and_trains_the_action_head(tmp_path):
     """--family openvla-oft: OFT's LIBERO step on the tiny model (2 cameras, proprio token, 8x7 action chunk, L1 head).
     The hook's tokens are exactly output_hidden_states[L][:, 1 : 1 + 512] (the proprio token after them is not
     aligned), each camera gets its own teacher targets, and the action head and proprio projector are trained."""
-    from openvla_align.cache.store import TeacherCache
+    from openvla_align.targets.cache import TeacherCache
     from openvla_align.vla import layout
 
     scale = bench.SCALES["oft-smoke"]

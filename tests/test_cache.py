@@ -10,20 +10,16 @@ import torchvision.transforms.functional as TVF
 from PIL import Image
 
 from openvla_align import AlignConfig, Aligner
-from openvla_align.cache import (
-    CacheError,
-    CacheSpec,
-    CacheWriter,
-    TeacherCache,
+from openvla_align.cache.build import build_cache, image_dir_frames
+from openvla_align.cli import main
+from openvla_align.openvla.plugins import AlignPlugin
+from openvla_align.targets.cache import CacheError, CacheSpec, CacheWriter, TeacherCache, open_for_training
+from openvla_align.targets.frame_keys import (
     frame_key,
     frames_from_pixel_values,
     keys_from_pixel_values,
     pixel_values_from_frames,
 )
-from openvla_align.cache.build import build_cache, image_dir_frames
-from openvla_align.cache.store import open_for_training
-from openvla_align.cli import main
-from openvla_align.openvla.plugins import AlignPlugin
 from openvla_align.tiny import tiny_teacher
 from openvla_align.vla.pixels import IMAGENET_MEAN, IMAGENET_STD
 
@@ -163,7 +159,7 @@ def test_rlds_cache_must_match_the_training_dataset(tmp_path):
     root = tmp_path / "data"
     (root / "sft" / "1.0.0").mkdir(parents=True)
     (root / "sft" / "1.0.0" / "dataset_info.json").write_text('{"name": "sft"}')
-    from openvla_align.cache.store import rlds_identity
+    from openvla_align.targets.cache import rlds_identity
 
     spec = CacheSpec("c-radio-v3-l", "", 256, (16, 16), 32, "bfloat16", {"kind": "rlds", **rlds_identity(root, "sft")})
     CacheWriter(tmp_path / "c", spec).close()

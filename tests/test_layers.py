@@ -9,10 +9,10 @@ Bottom to top; a module may import its own layer and the ones below, never one a
 1. OpenVLA      ``vla``: the only code that knows OpenVLA's layout, pixels, checkpoints and logits
    teachers     ``teachers``: the teacher registry (data), specs, weight lookup, one module per family
    (``vla`` and ``teachers`` are independent: neither imports the other)
-2. core         ``losses``, ``projector``, ``hooks``, ``targets``, ``aligner``, ``cache.keys``, ``cache.store``:
-                what a training step computes, and where its targets come from (a live teacher or the cache)
+2. core         ``losses``, ``projector``, ``hooks``, ``targets``, ``aligner``: what a training step computes, and
+                where its targets come from (``targets``: a live teacher, the cache's store and keys, fixed targets)
 3. integration  ``openvla``: the finetune.py plugin, its patch, merging, dataset registration
-4. tools        ``cache.build``, ``probe``, ``eval``, ``data``, ``tiny``: each stands alone (no tool imports
+4. tools        ``cache`` (its builder), ``probe``, ``eval``, ``data``, ``tiny``: each stands alone (no tool imports
                 another tool); ``tiny`` holds the tiny random-weight models the demo, the bench and the tests use
 5. apps         ``cli``, ``bench``, ``demo``, the package root: compose the tools
 
@@ -29,9 +29,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "openvla_align"
 LAYERS = (
     ("foundation", ("_io", "_plugins", "argtypes", "config", "dtypes", "norms", "shapes", "stats")),
     ("openvla+teachers", ("vla", "teachers")),
-    ("core", ("losses", "projector", "hooks", "targets", "aligner", "cache.keys", "cache.store")),
+    ("core", ("losses", "projector", "hooks", "targets", "aligner")),
     ("integration", ("openvla",)),
-    ("tools", ("cache.build", "cache", "probe", "eval", "data", "tiny")),
+    ("tools", ("cache", "probe", "eval", "data", "tiny")),
     ("apps", ("cli", "bench", "demo", "")),
 )
 NAMED_MODULE = re.compile(r"openvla_align((?:\.\w+)*)(?::\w+)?")
@@ -98,7 +98,7 @@ def imports():
 
 
 def place(module):
-    """(layer index, unit) of a module: the longest listed prefix decides (``cache.store`` before ``cache``); ``""``
+    """(layer index, unit) of a module: the longest listed prefix decides (``vla.checkpoint`` falls to ``vla``); ``""``
     is the package root alone. None for a module no unit covers."""
     best = None
     for index, (_, units) in enumerate(LAYERS):
@@ -116,7 +116,7 @@ def unplaced(names):
 def test_every_module_has_a_layer():
     missing = unplaced(modules())
     assert not missing, f"modules in no layer (add them to LAYERS and this file's docstring): {missing}"
-    assert place("cache.store") == (2, "cache.store") and place("cache.build") == (4, "cache.build")
+    assert place("targets.cache") == (2, "targets") and place("cache.build") == (4, "cache")
     assert place("vla.checkpoint") == (1, "vla") and place("") == (5, "")
 
 
@@ -137,7 +137,7 @@ def test_no_import_points_up_and_tools_stand_alone():
                 bad.append(f"{module} -> {target} (up: {LAYERS[layer][0]} -> {LAYERS[t_layer][0]})")
             elif (unit, t_unit) in INDEPENDENT:
                 bad.append(f"{module} -> {target} ({unit} and {t_unit} are independent)")
-            elif unit in TOOLS and t_unit in TOOLS and unit != t_unit and t_unit != "cache":
+            elif unit in TOOLS and t_unit in TOOLS and unit != t_unit:
                 bad.append(f"{module} -> {target} (one tool importing another)")
     assert not bad, "imports against the layering (see this file's docstring):\n" + "\n".join(sorted(bad))
 

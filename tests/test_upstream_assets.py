@@ -118,8 +118,9 @@ def test_teacher_cache_over_the_rlds_pipeline_matches_training_batches(assets, t
     from assets import tiny_rlds_dataset
     from transformers import AutoProcessor
 
-    from openvla_align.cache import TeacherCache, keys_from_pixel_values
     from openvla_align.cache.build import build_cache, rlds_frames
+    from openvla_align.targets.cache import TeacherCache
+    from openvla_align.targets.frame_keys import keys_from_pixel_values
     from openvla_align.tiny import tiny_teacher
 
     ckpt, data_root, _ = assets

@@ -69,7 +69,7 @@ def time_modes(
     scale: Scale = CPU_SCALE,
 ) -> Dict[str, object]:
     """Median step time per mode, modes interleaved in a rotating order each round."""
-    from ..cache.store import TeacherCache
+    from ..targets.cache import TeacherCache
 
     torch.manual_seed(0)
     vla, teacher = build(scale, device=device)

@@ -70,7 +70,7 @@ def peak_memory(
 ) -> int:
     """Peak bytes for ``mode`` in this process: CUDA allocator peak, or peak RSS above the pre-model baseline.
     Only the live and reference modes build a teacher; the cache mode reads ``cache_dir`` (built elsewhere)."""
-    from ..cache.store import TeacherCache
+    from ..targets.cache import TeacherCache
 
     measure, _ = _heap_reader()
     baseline = measure()

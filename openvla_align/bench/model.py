@@ -263,7 +263,7 @@ def batches(scale: Scale, batch_size: int, n_frames: int = 8, seed: int = 0):
     """Cycling batches over ``n_frames`` images: OpenVLA's layout (BOS, prompt, 7 action tokens, </s>), or OFT's
     (``images`` cameras stacked on the channels, BOS, prompt, the chunk's action tokens, </s>, plus the chunk's
     continuous ``actions`` and the ``proprio`` state)."""
-    from ..cache.keys import pixel_values_from_frames
+    from ..targets.frame_keys import pixel_values_from_frames
 
     fs = frames(n_frames, seed)
     gen = torch.Generator().manual_seed(seed)

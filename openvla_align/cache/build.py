@@ -19,8 +19,16 @@ import torch
 
 from ..argtypes import existing_dir, need_dir, need_output_dir, output_dir, positive_int
 from ..config import TEACHER_DTYPES
-from .keys import frame_key, pixel_values_from_frames
-from .store import STORAGE_DTYPES, CacheSpec, CacheWriter, TeacherCache, file_sha256, read_manifest, rlds_identity
+from ..targets.cache import (
+    STORAGE_DTYPES,
+    CacheSpec,
+    CacheWriter,
+    TeacherCache,
+    file_sha256,
+    read_manifest,
+    rlds_identity,
+)
+from ..targets.frame_keys import frame_key, pixel_values_from_frames
 
 logger = logging.getLogger(__name__)
 

@@ -77,7 +77,7 @@ class AlignPlugin(FinetunePlugin):
             self.teacher = self._build_teacher()
 
     def _open_cache(self, cfg: Any):
-        from ...cache.store import open_for_training
+        from ...targets.cache import open_for_training
 
         if getattr(cfg, "image_aug", False):
             raise ValueError(

@@ -5,7 +5,8 @@ its targets are on, or None when unknown) and ``targets(pixel_values) -> (B, N, 
 ``pixel_values``. Three implement it:
 
 - ``LiveTeacher``: runs a frozen ``Teacher`` on the batch (the paper's setup);
-- ``openvla_align.cache.TeacherCache``: reads the targets a teacher wrote ahead of time (keys hashed from the pixels);
+- ``TeacherCache`` (``targets.cache``): reads the targets a teacher wrote ahead of time (``cache build``; keys hashed
+  from the pixels, ``targets.frame_keys``);
 - ``FixedTargets``: only a width (and grid), for projectors restored without their teacher; its targets are passed
   to the Aligner directly.
 """
@@ -17,9 +18,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .dtypes import torch_dtype
-from .teachers import Teacher
-from .vla.pixels import rgb_from_pixel_values
+from ..dtypes import torch_dtype
+from ..teachers import Teacher
+from ..vla.pixels import rgb_from_pixel_values
 
 logger = logging.getLogger(__name__)
 

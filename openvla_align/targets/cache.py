@@ -27,7 +27,7 @@ import torch
 
 from .._io import atomic_write_bytes, sha256_file
 from ..dtypes import canonical, torch_dtype
-from .keys import KEY_BYTES
+from .frame_keys import KEY_BYTES
 
 FORMAT = "openvla-align-teacher-cache/1"
 MANIFEST = "manifest.json"
@@ -251,7 +251,7 @@ class TeacherCache:
 
     def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Targets for a batch's ``pixel_values`` (frames recovered and keyed as in keys.py)."""
-        from .keys import keys_from_pixel_values
+        from .frame_keys import keys_from_pixel_values
 
         return self.lookup(keys_from_pixel_values(pixel_values))
 
