@@ -80,3 +80,18 @@ def cli_fails(capsys, argv, match, status=1):
     assert err.startswith(f"openvla-align {argv[0]}") and re.search(match, err), err
     assert not out.strip(), out
     return err
+
+
+def install_entry_points(root, monkeypatch, group, targets, name="standin-plugins"):
+    """A distribution installed for this test only: ``root/<name>.dist-info`` with ``targets`` ({entry: "mod:attr"})
+    under ``group``, on ``sys.path``, found by ``importlib.metadata`` as a pip-installed package's would be."""
+    import sys
+    from pathlib import Path
+
+    info = Path(root) / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    lines = [f"[{group}]"] + [f"{k} = {v}" for k, v in targets.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.syspath_prepend(str(root))
+    assert str(root) in sys.path

@@ -27,8 +27,6 @@ import numpy as np
 from _cpu_shim import import_tensorflow_graphics
 from assets import _scene, build_rlds, step_flags
 
-from openvla_align.openvla.env import OFT_FORK_LLAMA_SHA256, STOCK_LLAMA_SHA256
-from openvla_align.openvla.env import llama_modeling_sha256 as modeling_llama_sha256
 from openvla_align.tiny.openvla import (
     ACTION_DIM,
     PICO_VIT,
@@ -37,6 +35,8 @@ from openvla_align.tiny.openvla import (
     build_tiny_openvla_checkpoint,
     write_pico_sitecustomize,
 )
+from openvla_align.vla.families.openvla_oft import OFT_FORK_LLAMA_SHA256, STOCK_LLAMA_SHA256
+from openvla_align.vla.families.openvla_oft import llama_modeling_sha256 as modeling_llama_sha256
 
 TESTS_DIR = Path(__file__).resolve().parent
 # transformers 4.40.1's models/llama/modeling_llama.py, before and after transformers-openvla-oft.patch

@@ -13,7 +13,7 @@ from openvla_align.cli import main
 from openvla_align.eval import identity, load_run
 from openvla_align.tiny import build_tiny_vla, save_tiny_checkpoint
 
-from conftest import cli_fails
+from conftest import cli_fails, install_entry_points
 
 ENVS = ["PutOnPlateInScene25Carrot-v1", "PutOnPlateInScene25Plate-v1"]
 STATS = {"action": {"q01": [-0.5] * 6 + [0.0], "q99": [0.5] * 6 + [1.0], "mask": [True] * 6 + [False]}}
@@ -143,13 +143,13 @@ def test_fingerprint_follows_the_weights_not_the_path(tmp_path, tokenizer):
         identity.fingerprint(tmp_path)
 
 
-def test_a_recipe_names_its_simulator(monkeypatch):
+def test_a_recipe_names_its_simulator(monkeypatch, tmp_path):
     from openvla_align.eval import simulators
     from openvla_align.eval.simpler import SimplerEnv
 
-    assert simulators.resolve("simpler") is SimplerEnv
+    assert simulators.resolve("simpler") is SimplerEnv  # this package's own entry point
     assert simulators.resolve("standin_sim:StandInSim").__name__ == "StandInSim"
-    monkeypatch.setattr(simulators, "_entry_points", lambda: {"standin": "standin_sim:StandInSim"})
+    install_entry_points(tmp_path, monkeypatch, simulators.ENTRY_POINT_GROUP, {"standin": "standin_sim:StandInSim"})
     assert simulators.resolve("standin").__name__ == "StandInSim"  # an installed package's entry point
     with pytest.raises(ValueError, match="unknown simulator 'libero': known simpler, standin"):
         simulators.resolve("libero")

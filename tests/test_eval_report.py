@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from openvla_align.cli import main
-from openvla_align.eval import load_run, wilcoxon_greater, write_result
+from openvla_align.eval import load_run, write_result
 from openvla_align.eval.report import build_report, markdown
+from openvla_align.stats import wilcoxon_greater
 
 from conftest import cli_fails
 

@@ -173,7 +173,8 @@ def test_family_grad_free_forwards_and_freeze(checkpoint):
 
 
 def test_oft_attention_check_names_the_fork():
-    from openvla_align.openvla.env import OFT_FORK_LLAMA_SHA256, STOCK_LLAMA_SHA256, oft_attention_problem
+    from openvla_align.openvla.env import oft_attention_problem
+    from openvla_align.vla.families.openvla_oft import OFT_FORK_LLAMA_SHA256, STOCK_LLAMA_SHA256
 
     assert oft_attention_problem() is None  # this venv runs the fork
     assert "stock transformers 4.40.1" in oft_attention_problem(STOCK_LLAMA_SHA256)

@@ -13,7 +13,6 @@ import platform
 import subprocess
 import sys
 import tokenize
-from importlib import metadata
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -71,13 +70,9 @@ def git_commit(root: Path = PACKAGE.parent) -> Optional[Dict[str, object]]:
 
 
 def versions() -> Dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "missing"
-    return out
+    from .._plugins import installed_version
+
+    return {"python": platform.python_version(), **{name: installed_version(name) or "missing" for name in LIBRARIES}}
 
 
 def code_identity() -> Dict[str, object]:

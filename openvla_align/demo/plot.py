@@ -114,9 +114,7 @@ def _attention(fig, attention) -> None:
             image = a.imshow(
                 maps[c], cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, extent=(0, img.shape[1], img.shape[0], 0)
             )
-            a.contour(
-                (scene.cover == 1 + _combo_index(scene)).astype(float), levels=[0.5], colors="cyan", linewidths=1.2
-            )
+            a.contour((scene.cover == 1 + scene.label).astype(float), levels=[0.5], colors="cyan", linewidths=1.2)
             a.set_xticks([])
             a.set_yticks([])
             if r == 0:
@@ -134,9 +132,3 @@ def _attention(fig, attention) -> None:
         f'prompt: "{instruction}"',
         fontsize=9,
     )
-
-
-def _combo_index(scene) -> int:
-    from .scenes import COMBOS
-
-    return COMBOS.index(scene.target)

@@ -12,7 +12,7 @@ A verdict is a word read from the interval: above 0, below 0, or across it ("no 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 
@@ -46,15 +46,11 @@ def summarize(base: Dict[str, float], per_seed: Dict[str, List[Dict[str, float]]
     for _, key in METRICS:
         values = {run: [float(row[key]) for row in per_seed[run]] for run in RUNS}
         out[key] = {
-            **{run: {"values": v, "mean": _interval(v).to_dict()} for run, v in values.items()},
+            **{run: {"values": v, "mean": mean_interval(v, LEVEL).to_dict()} for run, v in values.items()},
             "sft_vs_base": mean_interval(np.subtract(values["sft"], base[key]), LEVEL).to_dict(),
             "align_vs_sft": paired_interval(values["sft"], values["align"], LEVEL).to_dict(),
         }
     return out
-
-
-def _interval(values: Sequence[float]) -> Interval:
-    return mean_interval(values, LEVEL)
 
 
 def _iv(d: Dict) -> Interval:

@@ -230,7 +230,8 @@ def _run(cfg: DemoConfig) -> Dict:
         t1 = time.time()
         metrics = evaluate(model)
         print(f"{run} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
-        return model, {"seed": seed, **metrics}, hist, t1 - t0, time.time() - t1
+        kept = model if seed == cfg.seeds[0] else None  # the report plots the first seed's models; free the rest
+        return kept, {"seed": seed, **metrics}, hist, t1 - t0, time.time() - t1
 
     jobs = [(run, seed) for seed in cfg.seeds for run in ("sft", "align")]
     torch.set_num_threads(cfg.threads)
@@ -253,7 +254,7 @@ def _run(cfg: DemoConfig) -> Dict:
         per_seed[run].append(metrics)
         histories[run].append(hist)
         run_seconds[run].append(train_s)
-        if seed == cfg.seeds[0]:
+        if model is not None:
             keep[run] = model
     del done
 

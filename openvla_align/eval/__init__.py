@@ -2,7 +2,6 @@
 
 from .envs import OOD_AXES, OOD_ENVS, VL_THINK, axis_of, short_name
 from .results import Run, load_run, write_result
-from .stats import wilcoxon_greater
 
 __all__ = [
     "OOD_AXES",
@@ -12,6 +11,5 @@ __all__ = [
     "axis_of",
     "load_run",
     "short_name",
-    "wilcoxon_greater",
     "write_result",
 ]

@@ -96,12 +96,9 @@ def build(
     vla_path, adapter, *, unnorm_key: str, recipe, simulator: str, sim_backend: str, render_backend: str, dtype: str
 ) -> Dict:
     """The identity ``eval run`` writes into each ``result.json`` (under ``"identity"``)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from .._plugins import installed_version
 
-    try:
-        ours = version("openvla-align")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        ours = "unknown"
+    ours = installed_version("openvla-align") or "unknown"  # "unknown": run from a source tree never installed
     stats = action_stats_from_config(adapter or vla_path, unnorm_key) or action_stats_from_config(vla_path, unnorm_key)
     return {
         "vla_path": str(Path(vla_path).resolve()),

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ..stats import wilcoxon_greater
 from .envs import OOD_AXES, VL_THINK, axis_of, short_name
 from .results import Run, load_run
-from .stats import wilcoxon_greater
 
 
 @dataclass

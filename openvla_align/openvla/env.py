@@ -7,22 +7,16 @@ from typing import Dict, List, Optional
 
 from packaging.version import Version
 
-from ..vla.families.openvla_oft import OFT_FORK_LLAMA_SHA256, STOCK_LLAMA_SHA256, llama_modeling_sha256  # noqa: F401
+from ..vla.families.openvla_oft import OFT_FORK_LLAMA_SHA256, STOCK_LLAMA_SHA256, llama_modeling_sha256
 
 # OpenVLA's pinned stack; its HF modeling code checks timm and warns on transformers/tokenizers itself.
 OPENVLA_PINS = {"torch": "2.2", "transformers": "4.40.1", "tokenizers": "0.19.1", "timm": "0.9.10", "peft": "0.11.1"}
 
 
 def installed_versions() -> Dict[str, Optional[str]]:
-    from importlib.metadata import PackageNotFoundError, version
+    from .._plugins import installed_version
 
-    out: Dict[str, Optional[str]] = {}
-    for name in OPENVLA_PINS:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+    return {name: installed_version(name) for name in OPENVLA_PINS}
 
 
 def environment_problems(versions: Optional[Dict[str, Optional[str]]] = None) -> List[str]:
