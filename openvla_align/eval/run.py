@@ -191,11 +191,11 @@ def run_recipe(
     batched environment; ``identity`` is written into each ``result.json``.
 
     Each episode's record holds its instruction, "success once" (as the reference counts it), the first step at
-    which it succeeded (None if never) and its environment seed (``seed * 1000 + i``). ``video`` > 0 also writes the
+    which it succeeded (None if never) and its copy's seed as the environment reports it (``env.seeds``; Simpler:
+    ``seed * 1000 + i``; None for an environment that reports none). ``video`` > 0 also writes the
     first ``video`` episodes of each (env, seed) as GIFs beside ``result.json``."""
     from tqdm import tqdm
 
-    from .simpler import env_seeds
     from .video import write_episode_gif
 
     out = Path(out)
@@ -222,12 +222,13 @@ def run_recipe(
             first_success[(first_success < 0) & now] = step
             for kept, im in zip(frames, images):
                 kept.append(im)
+        env_seeds = list(getattr(env, "seeds", None) or [None] * n)
         if hasattr(env, "close"):
             env.close()
         success = first_success > 0
         records = [
             {"instruction": str(text), "first_success_step": int(s) if s > 0 else None, "env_seed": env_seed}
-            for text, s, env_seed in zip(instructions, first_success, env_seeds(seed, n))
+            for text, s, env_seed in zip(instructions, first_success, env_seeds)
         ]
         where = out / env_id / recipe.obj_set / str(seed)
         for k, kept in enumerate(frames):

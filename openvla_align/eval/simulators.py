@@ -8,6 +8,7 @@ follows ``simpler.SimplerEnv``'s contract::
     .reset(obj_set) -> (images uint8 (B, H, W, 3), instructions [B], info)
     .step(actions float (B, 7), un-normalised) -> (images, reward, done, info)   # info["success"]: (B,) bool
     .close()
+    .seeds -> [int] (optional): each parallel copy's seed, recorded with its episode
 
 and may add two cheap checks that ``eval run`` calls before it loads anything: the classmethods
 ``check_settings(num_envs, sim_backend, render_backend)`` and ``check_env_ids(env_ids)`` (raise ``ValueError``).
