@@ -26,94 +26,73 @@ def help_field(text: str) -> Dict[str, Any]:
     return {"help": text, "custom_args": {"help": text}}
 
 
+def option(default: Any, text: str) -> Any:
+    """A config field with its ``--help`` text."""
+    return field(default=default, metadata=help_field(text))
+
+
 @dataclass
 class AlignConfig:
-    enabled: bool = field(default=False, metadata=help_field("Add the alignment loss to the action loss."))
-    teacher: str = field(
-        default="c-radio-v3-l",
-        metadata=help_field(
-            "Registered teacher name; `openvla-align teachers` lists them (C-RADIOv3-L is the paper's best)."
-        ),
+    enabled: bool = option(False, "Add the alignment loss to the action loss.")
+    teacher: str = option(
+        "c-radio-v3-l",
+        "Registered teacher name; `openvla-align teachers` lists them (C-RADIOv3-L is the paper's best).",
     )
-    teacher_path: Optional[str] = field(
-        default=None,
-        metadata=help_field(
-            "Local teacher weights: a checkpoint file, an HF snapshot directory or a torch.hub checkout. "
-            "None looks in the HF cache and the torch.hub directory, offline."
-        ),
+    teacher_path: Optional[str] = option(
+        None,
+        "Local teacher weights: a checkpoint file, an HF snapshot directory or a torch.hub checkout. "
+        "None looks in the HF cache and the torch.hub directory, offline.",
     )
-    layers: Tuple[int, ...] = field(
-        default=(16,),
-        metadata=help_field(
-            "LLM layers to align; layer L is output_hidden_states[L], the output of decoder block L-1."
-        ),
+    layers: Tuple[int, ...] = option(
+        (16,),
+        "LLM layers to align; layer L is output_hidden_states[L], the output of decoder block L-1.",
     )
-    coeff: float = field(
-        default=0.2, metadata=help_field("Weight of the alignment loss: L = L_action + coeff * L_align.")
+    coeff: float = option(0.2, "Weight of the alignment loss: L = L_action + coeff * L_align.")
+    loss: str = option("cosine", "Alignment loss: cosine (paper), l2 or ntxent.")
+    ntxent_temperature: float = option(0.1, "Temperature of the NT-Xent loss.")
+    projector: str = option(
+        "mlp",
+        "Projector type: mlp (paper's Ln&D), linear, cosine, orthogonal, spectral, film or whitening.",
     )
-    loss: str = field(default="cosine", metadata=help_field("Alignment loss: cosine (paper), l2 or ntxent."))
-    ntxent_temperature: float = field(default=0.1, metadata=help_field("Temperature of the NT-Xent loss."))
-    projector: str = field(
-        default="mlp",
-        metadata=help_field(
-            "Projector type: mlp (paper's Ln&D), linear, cosine, orthogonal, spectral, film or whitening."
-        ),
+    projector_dim: int = option(2048, "Hidden width of the MLP projector.")
+    freeze_projector: bool = option(True, "Keep the randomly initialised projector frozen (the paper's choice).")
+    projector_seed: int = option(0, "Seed of the projector's initialisation; identical on every process.")
+    target: str = option(
+        "backbone",
+        "backbone: align an LLM layer (Backbone2Enc); encoder: align the vision encoder's output (Enc2Enc).",
     )
-    projector_dim: int = field(default=2048, metadata=help_field("Hidden width of the MLP projector."))
-    freeze_projector: bool = field(
-        default=True, metadata=help_field("Keep the randomly initialised projector frozen (the paper's choice).")
+    images: str = option(
+        "all",
+        "With several camera images per sample (OpenVLA-OFT's num_images_in_input): all = align every image's "
+        "256 visual tokens to the teacher's features of that image; primary = only the first (third-person) one.",
     )
-    projector_seed: int = field(
-        default=0, metadata=help_field("Seed of the projector's initialisation; identical on every process.")
+    teacher_resolution: Optional[int] = option(
+        None,
+        "Square input size for the teacher. None picks grid x patch so the teacher's grid equals the student's "
+        "16x16 (256 px for patch-16 teachers, 224 px for patch-14).",
     )
-    target: str = field(
-        default="backbone",
-        metadata=help_field(
-            "backbone: align an LLM layer (Backbone2Enc); encoder: align the vision encoder's output (Enc2Enc)."
-        ),
+    allow_random_teacher: bool = option(
+        False,
+        "Build the teacher with random weights (smoke tests only; never a silent fallback).",
     )
-    images: str = field(
-        default="all",
-        metadata=help_field(
-            "With several camera images per sample (OpenVLA-OFT's num_images_in_input): all = align every image's "
-            "256 visual tokens to the teacher's features of that image; primary = only the first (third-person) one."
-        ),
+    trust_remote_code: bool = option(False, "Allow teachers that need remote code (e.g. Theia's HF implementation).")
+    freeze_vision: bool = option(
+        False,
+        "Old spelling of --freeze.vision (the Freeze baseline is its own plugin); still honoured.",
     )
-    teacher_resolution: Optional[int] = field(
-        default=None,
-        metadata=help_field(
-            "Square input size for the teacher. None picks grid x patch so the teacher's grid equals the student's "
-            "16x16 (256 px for patch-16 teachers, 224 px for patch-14)."
-        ),
+    teacher_dtype: str = option(
+        "auto",
+        "dtype of the teacher's weights and inference: auto = bfloat16 on CUDA (as the reference), float32 "
+        "elsewhere (CPUs without native bf16 run it ~4x slower); or bfloat16, float16, float32.",
     )
-    allow_random_teacher: bool = field(
-        default=False,
-        metadata=help_field("Build the teacher with random weights (smoke tests only; never a silent fallback)."),
+    teacher_cache: Optional[str] = option(
+        None,
+        "Directory written by `openvla-align cache build`: read teacher targets from it instead of running the "
+        "teacher (needs image_aug false).",
     )
-    trust_remote_code: bool = field(
-        default=False, metadata=help_field("Allow teachers that need remote code (e.g. Theia's HF implementation).")
-    )
-    freeze_vision: bool = field(
-        default=False,
-        metadata=help_field("Old spelling of --freeze.vision (the Freeze baseline is its own plugin); still honoured."),
-    )
-    teacher_dtype: str = field(
-        default="auto",
-        metadata=help_field(
-            "dtype of the teacher's weights and inference: auto = bfloat16 on CUDA (as the reference), float32 "
-            "elsewhere (CPUs without native bf16 run it ~4x slower); or bfloat16, float16, float32."
-        ),
-    )
-    teacher_cache: Optional[str] = field(
-        default=None,
-        metadata=help_field(
-            "Directory written by `openvla-align cache build`: read teacher targets from it instead of running the "
-            "teacher (needs image_aug false)."
-        ),
-    )
-    verify_cache: bool = field(
-        default=True,
-        metadata=help_field("Check every shard's SHA-256 of teacher_cache before training (false: sizes only)."),
+    verify_cache: bool = option(
+        True,
+        "Check every shard's SHA-256 of teacher_cache before training (false: sizes only).",
     )
 
     def __post_init__(self) -> None:

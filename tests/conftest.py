@@ -82,10 +82,10 @@ def cli_fails(capsys, argv, match, status=1):
     return err
 
 
-def install_entry_points(root, monkeypatch, group, targets, name="standin-plugins"):
-    """A distribution installed for this test only: ``root/<name>.dist-info`` with ``targets`` ({entry: "mod:attr"})
-    under ``group``, on ``sys.path``, found by ``importlib.metadata`` as a pip-installed package's would be."""
-    import sys
+def write_dist_info(root, group, targets, name="standin-plugins"):
+    """``root/<name>.dist-info``: an installed distribution registering ``targets`` ({entry: "mod:attr"}) under the
+    entry-point ``group``; ``importlib.metadata`` finds it once ``root`` is on ``sys.path`` (of this process or a
+    script's ``PYTHONPATH``)."""
     from pathlib import Path
 
     info = Path(root) / f"{name.replace('-', '_')}-0.1.dist-info"
@@ -93,5 +93,24 @@ def install_entry_points(root, monkeypatch, group, targets, name="standin-plugin
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
     lines = [f"[{group}]"] + [f"{k} = {v}" for k, v in targets.items()]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return info
+
+
+def install_entry_points(root, monkeypatch, group, targets, name="standin-plugins"):
+    """:func:`write_dist_info` on this process's ``sys.path`` for one test."""
+    write_dist_info(root, group, targets, name)
     monkeypatch.syspath_prepend(str(root))
-    assert str(root) in sys.path
+
+
+def first_missing(modules):
+    """The first of ``modules`` that does not import here (a missing parent package counts), else None."""
+    import importlib.util
+
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return module
+    return None

@@ -20,6 +20,8 @@ import oft_assets as A
 import pytest
 import torch
 
+from conftest import write_dist_info
+
 TEACHER_PLUGIN = '''
 """A third-party teacher: C-RADIOv3-L's architecture at tiny width, weights from `teacher_path`."""
 from openvla_align.teachers.radio import build_radio_teacher
@@ -70,11 +72,8 @@ def world(tmp_path_factory):
     site = root / "site"
     (site / "tiny_teacher_plugin").mkdir(parents=True)
     (site / "tiny_teacher_plugin" / "__init__.py").write_text(TEACHER_PLUGIN)
-    info = site / "tiny_teacher_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-teacher-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[openvla_align.teachers]\ntiny-c-radio = tiny_teacher_plugin:tiny_c_radio\n"
+    write_dist_info(
+        site, "openvla_align.teachers", {"tiny-c-radio": "tiny_teacher_plugin:tiny_c_radio"}, "tiny-teacher-plugin"
     )
     teacher = save_hf_snapshot(tiny_radio_parts(seed=3), root / "teacher") / "model.safetensors"
     env = A.oft_env(root / "home")

@@ -10,7 +10,6 @@ openvla-pins). Nothing is patched: the script, OFT's classes and its RLDS pipeli
 from ``oft_assets``.
 """
 
-import importlib.util
 import os
 import shutil
 
@@ -24,6 +23,8 @@ from oft_assets import (
     modeling_llama_sha256,
     write_tiny_libero_rlds,
 )
+
+from conftest import first_missing
 
 NUM_LAYERS, HIDDEN, CHUNK, ACTION_DIM = 18, 64, 8, 7
 PATCHES_PER_IMAGE = 256  # two ViT/14 towers (oft_assets.PICO_VIT) at 224 px, fused along channels
@@ -42,13 +43,9 @@ def _oft_stack():
             f"transformers' modeling_llama.py is not OFT's fork ({kind}): install transformers==4.40.1 and apply "
             "transformers-openvla-oft.patch in its models/llama/"
         )
-    for module in ("tensorflow", "tensorflow_datasets", "dlimp", "diffusers", "timm", "peft", "draccus"):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            return False, f"`{module}` is not importable (OpenVLA-OFT's stack)"
+    missing = first_missing(("tensorflow", "tensorflow_datasets", "dlimp", "diffusers", "timm", "peft", "draccus"))
+    if missing:
+        return False, f"`{missing}` is not importable (OpenVLA-OFT's stack)"
     return True, ""
 
 

@@ -269,17 +269,20 @@ LEGACY_NAMES = (  # transformers >= 5 ViT module names -> the names Theia's chec
 )
 
 
+# DeiT-tiny's layout at tiny width (Theia's backbone config, as its remote code and our native port read it)
+TINY_DEIT_VIT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    layer_norm_eps=1e-12,
+    image_size=224,
+    patch_size=16,
+)
+
+
 def tiny_deit(seed=0):
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        layer_norm_eps=1e-12,
-        image_size=224,
-        patch_size=16,
-        qkv_bias=True,
-    )
+    config = ViTConfig(**TINY_DEIT_VIT, qkv_bias=True)
     return perturbed(ViTModel(config, add_pooling_layer=False), seed)
 
 
@@ -420,16 +423,7 @@ def remote_snapshot(dirs):
     revision = "rev" + uuid.uuid4().hex
     snap = snapshot(hf, "theaiinstitute/theia-tiny-patch16-224-cdiv", revision)
     src = tiny_deit()
-    vit = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        layer_norm_eps=1e-12,
-        image_size=224,
-        patch_size=16,
-    )
-    write_theia(snap, src, model_type="theia", vit=vit)
+    write_theia(snap, src, model_type="theia", vit=dict(TINY_DEIT_VIT))
     (snap / "theia_model.py").write_text(REMOTE_CODE)
     yield hf, snap, src
     shutil.rmtree(f"{dynamic_module_utils.HF_MODULES_CACHE}/transformers_modules/{revision}", ignore_errors=True)

@@ -4,11 +4,12 @@ Runs only against a real OpenVLA stack: set OPENVLA_SRC to an OpenVLA checkout a
 with OpenVLA's requirements (torch, transformers 4.40.1, timm 0.9.x, tensorflow, tensorflow_datasets, dlimp).
 """
 
-import importlib.util
 import os
 import sys
 
 import pytest
+
+from conftest import first_missing
 
 SKIP_MESSAGE = (
     "upstream end-to-end assets need a real OpenVLA stack: set OPENVLA_SRC to an OpenVLA checkout and install "
@@ -22,13 +23,9 @@ def _stack_available():
         return False, f"OPENVLA_SRC is unset; {SKIP_MESSAGE}"
     if src not in sys.path:
         sys.path.insert(0, src)
-    for module in ("tensorflow", "tensorflow_datasets", "timm", "prismatic"):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            return False, f"`{module}` is not importable; {SKIP_MESSAGE}"
+    missing = first_missing(("tensorflow", "tensorflow_datasets", "timm", "prismatic"))
+    if missing:
+        return False, f"`{missing}` is not importable; {SKIP_MESSAGE}"
     return True, ""
 
 

@@ -21,6 +21,8 @@ from test_upstream_assets import _stack_available
 
 from openvla_align.tiny.openvla import write_pico_sitecustomize
 
+from conftest import write_dist_info
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 
@@ -68,11 +70,8 @@ def world(tmp_path_factory):
     plugins = root / "site"
     (plugins / "tiny_teacher_plugin").mkdir(parents=True)
     (plugins / "tiny_teacher_plugin" / "__init__.py").write_text(TEACHER_PLUGIN)
-    info = plugins / "tiny_teacher_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-teacher-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[openvla_align.teachers]\ntiny-c-radio = tiny_teacher_plugin:tiny_c_radio\n"
+    write_dist_info(
+        plugins, "openvla_align.teachers", {"tiny-c-radio": "tiny_teacher_plugin:tiny_c_radio"}, "tiny-teacher-plugin"
     )
     weights = save_hf_snapshot(tiny_radio_parts(seed=3), root / "teacher") / "model.safetensors"
     return dict(root=root, checkout=checkout, ckpt=ckpt, data=root / "data", site=plugins, teacher=weights)

@@ -91,29 +91,11 @@ class TinyVLAConfig(PretrainedConfig):
 def _vit(dim: int, depth: int, heads: int, image_size: int, patch: int, siglip: bool) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
+    tower = dict(img_size=image_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, num_classes=0)
     if siglip:  # SigLIP towers: no class token, GELU(tanh), no layer scale
-        vit = VisionTransformer(
-            img_size=image_size,
-            patch_size=patch,
-            embed_dim=dim,
-            depth=depth,
-            num_heads=heads,
-            num_classes=0,
-            class_token=False,
-            global_pool="avg",
-        )
+        vit = VisionTransformer(**tower, class_token=False, global_pool="avg")
     else:  # DINOv2 with registers: class token + 4 registers, layer scale
-        vit = VisionTransformer(
-            img_size=image_size,
-            patch_size=patch,
-            embed_dim=dim,
-            depth=depth,
-            num_heads=heads,
-            num_classes=0,
-            reg_tokens=4,
-            no_embed_class=True,
-            init_values=1.0,
-        )
+        vit = VisionTransformer(**tower, reg_tokens=4, no_embed_class=True, init_values=1.0)
         for block in vit.blocks:
             block.ls1, block.ls2 = _LayerScale(block.ls1.gamma), _LayerScale(block.ls2.gamma)
     return vit

@@ -4,10 +4,10 @@
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ...config import help_field
+from ...config import option
 from .base import FinetunePlugin
 
 logger = logging.getLogger(__name__)
@@ -15,18 +15,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DatasetsConfig:
-    register_paper: bool = field(
-        default=True,
-        metadata=help_field(
-            "Register the paper's RLDS datasets (sft, warmup) in OpenVLA's dataset registries; upstream lacks them, "
-            "and nothing else changes."
-        ),
+    register_paper: bool = option(
+        True,
+        "Register the paper's RLDS datasets (sft, warmup) in OpenVLA's dataset registries; upstream lacks them, "
+        "and nothing else changes.",
     )
-    check: bool = field(
-        default=True,
-        metadata=help_field(
-            "Before the model loads, check that --dataset_name is registered and built under --data_root_dir."
-        ),
+    check: bool = option(
+        True,
+        "Before the model loads, check that --dataset_name is registered and built under --data_root_dir.",
     )
 
 

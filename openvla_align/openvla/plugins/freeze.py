@@ -6,12 +6,12 @@ alignment.
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List
 
 import torch.nn as nn
 
-from ...config import help_field
+from ...config import option
 from ...vla import layout
 from ...vla.layout import unwrap
 from .base import FinetunePlugin
@@ -21,12 +21,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FreezeConfig:
-    vision: bool = field(
-        default=False,
-        metadata=help_field(
-            "The paper's Freeze baseline: no gradient for any vision-backbone parameter (LoRA ones included); "
-            "with or without --align.enabled."
-        ),
+    vision: bool = option(
+        False,
+        "The paper's Freeze baseline: no gradient for any vision-backbone parameter (LoRA ones included); "
+        "with or without --align.enabled.",
     )
 
 

@@ -5,23 +5,21 @@ evaluated the same way).
 (No ``from __future__ import annotations`` here: draccus 0.8, OpenVLA's pin, cannot parse string annotations.)
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
-from ...config import help_field
+from ...config import option
 from ..merge import STATS_NAME, fold_norm_stats
 from .base import FinetunePlugin
 
 
 @dataclass
 class NormStatsConfig:
-    fold: bool = field(
-        default=True,
-        metadata=help_field(
-            "Fold the run's dataset_statistics.json into every merged model's config.json (norm_stats), so "
-            "predict_action(..., unnorm_key=...) works on the merged model as saved."
-        ),
+    fold: bool = option(
+        True,
+        "Fold the run's dataset_statistics.json into every merged model's config.json (norm_stats), so "
+        "predict_action(..., unnorm_key=...) works on the merged model as saved.",
     )
 
 
