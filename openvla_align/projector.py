@@ -133,6 +133,12 @@ PROJECTOR_CLASSES: Dict[str, Type[nn.Module]] = {
 }
 
 
+def check_kind(kind: str) -> None:
+    """A clear error for a projector name nothing registered (``PROJECTOR_CLASSES``)."""
+    if kind not in PROJECTOR_CLASSES:
+        raise ValueError(f"Unknown projector {kind!r}; known: {', '.join(PROJECTOR_CLASSES)}.")
+
+
 def build_projector(
     kind: str, in_dim: int, out_dim: int, *, hidden_dim: int = 2048, seed: int = 0, frozen: bool = True
 ) -> nn.Module:
@@ -142,8 +148,7 @@ def build_projector(
     inputs and weight rows), ``orthogonal`` (semi-orthogonal weight; kept orthogonal while training),
     ``spectral`` (spectral-normalised linear), ``film`` (LayerNorm, FiLM conditioned on the mean token, linear),
     ``whitening`` (per-channel whitening over the batch's tokens, then an affine map)."""
-    if kind not in PROJECTOR_CLASSES:
-        raise ValueError(f"Unknown projector {kind!r}; known: {', '.join(PROJECTOR_CLASSES)}.")
+    check_kind(kind)
     if kind == "mlp":
         proj: nn.Module = MLPProjector(in_dim, out_dim, hidden_dim)
     else:

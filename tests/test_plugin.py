@@ -237,6 +237,14 @@ def test_layers_beyond_depth_fail_before_the_model_loads(tmp_path):
     AlignPlugin(AlignConfig(enabled=True, layers=(40,)), _teacher()).setup(Cfg())
 
 
+def test_an_unregistered_loss_or_projector_fails_before_the_model_loads():
+    """Losses and projectors are registered once, in their own modules; the plugin checks the names in setup."""
+    with pytest.raises(ValueError, match="Unknown alignment loss 'kl'; known: cosine, l2, ntxent"):
+        AlignPlugin(AlignConfig(enabled=True, loss="kl"), _teacher()).setup(_Cfg())
+    with pytest.raises(ValueError, match="Unknown projector 'conv'; known: mlp, linear, cosine"):
+        AlignPlugin(AlignConfig(enabled=True, projector="conv"), _teacher()).setup(_Cfg())
+
+
 def test_teacher_is_built_in_setup_before_the_model_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from ...aligner import CONFIG_NAME, PROJECTOR_NAME, Aligner
 from ...config import AlignConfig
+from ...losses import get_loss
+from ...projector import check_kind
 from ...vla.layout import check_layers
 from ..env import warn_oft_attention
 from ..hosts import host_of
@@ -58,6 +60,8 @@ class AlignPlugin(FinetunePlugin):
             warn_oft_attention()
         if not self.config.enabled:
             return
+        get_loss(self.config.loss)  # the registries' own clear errors, before the model loads
+        check_kind(self.config.projector)
         depth = _text_depth(getattr(cfg, "vla_path", None))
         if depth is not None:
             check_layers(depth, self.config.layers)  # attach() checks it again on the loaded model
