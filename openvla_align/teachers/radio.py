@@ -42,7 +42,7 @@ from .base import (
     TeacherWeightsNotFound,
     wants_random,
 )
-from .catalog import RADIO_VARIANTS, RadioVariant
+from .radio_variants import RADIO_VARIANTS, RadioVariant
 from .radio_vit import DEFAULT_ALIGN_CORNERS, NUM_PREFIX_TOKENS, PATCH_SIZE, POS_GRID, RadioViT  # noqa: F401
 from .spec import WeightSource
 

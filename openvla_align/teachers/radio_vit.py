@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .catalog import RADIO_PATCH_SIZE, RADIO_PREFIX_TOKENS
+from .radio_variants import RADIO_PATCH_SIZE, RADIO_PREFIX_TOKENS
 from .spec import CLIP_MEAN, CLIP_STD
 
 PATCH_SIZE = RADIO_PATCH_SIZE
