@@ -11,15 +11,20 @@ import torch
 from openvla_align import AlignConfig, Aligner
 from openvla_align.teachers import (
     TeacherPluginError,
+    TeacherRequest,
     TeacherWeightsNotFound,
     _registry,
     broken_plugins,
+    build_teacher,
     create_teacher,
     list_teachers,
     load_plugins,
+    register_teacher,
     teacher_spec,
 )
+from openvla_align.teachers.spec import REQUEST_FIELDS
 from openvla_align.tiny import tiny_teacher
+from openvla_align.tiny.model import TINY_VIT
 
 ALL = list_teachers()
 
@@ -139,6 +144,76 @@ def test_third_party_teacher_via_entry_point(tmp_path, monkeypatch):
         assert create_teacher("toy")(torch.rand(1, 3, 256, 256)).shape == (1, 256, 12)
     finally:
         _registry._REGISTRY.pop("toy", None)
+
+
+def test_third_party_family_module_builds_through_the_one_signature(tmp_path, monkeypatch):
+    """A family outside the package: one module (``build(spec, request, **params)``) plus one registration."""
+    _write_plugin(
+        tmp_path,
+        "toy_family_pkg",
+        """
+        import torch.nn as nn
+        from openvla_align.teachers import Teacher, TeacherSpec, register_builtin
+
+        SEEN = []
+
+        class Toy(Teacher):
+            def __init__(self, spec, request, width):
+                super().__init__(spec, request.resolution, request.grid)
+                self.conv = nn.Conv2d(3, width, spec.patch_size, spec.patch_size)
+
+            def _features(self, x):
+                return self.conv(x).flatten(2).transpose(1, 2)
+
+        def build(spec, request, width):
+            SEEN.append(request)
+            return Toy(spec, request, width).freeze()
+
+        SPEC = TeacherSpec("toy-fam", "toy", 12, 16, (0.5,) * 3, (0.5,) * 3, 0, "anywhere")
+        register_builtin(SPEC, __name__, width=12)
+        """,
+        "toyfam = toy_family_pkg",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        load_plugins(force=True)
+        assert teacher_spec("toy-fam").family == "toy"
+        teacher = build_teacher("toy-fam", grid=(8, 8), arch={"note": 1}, seed=0)
+        assert teacher(torch.rand(1, 3, 256, 256)).shape == (1, 64, 12) and not teacher.training
+        seen = sys.modules["toy_family_pkg"].SEEN
+        assert seen == [TeacherRequest(grid=(8, 8), arch={"note": 1})]
+        with pytest.raises(TypeError, match=r"Teacher 'toy-fam' got unknown keyword arguments \['gird'\]; a teacher "):
+            create_teacher("toy-fam", gird=(8, 8))
+    finally:
+        _registry._REGISTRY.pop("toy-fam", None)
+        sys.modules.pop("toy_family_pkg", None)
+
+
+def test_an_old_style_keyword_factory_gets_the_whole_request(tmp_path, monkeypatch):
+    """``register_teacher`` factories keep their keyword signature; ``build_teacher`` passes every request field."""
+    got = {}
+
+    @register_teacher("kw-toy")
+    def make(extra_option, **kw):
+        got.update(kw, extra_option=extra_option)
+        return create_teacher("c-radio-v3-b", **dict(kw, arch=TINY_VIT))
+
+    try:
+        with pytest.warns(UserWarning, match="RANDOM"):
+            teacher = build_teacher("kw-toy", allow_random=True, resolution=128, extra_option="x")
+        assert got == {**TeacherRequest(allow_random=True, resolution=128).kwargs(), "extra_option": "x"}
+        assert teacher.resolution == 128 and teacher.grid == (16, 16)
+    finally:
+        _registry._REGISTRY.pop("kw-toy", None)
+
+
+def test_request_fields_are_the_positional_order_of_build_radio_teacher():
+    from openvla_align.teachers.radio import build_radio_teacher
+
+    assert REQUEST_FIELDS == ("path", "resolution", "grid", "allow_random", "trust_remote_code", "arch")
+    with pytest.warns(UserWarning, match="RANDOM"):
+        teacher = build_radio_teacher("c-radio-v3-b", None, 64, (8, 8), True, False, TINY_VIT)
+    assert (teacher.resolution, teacher.grid) == (64, (8, 8))
 
 
 def test_a_broken_plugin_is_reported_once_and_hides_no_other(tmp_path, monkeypatch, caplog):

@@ -12,7 +12,7 @@ from ._registry import (
     register_teacher,
     teacher_spec,
 )
-from .spec import STUDENT_GRID, TeacherSpec, TeacherWeightsNotFound, WeightSource
+from .spec import STUDENT_GRID, TeacherRequest, TeacherSpec, TeacherWeightsNotFound, WeightSource
 
 _TORCH_NAMES = {"Teacher", "resample_grid"}  # from .base, imported on first use (the rest needs no torch)
 _BUILD_NAMES = {"build_teacher", "teacher_from_config"}  # from .build, likewise
@@ -35,6 +35,7 @@ __all__ = [
     "STUDENT_GRID",
     "Teacher",
     "TeacherPluginError",
+    "TeacherRequest",
     "TeacherSpec",
     "WeightSource",
     "TeacherWeightsNotFound",

@@ -1,9 +1,13 @@
 """Teacher registry: a decorator, an fnmatch listing and one factory; third parties join via entry points.
 
 Built-in teachers register through the same entry-point group (``openvla_align.teachers``) as third-party ones.
-An entry point may name a module (importing it runs its ``@register_teacher`` decorators) or a factory callable
-(registered under the entry point's name). The built-ins are data (``catalog``): a spec and the family module that
-builds them, imported only when one of its teachers is created, so listing teachers needs no torch.
+An entry point may name a module (importing it runs its ``@register_teacher`` decorators or ``register_builtin``
+calls) or a factory callable (registered under the entry point's name). The built-ins are data (``catalog``): a spec
+and the family module that builds them, imported only when one of its teachers is created, so listing teachers needs
+no torch.
+
+Every factory takes the same keywords, the fields of ``spec.TeacherRequest``. A family module registered with
+``register_builtin`` implements ``build(spec, request, **params) -> Teacher``; the registry makes its keyword factory.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import importlib
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from .spec import TeacherRequest
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +35,7 @@ class TeacherPluginError(RuntimeError):
 @dataclass(frozen=True)
 class _Entry:
     name: str
-    factory: Optional[Callable]  # None for a built-in until first use: `source.teacher_factory(spec, **params)`
+    factory: Optional[Callable]  # None for a built-in until first use: see `_family_factory`
     source: str
     spec: Optional[object] = None  # TeacherSpec of the full-size model, shown by `openvla-align teachers`
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -43,8 +49,8 @@ _loaded = False
 def register_teacher(name: Optional[str] = None, *, spec=None, source: str = "") -> Callable:
     """Decorator registering a teacher factory ``fn(**kw) -> Teacher``; returns ``fn`` unchanged.
 
-    Factories accept ``path``, ``resolution``, ``grid``, ``allow_random``, ``trust_remote_code`` and ``arch``
-    (architecture overrides, used for tiny random test models) and ignore none of them silently.
+    Factories accept the fields of ``TeacherRequest`` as keywords (``path``, ``resolution``, ``grid``,
+    ``allow_random``, ``trust_remote_code``, ``arch``) and ignore none of them silently.
     """
 
     def wrap(fn: Callable) -> Callable:
@@ -59,8 +65,8 @@ def register_teacher(name: Optional[str] = None, *, spec=None, source: str = "")
 
 
 def register_builtin(spec, module: str, **params: Any) -> None:
-    """Register ``spec.name`` as data: ``module``'s ``teacher_factory(spec, **params)`` gives its factory, imported
-    when the teacher is first created."""
+    """Register ``spec.name`` as data: ``module`` (imported when the teacher is first created) builds it with
+    ``build(spec, request, **params)``, ``request`` a ``TeacherRequest`` of the factory call's keywords."""
     prior = _REGISTRY.get(spec.name)
     if prior is not None and (prior.source, prior.spec, dict(prior.params)) != (module, spec, params):
         raise ValueError(f"Teacher {spec.name!r} is already registered by {prior.source}.")
@@ -127,9 +133,21 @@ def get_teacher_factory(name: str) -> Callable:
         raise ValueError(f"Unknown teacher {name!r}. Known teachers: {', '.join(list_teachers())}{broken}.")
     entry = _REGISTRY[name]
     if entry.factory is None:
-        family = importlib.import_module(entry.source)
-        entry = _REGISTRY[name] = replace(entry, factory=family.teacher_factory(entry.spec, **entry.params))
+        entry = _REGISTRY[name] = replace(entry, factory=_family_factory(entry))
     return entry.factory
+
+
+def _family_factory(entry: _Entry) -> Callable:
+    """The keyword factory of a teacher registered as data: one ``TeacherRequest`` to its family's ``build``."""
+    build = importlib.import_module(entry.source).build
+
+    def factory(**kwargs: Any):
+        return build(entry.spec, TeacherRequest.from_kwargs(entry.name, kwargs), **entry.params)
+
+    factory.__name__ = factory.__qualname__ = "create_" + entry.name.replace("-", "_")
+    factory.__module__ = entry.source
+    factory.__doc__ = f"Build the frozen {entry.name} teacher; keywords: the fields of TeacherRequest."
+    return factory
 
 
 def teacher_spec(name: str):

@@ -12,34 +12,30 @@ import torch
 
 from .. import dtypes
 from ._registry import create_teacher
-from .spec import STUDENT_GRID
+from .spec import STUDENT_GRID, TeacherRequest
 
 
 def build_teacher(
     name: str,
     *,
-    path: Optional[str] = None,
-    resolution: Optional[int] = None,
-    grid: Tuple[int, int] = STUDENT_GRID,
-    allow_random: bool = False,
-    trust_remote_code: bool = False,
     dtype: str = "auto",
     device: Optional[str] = None,
     seed: Optional[int] = None,
     **factory_kwargs: Any,
 ):
-    """The registered teacher ``name``, frozen. ``dtype``: ``auto`` (bfloat16 on CUDA, float32 elsewhere; left to
-    the caller when ``device`` is None, e.g. the Aligner resolves it on the VLA's device), or a torch dtype name.
-    ``seed`` makes random-weight (smoke-test) teachers the same on every call without touching the global RNG."""
-    kwargs = dict(
-        path=path, resolution=resolution, grid=grid, allow_random=allow_random, trust_remote_code=trust_remote_code
-    )
+    """The registered teacher ``name``, frozen. ``factory_kwargs``: the fields of ``TeacherRequest`` (``path``,
+    ``resolution``, ``grid``, ``allow_random``, ``trust_remote_code``, ``arch``; every one reaches the factory, its
+    default where not given) and any keyword a third-party factory adds. ``dtype``: ``auto`` (bfloat16 on CUDA,
+    float32 elsewhere; left to the caller when ``device`` is None, e.g. the Aligner resolves it on the VLA's device),
+    or a torch dtype name. ``seed`` makes random-weight (smoke-test) teachers the same on every call without touching
+    the global RNG."""
+    kwargs = {**TeacherRequest().kwargs(), **factory_kwargs}
     if seed is None:
-        teacher = create_teacher(name, **kwargs, **factory_kwargs)
+        teacher = create_teacher(name, **kwargs)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            teacher = create_teacher(name, **kwargs, **factory_kwargs)
+            teacher = create_teacher(name, **kwargs)
     if device is not None:
         teacher = teacher.to(device)
     if dtype != "auto" or device is not None:

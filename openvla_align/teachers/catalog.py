@@ -2,20 +2,36 @@
 
 Torch-free: importing this registers every built-in teacher (``register_builtin``) without importing a model, so
 `openvla-align teachers` lists them in a fraction of a second. The family module (``radio``, ``dinov2``, ``siglip``,
-``theia``) is imported when a teacher of its family is first created; its ``teacher_factory(spec, **params)``
-returns the factory. RADIO's variant table is RADIO's own data (``radio_variants``), which this module registers:
-no family module reads data back from here.
+``theia``, ``scenes``) is imported when a teacher of its family is first created; its
+``build(spec, request, **params)`` builds it from a ``TeacherRequest``. Data flows one way: this module passes each
+family what it needs (``params``) and reads nothing back from the family modules; RADIO's variant table is RADIO's
+own data (``radio_variants``), which this module only registers.
 """
 
 from __future__ import annotations
+
+from typing import Any, Sequence, Tuple
 
 from ._registry import register_builtin
 from .radio_variants import RADIO_VARIANTS
 from .spec import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, TeacherSpec, WeightSource
 
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
+SIGLIP = (SIGLIP_MEAN, SIGLIP_STD)
+
+
+def _register(
+    family: str, name: str, width: int, patch: int, stats: Tuple, prefix: int, sources: Sequence, **params: Any
+) -> None:
+    """Register the built-in ``name`` of ``family``, built by the module ``teachers.<family>``."""
+    mean, std = stats
+    spec = TeacherSpec(name, family, width, patch, mean, std, num_prefix_tokens=prefix, sources=tuple(sources))
+    register_builtin(spec, f"{__package__}.{family}", **params)
+
+
 # ---------------------------------------------------------------------------------------------------- C-RADIOv3
 for _variant in RADIO_VARIANTS.values():
-    register_builtin(_variant.spec, "openvla_align.teachers.radio")
+    register_builtin(_variant.spec, f"{__package__}.radio")
 
 
 # ---------------------------------------------------------------------------------------------------- DINOv2
@@ -32,19 +48,12 @@ def _register_dinov2(size: str, registers: bool) -> None:
     arch_prefix, hub_code, width = DINOV2_SIZES[size]
     name = f"dinov2-vit-{size}" + ("-reg" if registers else "")
     model_name = f"{arch_prefix}_reg4_dinov2" if registers else f"{arch_prefix}_dinov2"
-    hf_repo = f"timm/{model_name}.lvd142m"
     hub_file = f"dinov2_{hub_code}_reg4_pretrain.pth" if registers else f"dinov2_{hub_code}_pretrain.pth"
-    spec = TeacherSpec(
-        name=name,
-        family="dinov2",
-        width=width,
-        patch_size=14,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_prefix_tokens=5 if registers else 1,
-        sources=(WeightSource(("model.safetensors", "pytorch_model.bin"), hf_repo), WeightSource((hub_file,))),
+    sources = (
+        WeightSource(("model.safetensors", "pytorch_model.bin"), f"timm/{model_name}.lvd142m"),
+        WeightSource((hub_file,)),
     )
-    register_builtin(spec, "openvla_align.teachers.dinov2", model_name=model_name)
+    _register("dinov2", name, width, 14, IMAGENET, 5 if registers else 1, sources, model_name=model_name)
 
 
 for _size in DINOV2_SIZES:
@@ -64,20 +73,11 @@ SIGLIP_VARIANTS = {
 
 def _register_siglip(name: str) -> None:
     model_name, open_clip_repo, width, patch = SIGLIP_VARIANTS[name]
-    spec = TeacherSpec(
-        name=name,
-        family="siglip",
-        width=width,
-        patch_size=patch,
-        mean=SIGLIP_MEAN,
-        std=SIGLIP_STD,
-        num_prefix_tokens=0,
-        sources=(
-            WeightSource(("model.safetensors", "pytorch_model.bin"), f"timm/{model_name}.webli"),
-            WeightSource(("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), f"timm/{open_clip_repo}"),
-        ),
+    sources = (
+        WeightSource(("model.safetensors", "pytorch_model.bin"), f"timm/{model_name}.webli"),
+        WeightSource(("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), f"timm/{open_clip_repo}"),
     )
-    register_builtin(spec, "openvla_align.teachers.siglip", model_name=model_name)
+    _register("siglip", name, width, patch, SIGLIP, 0, sources, model_name=model_name)
 
 
 for _name in SIGLIP_VARIANTS:
@@ -89,27 +89,12 @@ for _name in SIGLIP_VARIANTS:
 THEIA_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 THEIA_MIXES = ("cdiv", "cddsv")
 
-
-def _register_theia(size: str, mix: str) -> None:
-    width, heads = THEIA_SIZES[size]
-    name = f"theia-{size}-patch16-224-{mix}"
-    hf_repo = f"theaiinstitute/{name}"
-    spec = TeacherSpec(
-        name=name,
-        family="theia",
-        width=width,
-        patch_size=16,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_prefix_tokens=1,
-        sources=(WeightSource(("model.safetensors",), hf_repo),),  # config.json beside it, in the same snapshot
-    )
-    register_builtin(spec, "openvla_align.teachers.theia", hf_repo=hf_repo, heads=heads)
-
-
-for _size in THEIA_SIZES:
+for _size, (_width, _heads) in THEIA_SIZES.items():
     for _mix in THEIA_MIXES:
-        _register_theia(_size, _mix)
+        _name = f"theia-{_size}-patch16-224-{_mix}"
+        # config.json sits beside the weights, in the same snapshot
+        _sources = (WeightSource(("model.safetensors",), f"theaiinstitute/{_name}"),)
+        _register("theia", _name, _width, 16, IMAGENET, 1, _sources, heads=_heads)
 
 
 # ---------------------------------------------------------------------------------------------------- demo
@@ -125,5 +110,5 @@ register_builtin(
         num_prefix_tokens=0,
         weights_hint="teacher_path=OUT/teacher/model.safetensors, written by `openvla-align demo --out OUT`",
     ),
-    "openvla_align.teachers.scenes",
+    f"{__package__}.scenes",
 )

@@ -5,14 +5,14 @@ token, and for the ``-reg`` variants the 4 registers, dropped. The timm model is
 (224 px -> 16x16 at patch 14), so the 37x37 position embedding of the 518 px checkpoints is resampled once, at load,
 by timm's checkpoint filter (bicubic, antialiased): the same resampling the reference applies to the torch.hub model.
 
-This module also holds the timm ViT machinery that ``siglip.py`` reuses (``TimmViTTeacher``, ``timm_teacher_factory``).
+This module also holds the timm ViT machinery that ``siglip.py`` reuses (``TimmViTTeacher``, ``build``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,7 @@ from .base import (
     TeacherSpec,
     wants_random,
 )
+from .spec import TeacherRequest
 
 
 class TimmViTTeacher(Teacher):
@@ -82,41 +83,14 @@ class TimmViTTeacher(Teacher):
         return self.model.forward_features(x)[:, self.model.num_prefix_tokens :]
 
 
-def timm_teacher_factory(
-    spec: TeacherSpec, model_name: str, locate: Callable[[str, Optional[str]], Path], module: str = __name__
-) -> Callable[..., Teacher]:
-    """The registry factory of a timm ViT teacher; ``locate(name, path)`` finds its weights file.
-
-    ``module`` is the module that registers it (shown as the teacher's source).
-    """
-
-    def factory(
-        path: Optional[str] = None,
-        resolution: Optional[int] = None,
-        grid: Tuple[int, int] = STUDENT_GRID,
-        allow_random: bool = False,
-        trust_remote_code: bool = False,
-        arch: Optional[Dict] = None,
-    ) -> Teacher:
-        # trust_remote_code only permits remote code; timm's model code is local, so there is nothing to permit.
-        random = wants_random(spec.name, path, allow_random)
-        weights = None if random else locate(spec.name, path)  # fail fast, before building a large model
-        teacher = TimmViTTeacher(spec, model_name, resolution=resolution, grid=grid, arch=arch)
-        if weights is not None:
-            teacher.load_weights(weights)
-        return teacher.freeze()
-
-    factory.__name__ = factory.__qualname__ = "create_" + spec.name.replace("-", "_")
-    factory.__module__ = module
-    factory.__doc__ = f"Build the frozen {spec.name} teacher (timm {model_name})."
-    return factory
-
-
-def teacher_factory(spec: TeacherSpec, model_name: str, module: str = __name__) -> Callable[..., Teacher]:
-    """The registry's hook (see ``catalog``): the factory of a built-in timm ViT teacher whose weights are found
-    through ``spec.sources``."""
-
-    def locate(teacher: str, path: Optional[str]) -> Path:
-        return resolve_weights(teacher, path, spec.sources)
-
-    return timm_teacher_factory(spec, model_name, locate, module=module)
+def build(spec: TeacherSpec, request: TeacherRequest, model_name: str) -> Teacher:
+    """The registry's hook (see ``catalog``): the frozen timm ViT teacher ``spec`` (timm ``model_name``), its
+    weights found through ``spec.sources`` unless ``request.path`` names them."""
+    # trust_remote_code only permits remote code; timm's model code is local, so there is nothing to permit.
+    random = wants_random(spec.name, request.path, request.allow_random)
+    # fail fast, before building a large model
+    weights = None if random else resolve_weights(spec.name, request.path, spec.sources)
+    teacher = TimmViTTeacher(spec, model_name, resolution=request.resolution, grid=request.grid, arch=request.arch)
+    if weights is not None:
+        teacher.load_weights(weights)
+    return teacher.freeze()

@@ -28,6 +28,7 @@ import logging
 import math
 import re
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -44,7 +45,7 @@ from .base import (
 )
 from .radio_variants import RADIO_VARIANTS, RadioVariant
 from .radio_vit import DEFAULT_ALIGN_CORNERS, NUM_PREFIX_TOKENS, PATCH_SIZE, POS_GRID, RadioViT  # noqa: F401
-from .spec import WeightSource
+from .spec import TeacherRequest, WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ __all__ = [
     "c_radio_v3_l",
     "c_radio_v3_h",
     "c_radio_v3_g",
-    "teacher_factory",
+    "build",
 ]
 
 
@@ -336,26 +337,25 @@ def _build_from_checkout(
     return RadioHubTeacher(spec, radio, resolution=resolution, grid=grid).freeze()
 
 
-def build_radio_teacher(
-    name: str,
-    path: Optional[str] = None,
-    resolution: Optional[int] = None,
-    grid: Tuple[int, int] = STUDENT_GRID,
-    allow_random: bool = False,
-    trust_remote_code: bool = False,
-    arch: Optional[Mapping[str, Any]] = None,
-) -> Teacher:
-    """Build the frozen C-RADIOv3 teacher ``name`` (one of ``RADIO_VARIANTS``); see the module docstring."""
+def _variant(name: str) -> RadioVariant:
     if name not in RADIO_VARIANTS:
         raise ValueError(f"Unknown RADIO variant {name!r}; known: {sorted(RADIO_VARIANTS)}.")
-    v = RADIO_VARIANTS[name]
-    arch = _check_arch(name, arch)
+    return RADIO_VARIANTS[name]
+
+
+def build(spec: TeacherSpec, request: TeacherRequest) -> Teacher:
+    """The registry's hook (see ``catalog``): the frozen C-RADIOv3 teacher ``spec.name`` (one of
+    ``RADIO_VARIANTS``); see the module docstring."""
+    name, path = spec.name, request.path
+    v = _variant(name)
+    arch = _check_arch(name, request.arch)
     width = int(arch.get("embed_dim", v.width))
-    spec = v.spec if width == v.width else replace(v.spec, width=width)
+    spec = spec if width == spec.width else replace(spec, width=width)
     num_heads = int(arch.get("num_heads", v.num_heads))
     align_corners = bool(arch.get("align_corners", DEFAULT_ALIGN_CORNERS))
+    resolution, grid = request.resolution, request.grid
 
-    if wants_random(name, path, allow_random):
+    if wants_random(name, path, request.allow_random):
         depth = int(arch.get("depth", v.depth))
         hidden = arch.get("mlp_hidden_dim") or int(float(arch.get("mlp_ratio", v.mlp_ratio)) * width)
         model = RadioViT(
@@ -374,7 +374,7 @@ def build_radio_teacher(
     if path is not None:
         p = Path(path).expanduser()
         if p.is_dir() and (p / "hubconf.py").is_file():
-            return _build_from_checkout(v, p, spec, arch, resolution, grid, trust_remote_code)
+            return _build_from_checkout(v, p, spec, arch, resolution, grid, request.trust_remote_code)
 
     weights = resolve_weights(name, path, spec.sources)
     logger.info("Teacher %s: loading %s", name, weights)
@@ -391,37 +391,13 @@ def build_radio_teacher(
     return RadioTeacher(spec, model, resolution=resolution, grid=grid).freeze()
 
 
-# One factory per variant; all share the signature of the registry contract.
+def build_radio_teacher(name: str, *args: Any, **kwargs: Any) -> Teacher:
+    """The frozen C-RADIOv3 teacher ``name``; the other arguments are ``TeacherRequest``'s fields, in its order."""
+    return build(_variant(name).spec, TeacherRequest(*args, **kwargs))
 
 
-def c_radio_v3_b(path=None, resolution=None, grid=STUDENT_GRID, allow_random=False, trust_remote_code=False, arch=None):
-    """C-RADIOv3-B (ViT-B/16, width 768)."""
-    return build_radio_teacher("c-radio-v3-b", path, resolution, grid, allow_random, trust_remote_code, arch)
-
-
-def c_radio_v3_l(path=None, resolution=None, grid=STUDENT_GRID, allow_random=False, trust_remote_code=False, arch=None):
-    """C-RADIOv3-L (ViT-L/16, width 1024): the reference's default teacher."""
-    return build_radio_teacher("c-radio-v3-l", path, resolution, grid, allow_random, trust_remote_code, arch)
-
-
-def c_radio_v3_h(path=None, resolution=None, grid=STUDENT_GRID, allow_random=False, trust_remote_code=False, arch=None):
-    """C-RADIOv3-H (ViT-H/16, width 1280)."""
-    return build_radio_teacher("c-radio-v3-h", path, resolution, grid, allow_random, trust_remote_code, arch)
-
-
-def c_radio_v3_g(path=None, resolution=None, grid=STUDENT_GRID, allow_random=False, trust_remote_code=False, arch=None):
-    """C-RADIOv3-g (ViT-g/16, width 1536)."""
-    return build_radio_teacher("c-radio-v3-g", path, resolution, grid, allow_random, trust_remote_code, arch)
-
-
-_FACTORIES = {
-    "c-radio-v3-b": c_radio_v3_b,
-    "c-radio-v3-l": c_radio_v3_l,
-    "c-radio-v3-h": c_radio_v3_h,
-    "c-radio-v3-g": c_radio_v3_g,
-}
-
-
-def teacher_factory(spec: TeacherSpec):
-    """The registry's hook (see ``catalog``): the factory of the built-in variant ``spec.name``."""
-    return _FACTORIES[spec.name]
+# One factory per variant, taking TeacherRequest's fields as keywords.
+c_radio_v3_b = partial(build_radio_teacher, "c-radio-v3-b")  # ViT-B/16, width 768
+c_radio_v3_l = partial(build_radio_teacher, "c-radio-v3-l")  # ViT-L/16, width 1024: the reference's default teacher
+c_radio_v3_h = partial(build_radio_teacher, "c-radio-v3-h")  # ViT-H/16, width 1280
+c_radio_v3_g = partial(build_radio_teacher, "c-radio-v3-g")  # ViT-g/16, width 1536

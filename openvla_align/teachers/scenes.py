@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .base import Teacher, wants_random
-from .spec import TeacherSpec, TeacherWeightsNotFound
+from .spec import TeacherRequest, TeacherSpec, TeacherWeightsNotFound
 
 HIDDEN = 64
 
@@ -65,43 +65,36 @@ def saved_resolution(path) -> Optional[int]:
     return int(value) if value and value.isdigit() else None
 
 
-def teacher_factory(spec: TeacherSpec, **_params):
-    """The registry's factory for ``demo-scenes``: weights from ``path`` (written by `openvla-align demo`), at the
-    resolution the file records unless ``resolution`` is given."""
+def build(spec: TeacherSpec, request: TeacherRequest) -> SceneTeacher:
+    """The registry's hook for ``demo-scenes``: weights from ``request.path`` (written by `openvla-align demo`), at
+    the resolution the file records unless ``request.resolution`` is given."""
+    path, resolution, grid = request.path, request.resolution, request.grid
+    if request.arch:
+        raise ValueError(f"Teacher {spec.name!r} has one architecture; arch={request.arch!r} is not supported.")
+    if wants_random(spec.name, path, request.allow_random):
+        return SceneTeacher(spec, resolution, grid).freeze()
+    if path is None or not Path(path).is_file():
+        raise TeacherWeightsNotFound(
+            f"Teacher {spec.name!r} needs teacher_path=<file>: the safetensors file `openvla-align demo` writes "
+            f"to OUT/teacher/model.safetensors (got {path!r})."
+        )
+    from safetensors.torch import load_file
 
-    def build(
-        path=None, resolution=None, grid=(8, 8), allow_random: bool = False, trust_remote_code: bool = False, arch=None
-    ) -> SceneTeacher:
-        if arch:
-            raise ValueError(f"Teacher {spec.name!r} has one architecture; arch={arch!r} is not supported.")
-        if wants_random(spec.name, path, allow_random):
-            return SceneTeacher(spec, resolution, grid).freeze()
-        if path is None or not Path(path).is_file():
-            raise TeacherWeightsNotFound(
-                f"Teacher {spec.name!r} needs teacher_path=<file>: the safetensors file `openvla-align demo` writes "
-                f"to OUT/teacher/model.safetensors (got {path!r})."
-            )
-        from safetensors.torch import load_file
-
-        saved = saved_resolution(path)
-        teacher = SceneTeacher(spec, resolution or saved, grid)
-        try:
-            teacher.load_state_dict(load_file(str(path)))
-        except Exception as exc:  # a truncated file, another model's weights, another resolution ...
-            if saved and resolution and resolution != saved:
-                raise ValueError(
-                    f"Teacher {spec.name!r}: {path} was trained at resolution {saved}, not {resolution}; "
-                    "leave the teacher resolution unset (it is read from the file)."
-                ) from None
-            hint = (
-                ""
-                if saved
-                else " If it was written by an older openvla-align, pass its resolution (112 for the demo's)."
-            )
+    saved = saved_resolution(path)
+    teacher = SceneTeacher(spec, resolution or saved, grid)
+    try:
+        teacher.load_state_dict(load_file(str(path)))
+    except Exception as exc:  # a truncated file, another model's weights, another resolution ...
+        if saved and resolution and resolution != saved:
             raise ValueError(
-                f"Teacher {spec.name!r}: {path} does not hold its weights ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())[:300]}). Run `openvla-align demo` again to write them.{hint}"
+                f"Teacher {spec.name!r}: {path} was trained at resolution {saved}, not {resolution}; "
+                "leave the teacher resolution unset (it is read from the file)."
             ) from None
-        return teacher.freeze()
-
-    return build
+        hint = (
+            "" if saved else " If it was written by an older openvla-align, pass its resolution (112 for the demo's)."
+        )
+        raise ValueError(
+            f"Teacher {spec.name!r}: {path} does not hold its weights ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}). Run `openvla-align demo` again to write them.{hint}"
+        ) from None
+    return teacher.freeze()

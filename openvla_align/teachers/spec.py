@@ -1,10 +1,11 @@
-"""What a teacher is, as data: ``TeacherSpec`` and the normalisation constants. Torch-free, so the registry and
-`openvla-align teachers` can list teachers without importing a model."""
+"""What a teacher is, as data: ``TeacherSpec``, the normalisation constants, and ``TeacherRequest`` (what a caller asks
+of a teacher factory). Torch-free, so the registry and `openvla-align teachers` can list teachers without importing
+a model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..norms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD  # noqa: F401
 
@@ -58,3 +59,37 @@ class TeacherSpec:
     def default_resolution(self, grid: Tuple[int, int] = STUDENT_GRID) -> int:
         """Square input size whose patch grid equals ``grid`` (the paper's 256 px for patch-16 teachers)."""
         return grid[0] * self.patch_size
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """The keyword arguments of every teacher factory, defined once (in this order, for positional callers).
+
+    The registry turns a factory call's keywords into one request and hands it to the family module's
+    ``build(spec, request, **params)``; ``build_teacher`` passes the full request to third-party factories.
+    """
+
+    path: Optional[str] = None  # a weights file or snapshot directory; None: look in the spec's sources
+    resolution: Optional[int] = None  # square input size; None: the one whose patch grid is ``grid``
+    grid: Tuple[int, int] = STUDENT_GRID  # the student's token grid the features are resampled to
+    allow_random: bool = False  # random weights, for smoke tests only (warns loudly; never with ``path``)
+    trust_remote_code: bool = False  # permit running a checkpoint's own code (RADIO checkout, Theia remote code)
+    arch: Optional[Mapping[str, Any]] = None  # architecture overrides (tiny random test models)
+
+    @classmethod
+    def from_kwargs(cls, teacher: str, kwargs: Mapping[str, Any]) -> "TeacherRequest":
+        """The request of a factory call's keywords; unknown keywords are an error that names them."""
+        unknown = sorted(set(kwargs) - set(REQUEST_FIELDS))
+        if unknown:
+            raise TypeError(
+                f"Teacher {teacher!r} got unknown keyword arguments {unknown}; a teacher factory takes "
+                f"{', '.join(REQUEST_FIELDS)}."
+            )
+        return cls(**kwargs)
+
+    def kwargs(self) -> Dict[str, Any]:
+        """The request as a factory call's keywords."""
+        return {name: getattr(self, name) for name in REQUEST_FIELDS}
+
+
+REQUEST_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(TeacherRequest))

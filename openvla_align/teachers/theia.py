@@ -38,6 +38,7 @@ from .base import (
     TeacherWeightsNotFound,
     wants_random,
 )
+from .spec import TeacherRequest
 
 BACKBONE_PREFIX = "backbone.model."
 _ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size")
@@ -233,41 +234,24 @@ def _load_remote(name: str, spec: TeacherSpec, snapshot: Path, arch: Dict) -> Tu
     return spec, vit, not getattr(model, "no_cls", False), int(getattr(model, "num_reg_tokens", 0) or 0)
 
 
-def _theia_factory(spec: TeacherSpec, hf_repo: str, heads: int):
-    name = spec.name
+def build(spec: TeacherSpec, request: TeacherRequest, heads: int) -> Teacher:
+    """The registry's hook (see ``catalog``): the frozen Theia teacher ``spec`` (a DeiT with ``heads`` heads)."""
+    name, resolution, grid, arch = spec.name, request.resolution, request.grid, dict(request.arch or {})
+    if wants_random(name, request.path, request.allow_random):
+        random_spec, vit = _build_native(name, spec, heads, arch)
+        return TheiaTeacher(random_spec, vit, resolution, grid).freeze()
+    weights = resolve_weights(name, request.path, spec.sources)
+    snapshot = weights.parent
+    if request.trust_remote_code:
+        remote_spec, vit, has_cls, num_reg = _load_remote(name, spec, snapshot, arch)
+        return TheiaTeacher(remote_spec, vit, resolution, grid, has_cls=has_cls, num_reg_tokens=num_reg).freeze()
 
-    def factory(
-        path: Optional[str] = None,
-        resolution: Optional[int] = None,
-        grid: Tuple[int, int] = STUDENT_GRID,
-        allow_random: bool = False,
-        trust_remote_code: bool = False,
-        arch: Optional[Dict] = None,
-    ) -> Teacher:
-        if wants_random(name, path, allow_random):
-            random_spec, vit = _build_native(name, spec, heads, dict(arch or {}))
-            return TheiaTeacher(random_spec, vit, resolution, grid).freeze()
-        weights = resolve_weights(name, path, spec.sources)
-        snapshot = weights.parent
-        if trust_remote_code:
-            remote_spec, vit, has_cls, num_reg = _load_remote(name, spec, snapshot, dict(arch or {}))
-            return TheiaTeacher(remote_spec, vit, resolution, grid, has_cls=has_cls, num_reg_tokens=num_reg).freeze()
-
-        reason = _native_unsupported(_read_config(snapshot))
-        if reason is not None:
-            raise ValueError(
-                f"Teacher {name!r}: the native loader cannot run {snapshot}: {reason}. Pass trust_remote_code=True "
-                "(--align.trust_remote_code true) to run the checkpoint's own code."
-            )
-        native_spec, vit = _build_native(name, spec, heads, dict(arch or {}))
-        _load_native(name, vit, weights)
-        return TheiaTeacher(native_spec, vit, resolution, grid).freeze()
-
-    factory.__name__ = factory.__qualname__ = "create_" + name.replace("-", "_")
-    factory.__doc__ = f"Build the frozen {name} teacher (DeiT backbone of {hf_repo})."
-    return factory
-
-
-def teacher_factory(spec: TeacherSpec, hf_repo: str, heads: int):
-    """The registry's hook (see ``catalog``): the factory of a built-in Theia teacher."""
-    return _theia_factory(spec, hf_repo, heads)
+    reason = _native_unsupported(_read_config(snapshot))
+    if reason is not None:
+        raise ValueError(
+            f"Teacher {name!r}: the native loader cannot run {snapshot}: {reason}. Pass trust_remote_code=True "
+            "(--align.trust_remote_code true) to run the checkpoint's own code."
+        )
+    native_spec, vit = _build_native(name, spec, heads, arch)
+    _load_native(name, vit, weights)
+    return TheiaTeacher(native_spec, vit, resolution, grid).freeze()
