@@ -147,13 +147,14 @@ def test_third_party_teacher_via_entry_point(tmp_path, monkeypatch):
 
 
 def test_third_party_family_module_builds_through_the_one_signature(tmp_path, monkeypatch):
-    """A family outside the package: one module (``build(spec, request, **params)``) plus one registration."""
+    """A family outside the package: one module (``build(spec, request, **params)``) plus one registration (its
+    ``TEACHERS`` table, read when the entry point names the module)."""
     _write_plugin(
         tmp_path,
         "toy_family_pkg",
         """
         import torch.nn as nn
-        from openvla_align.teachers import Teacher, TeacherSpec, register_builtin
+        from openvla_align.teachers import CatalogEntry, Teacher, TeacherSpec
 
         SEEN = []
 
@@ -170,7 +171,7 @@ def test_third_party_family_module_builds_through_the_one_signature(tmp_path, mo
             return Toy(spec, request, width).freeze()
 
         SPEC = TeacherSpec("toy-fam", "toy", 12, 16, (0.5,) * 3, (0.5,) * 3, 0, "anywhere")
-        register_builtin(SPEC, __name__, width=12)
+        TEACHERS = [CatalogEntry(SPEC, __name__, {"width": 12})]
         """,
         "toyfam = toy_family_pkg",
     )

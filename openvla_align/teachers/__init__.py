@@ -12,7 +12,7 @@ from ._registry import (
     register_teacher,
     teacher_spec,
 )
-from .spec import STUDENT_GRID, TeacherRequest, TeacherSpec, TeacherWeightsNotFound, WeightSource
+from .spec import STUDENT_GRID, CatalogEntry, TeacherRequest, TeacherSpec, TeacherWeightsNotFound, WeightSource
 
 _TORCH_NAMES = {"Teacher", "resample_grid"}  # from .base, imported on first use (the rest needs no torch)
 _BUILD_NAMES = {"build_teacher", "teacher_from_config"}  # from .build, likewise
@@ -31,6 +31,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CatalogEntry",
     "ENTRY_POINT_GROUP",
     "STUDENT_GRID",
     "Teacher",

@@ -2,9 +2,9 @@
 
 Built-in teachers register through the same entry-point group (``openvla_align.teachers``) as third-party ones.
 An entry point may name a module (importing it runs its ``@register_teacher`` decorators or ``register_builtin``
-calls) or a factory callable (registered under the entry point's name). The built-ins are data (``catalog``): a spec
-and the family module that builds them, imported only when one of its teachers is created, so listing teachers needs
-no torch.
+calls, and its ``TEACHERS`` table of ``CatalogEntry`` is registered) or a factory callable (registered under the
+entry point's name). The built-ins are data (``catalog.TEACHERS``): a spec and the family module that builds them,
+imported only when one of its teachers is created, so listing teachers needs no torch.
 
 Every factory takes the same keywords, the fields of ``spec.TeacherRequest``. A family module registered with
 ``register_builtin`` implements ``build(spec, request, **params) -> Teacher``; the registry makes its keyword factory.
@@ -16,6 +16,7 @@ import fnmatch
 import importlib
 import logging
 from dataclasses import dataclass, field, replace
+from types import ModuleType
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from .spec import TeacherRequest
@@ -23,8 +24,8 @@ from .spec import TeacherRequest
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "openvla_align.teachers"
-# Modules shipped with the package; imported even when the package is used from a source tree without its
-# entry points installed (e.g. `PYTHONPATH=. pytest`).
+# Modules shipped with the package (their ``TEACHERS`` tables); read even when the package is used from a source tree
+# without its entry points installed (e.g. `PYTHONPATH=. pytest`).
 _BUILTIN_MODULES = ("openvla_align.teachers.catalog",)
 
 
@@ -74,6 +75,12 @@ def register_builtin(spec, module: str, **params: Any) -> None:
         _REGISTRY[spec.name] = _Entry(spec.name, None, module, spec, params)
 
 
+def _register_table(module: ModuleType) -> None:
+    """Register each ``CatalogEntry`` of a plugin module's ``TEACHERS`` table (a module may have none)."""
+    for entry in getattr(module, "TEACHERS", ()):
+        register_builtin(entry.spec, entry.module, **entry.params)
+
+
 def _entry_points():
     from importlib.metadata import entry_points
 
@@ -93,13 +100,15 @@ def load_plugins(force: bool = False) -> None:
     if _loaded and not force:
         return
     for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+        _register_table(importlib.import_module(module))
     for ep in _entry_points():
         if ep.name in _BROKEN and not force:
             continue
         try:
             obj = ep.load()
-            if callable(obj) and not isinstance(obj, type(importlib)):
+            if isinstance(obj, ModuleType):
+                _register_table(obj)
+            elif callable(obj):
                 register_teacher(ep.name, source=ep.value)(obj)
         except Exception as exc:  # a broken third-party plugin must say which one it is, and hide no other
             _BROKEN[ep.name] = (

@@ -1,37 +1,39 @@
-"""The built-in teachers as data: each one's ``TeacherSpec`` and what its family module needs to build it.
+"""The built-in teachers as data: ``TEACHERS``, each one's ``TeacherSpec`` and what its family module needs to
+build it.
 
-Torch-free: importing this registers every built-in teacher (``register_builtin``) without importing a model, so
+Torch-free, and it imports nothing above ``spec``: the registry registers ``TEACHERS`` without importing a model, so
 `openvla-align teachers` lists them in a fraction of a second. The family module (``radio``, ``dinov2``, ``siglip``,
 ``theia``, ``scenes``) is imported when a teacher of its family is first created; its
 ``build(spec, request, **params)`` builds it from a ``TeacherRequest``. Data flows one way: this module passes each
 family what it needs (``params``) and reads nothing back from the family modules; RADIO's variant table is RADIO's
-own data (``radio_variants``), which this module only registers.
+own data (``radio_variants``), which this module only lists.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
-from ._registry import register_builtin
 from .radio_variants import RADIO_VARIANTS
-from .spec import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, TeacherSpec, WeightSource
+from .spec import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, CatalogEntry, TeacherSpec, WeightSource
 
 IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 SIGLIP = (SIGLIP_MEAN, SIGLIP_STD)
 
+TEACHERS: List[CatalogEntry] = []
 
-def _register(
-    family: str, name: str, width: int, patch: int, stats: Tuple, prefix: int, sources: Sequence, **params: Any
+
+def _add(
+    module: str, name: str, width: int, patch: int, stats: Tuple, prefix: int, sources: Sequence, **params: Any
 ) -> None:
-    """Register the built-in ``name`` of ``family``, built by the module ``teachers.<family>``."""
+    """List the built-in ``name``, built by ``module`` (its family is the module's name)."""
     mean, std = stats
+    family = module.rpartition(".")[2]
     spec = TeacherSpec(name, family, width, patch, mean, std, num_prefix_tokens=prefix, sources=tuple(sources))
-    register_builtin(spec, f"{__package__}.{family}", **params)
+    TEACHERS.append(CatalogEntry(spec, module, params))
 
 
 # ---------------------------------------------------------------------------------------------------- C-RADIOv3
-for _variant in RADIO_VARIANTS.values():
-    register_builtin(_variant.spec, f"{__package__}.radio")
+TEACHERS.extend(CatalogEntry(v.spec, "openvla_align.teachers.radio") for v in RADIO_VARIANTS.values())
 
 
 # ---------------------------------------------------------------------------------------------------- DINOv2
@@ -44,7 +46,7 @@ DINOV2_SIZES = {
 }
 
 
-def _register_dinov2(size: str, registers: bool) -> None:
+def _add_dinov2(size: str, registers: bool) -> None:
     arch_prefix, hub_code, width = DINOV2_SIZES[size]
     name = f"dinov2-vit-{size}" + ("-reg" if registers else "")
     model_name = f"{arch_prefix}_reg4_dinov2" if registers else f"{arch_prefix}_dinov2"
@@ -53,12 +55,13 @@ def _register_dinov2(size: str, registers: bool) -> None:
         WeightSource(("model.safetensors", "pytorch_model.bin"), f"timm/{model_name}.lvd142m"),
         WeightSource((hub_file,)),
     )
-    _register("dinov2", name, width, 14, IMAGENET, 5 if registers else 1, sources, model_name=model_name)
+    prefix = 5 if registers else 1  # class token, and 4 registers
+    _add("openvla_align.teachers.dinov2", name, width, 14, IMAGENET, prefix, sources, model_name=model_name)
 
 
 for _size in DINOV2_SIZES:
     for _registers in (False, True):
-        _register_dinov2(_size, _registers)
+        _add_dinov2(_size, _registers)
 
 
 # ---------------------------------------------------------------------------------------------------- SigLIP
@@ -71,17 +74,17 @@ SIGLIP_VARIANTS = {
 }
 
 
-def _register_siglip(name: str) -> None:
+def _add_siglip(name: str) -> None:
     model_name, open_clip_repo, width, patch = SIGLIP_VARIANTS[name]
     sources = (
         WeightSource(("model.safetensors", "pytorch_model.bin"), f"timm/{model_name}.webli"),
         WeightSource(("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), f"timm/{open_clip_repo}"),
     )
-    _register("siglip", name, width, patch, SIGLIP, 0, sources, model_name=model_name)
+    _add("openvla_align.teachers.siglip", name, width, patch, SIGLIP, 0, sources, model_name=model_name)
 
 
 for _name in SIGLIP_VARIANTS:
-    _register_siglip(_name)
+    _add_siglip(_name)
 
 
 # ---------------------------------------------------------------------------------------------------- Theia
@@ -94,21 +97,23 @@ for _size, (_width, _heads) in THEIA_SIZES.items():
         _name = f"theia-{_size}-patch16-224-{_mix}"
         # config.json sits beside the weights, in the same snapshot
         _sources = (WeightSource(("model.safetensors",), f"theaiinstitute/{_name}"),)
-        _register("theia", _name, _width, 16, IMAGENET, 1, _sources, heads=_heads)
+        _add("openvla_align.teachers.theia", _name, _width, 16, IMAGENET, 1, _sources, heads=_heads)
 
 
 # ---------------------------------------------------------------------------------------------------- demo
 # The CPU demo's own teacher: a small conv patch encoder that `openvla-align demo` trains on its generated scenes.
-register_builtin(
-    TeacherSpec(
-        name="demo-scenes",
-        family="demo",
-        width=32,
-        patch_size=14,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_prefix_tokens=0,
-        weights_hint="teacher_path=OUT/teacher/model.safetensors, written by `openvla-align demo --out OUT`",
-    ),
-    f"{__package__}.scenes",
+TEACHERS.append(
+    CatalogEntry(
+        TeacherSpec(
+            name="demo-scenes",
+            family="demo",
+            width=32,
+            patch_size=14,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            num_prefix_tokens=0,
+            weights_hint="teacher_path=OUT/teacher/model.safetensors, written by `openvla-align demo --out OUT`",
+        ),
+        "openvla_align.teachers.scenes",
+    )
 )

@@ -4,7 +4,7 @@ a model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..norms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD  # noqa: F401
@@ -93,3 +93,13 @@ class TeacherRequest:
 
 
 REQUEST_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(TeacherRequest))
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A teacher registered as data: its spec, and the family module (imported on first use) whose
+    ``build(spec, request, **params)`` builds it. A plugin module lists these in ``TEACHERS``."""
+
+    spec: TeacherSpec
+    module: str
+    params: Mapping[str, Any] = field(default_factory=dict)
