@@ -168,14 +168,16 @@ class LoadedVLA:
         return getattr(cfg, "_attn_implementation", None) or "eager"
 
 
-def parse_model(model: Union[str, Path], adapter: Optional[Union[str, Path]] = None) -> Tuple[str, Optional[str]]:
+def parse_model(
+    model: Union[str, Path], adapter: Optional[Union[str, Path]] = None, flag: str = "--model"
+) -> Tuple[str, Optional[str]]:
     """The one spelling of a model on every command: ``DIR`` or ``DIR::ADAPTER``, or ``DIR`` with ``--adapter``
-    -> (DIR, ADAPTER or None)."""
+    -> (DIR, ADAPTER or None). ``flag``: the option the errors name."""
     path, sep, inline = str(model).partition("::")
     if not path or (sep and not inline):
-        raise ValueError(f"--model {str(model)!r}: write DIR or DIR::ADAPTER (or DIR with --adapter ADAPTER).")
+        raise ValueError(f"{flag} {str(model)!r}: write DIR or DIR::ADAPTER (or DIR with --adapter ADAPTER).")
     if inline and adapter:
-        raise ValueError(f"--model {str(model)!r} already names an adapter; drop --adapter {adapter} or '::{inline}'.")
+        raise ValueError(f"{flag} {str(model)!r} already names an adapter; drop --adapter {adapter} or '::{inline}'.")
     return path, inline or (str(adapter) if adapter else None)
 
 
