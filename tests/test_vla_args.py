@@ -9,6 +9,7 @@ import torch
 
 from openvla_align.tiny import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
 from openvla_align.vla.args import ModelArgs
+from openvla_align.vla.checkpoint import CameraView
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,13 @@ def test_defaults_without_options():
     assert (args.adapter, args.device, args.dtype, args.num_images, args.images) == (None, None, None, None, "all")
     cuda = torch.cuda.is_available()
     assert ModelArgs().device_dtype(args) == (("cuda", "bfloat16") if cuda else ("cpu", "float32"))
+
+
+def test_options_for_entry_points_that_load_models_themselves():
+    args = parse(ModelArgs(many=True), ["--device", "cpu", "--num-images", "2"])
+    options = ModelArgs(many=True).options(args)
+    assert options == {"device": "cpu", "dtype": "float32", "view": CameraView(2, "all")}
+    assert ModelArgs(many=True, cameras=False).options(args) == {"device": "cpu", "dtype": "float32"}
 
 
 def test_eval_spelling_names_its_flag_and_keeps_its_dtype(checkpoints, tmp_path):

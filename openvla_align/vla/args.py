@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import dtypes
 from ..argtypes import need_model_dir, positive_int
@@ -109,6 +109,12 @@ class ModelArgs:
     def view(self, args: argparse.Namespace) -> CameraView:
         """The camera view ``--num-images``/``--images`` ask for (every model's plain one without ``cameras``)."""
         return CameraView(args.num_images, args.images) if self.cameras else CameraView()
+
+    def options(self, args: argparse.Namespace) -> Dict[str, Any]:
+        """The options as the keyword arguments of an entry point that loads its models itself (probe linear's
+        ``run_linear_probe``, probe vlthink's ``run``): ``device``, ``dtype`` and, with ``cameras``, ``view``."""
+        device, dtype = self.device_dtype(args)
+        return dict(device=device, dtype=dtype, **({"view": self.view(args)} if self.cameras else {}))
 
     def load(self, args: argparse.Namespace, *, device: Optional[str] = None) -> LoadedVLA:
         """The single model, loaded as the options say; ``device`` overrides ``--device`` (eval run: a rank's GPU)."""

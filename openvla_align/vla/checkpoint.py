@@ -181,16 +181,6 @@ def parse_model(
     return path, inline or (str(adapter) if adapter else None)
 
 
-def apply_adapter(models: Sequence[str], adapter: Optional[str]) -> List[str]:
-    """``--adapter`` on a command that takes several ``--model``: it belongs to the single model given."""
-    if adapter is None:
-        return list(models)
-    if len(models) != 1:
-        raise ValueError(f"--adapter {adapter} with {len(models)} --model: write each model as DIR::ADAPTER instead.")
-    path, adapter = parse_model(models[0], adapter)
-    return [f"{path}::{adapter}"]
-
-
 def load_image(path: Union[str, Path]) -> Image.Image:
     p = Path(path)
     if not p.is_file():
