@@ -7,19 +7,18 @@ import re
 import pytest
 import torch
 
-from openvla_align.tiny import build_tiny_vla, build_tokenizer, save_tiny_checkpoint
+from openvla_align.tiny import build_tiny_vla, save_tiny_checkpoint
 from openvla_align.vla.args import ModelArgs
 from openvla_align.vla.checkpoint import CameraView
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """A tiny OpenVLA checkpoint, the same in OFT's 2-camera layout, and a directory that passes as a PEFT adapter."""
-    tok = build_tokenizer()
+def checkpoints(tmp_path_factory, tokenizer):
+    """A tiny OpenVLA checkpoint, one in OFT's 2-camera layout, and a directory that passes as a PEFT adapter."""
     root = tmp_path_factory.mktemp("args")
-    kwargs = dict(vocab_size=len(tok), llm_layers=2, image_size=56)
-    save_tiny_checkpoint(root / "vla", build_tiny_vla(**kwargs), tok)
-    save_tiny_checkpoint(root / "oft", build_tiny_vla(num_images_in_input=2, **kwargs), tok)
+    for name, cameras in (("vla", None), ("oft", 2)):
+        model = build_tiny_vla(vocab_size=len(tokenizer), llm_layers=2, image_size=56, num_images_in_input=cameras)
+        save_tiny_checkpoint(root / name, model, tokenizer)
     (root / "adapter").mkdir()
     (root / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     return root
