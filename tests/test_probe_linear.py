@@ -318,7 +318,11 @@ def test_cli_compares_base_and_adapter(ckpt, adapter, data, tmp_path, capsys):
     [
         ([], "Nothing to probe: give --model DIR", 1),
         (["--teacher-path", "w.pth"], "--teacher-path needs one teacher to belong to: --teacher NAME", 1),
-        (["--model", "{ckpt}", "--model", "{tmp}", "--adapter", "{tmp}"], "with 2 VLA --model: write each as DIR::", 1),
+        (
+            ["--model", "{ckpt}", "--model", "{tmp}", "--adapter", "{tmp}"],
+            "with 2 VLA --model: write each model as DIR::",
+            1,
+        ),
         (["--model", "{tmp}/nope"], r"model .*nope' does not exist", 1),
         (["--model", "{ckpt}::{tmp}"], "has no adapter_config.json", 1),
         (["--teacher", "no-such-teacher"], "Unknown teacher 'no-such-teacher'. Known teachers: .*c-radio-v3-l", 1),

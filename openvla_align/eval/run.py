@@ -31,9 +31,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .. import dtypes
 from .._io import read_yaml
-from ..argtypes import int_list, need_model_dir, nonnegative_int, positive_int, shard_spec
+from ..argtypes import int_list, nonnegative_int, positive_int, shard_spec
+from ..vla.args import ModelArgs
 from . import identity as identities
 from .results import RESULT_FILE, read_result, write_result
 
@@ -254,6 +254,10 @@ def run_recipe(
     return {"evaluated": done, "skipped": skipped, "out": str(out)}
 
 
+# the policy decodes with the checkpoint's own attention; the default dtype is the reference's
+MODEL = ModelArgs(flag="--vla-path", cameras=False, dtype="bfloat16", attn_implementation=None)
+
+
 def default_out(vla_path, adapter, fingerprint: str) -> Path:
     """``eval/<adapter or model directory name>-<8 hex of the weights' fingerprint>``: two models that share a
     directory name (``runs/a/merged``, ``runs/b/merged``) get two directories."""
@@ -261,7 +265,6 @@ def default_out(vla_path, adapter, fingerprint: str) -> Path:
 
 
 def _cmd_run(args) -> int:
-    from ..vla.checkpoint import load_vla, parse_model
     from . import simulators
     from .shard import Group, Ranks
 
@@ -276,9 +279,9 @@ def _cmd_run(args) -> int:
     env_cls = simulators.resolve(recipe.simulator)
     simulators.check(env_cls, "check_settings", recipe.num_envs, args.sim_backend, args.render_backend)
     ranks = Ranks.from_env(args.shard or (0, 1))
-    device = ranks.device(args.device, torch.cuda.device_count() if args.device.startswith("cuda") else 0)
-    vla_path, adapter = parse_model(args.vla_path, args.adapter)
-    need_model_dir(vla_path, adapter, "--vla-path", "--adapter")
+    device, _ = MODEL.device_dtype(args)
+    device = ranks.device(device, torch.cuda.device_count() if device.startswith("cuda") else 0)
+    vla_path, adapter = MODEL.spec(args)
     simulators.check(env_cls, "check_env_ids", recipe.envs)
     unnorm_key = args.unnorm_key or recipe.unnorm_key
     identity = identities.build(
@@ -301,8 +304,7 @@ def _cmd_run(args) -> int:
         mine = ranks.of_rank(todo)
         evaluated: List = []
         if mine:
-            loaded = load_vla(vla_path, adapter, device=device, dtype=args.dtype, attn_implementation=None)
-            policy = BatchedPolicy(loaded, unnorm_key)
+            policy = BatchedPolicy(MODEL.load(args, device=device), unnorm_key)
 
             def make_env(env_id: str, seed: int):
                 backends = dict(sim_backend=args.sim_backend, render_backend=args.render_backend)
@@ -348,16 +350,13 @@ def _cmd_run(args) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("run")
     p.add_argument("recipe", help="evaluation recipe, e.g. recipes/eval/ood.yaml or recipes/eval/vlthink.yaml")
-    p.add_argument("--vla-path", required=True, help="base or merged OpenVLA checkpoint directory")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory on top of --vla-path")
+    MODEL.add(p)
     p.add_argument(
         "--out", default=None, help="results directory (default: eval/<adapter or model name>-<weights fingerprint>)"
     )
     p.add_argument("--unnorm-key", default=None, help="override the recipe's unnorm key")
     p.add_argument("--seeds", type=int_list, default=None, help="comma-separated seeds instead of the recipe's")
     p.add_argument("--num-envs", type=positive_int, default=None, help="parallel environments instead of the recipe's")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the VLA")
-    p.add_argument("--dtype", default="bfloat16", choices=dtypes.CHOICES, help="dtype of the VLA")
     p.add_argument(
         "--overwrite", action="store_true", help="re-run (env, seed) pairs that already have results, whoever made them"
     )

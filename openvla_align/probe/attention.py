@@ -27,14 +27,14 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from .. import dtypes
 from .._io import atomic_write_bytes
-from ..vla.checkpoint import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
+from ..vla.args import ModelArgs
+from ..vla.checkpoint import LoadedVLA, load_image, token_spans, vqa_prompt
 from ..vla.layout import check_layers
-from .features import add_camera_args
 
 LAST = "last"
 _LAYER_ITEM = re.compile(r"(-?\d+)(?:\s*-\s*(-?\d+))?")
+MODEL = ModelArgs(attn_implementation="eager")  # attention weights exist only with eager attention
 
 
 class AttentionWeightsUnavailable(RuntimeError):
@@ -352,33 +352,13 @@ def format_table(result: AttentionMaps) -> str:
 # --- CLI -------------------------------------------------------------------------------------------------------
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model/--adapter/--device/--dtype, shared by the probe commands."""
-    cuda = torch.cuda.is_available()
-    p.add_argument(
-        "--model", required=True, metavar="DIR[::ADAPTER]", help="OpenVLA checkpoint directory (base or merged)"
-    )
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory on top of --model (or DIR::ADAPTER)")
-    p.add_argument("--device", default="cuda" if cuda else "cpu", help="torch device (default: cuda if available)")
-    p.add_argument(
-        "--dtype",
-        default=dtypes.resolve("auto", "cuda" if cuda else "cpu"),
-        choices=dtypes.CHOICES,
-        help="default: bfloat16 on CUDA, float32 on CPU",
-    )
-    add_camera_args(p)
-
-
 def _cmd_attention(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {out} should be a .png path (the JSON summary is written next to it).")
     image = load_image(args.image)  # fail on a bad image before spending time loading the model
     prompt = args.prompt if args.raw_prompt else vqa_prompt(args.prompt)
-    model, adapter = parse_model(args.model, args.adapter)
-    vla = load_vla(
-        model, adapter, device=args.device, dtype=args.dtype, attn_implementation="eager", num_images=args.num_images
-    )
+    vla = MODEL.load(args)
     result = attention_maps(
         vla, image, prompt, args.layers, tokens=args.tokens, keep_heads=args.keep_heads, images=args.images
     )
@@ -393,12 +373,8 @@ def _cmd_attention(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "attention",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_args(p)
+    p = subparsers.add_parser("attention", description=__doc__)
+    MODEL.add(p)
     p.add_argument("--image", required=True, help="image file (any format PIL reads)")
     p.add_argument(
         "--prompt",

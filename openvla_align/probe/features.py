@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..argtypes import positive_int
 from ..vla.checkpoint import CameraView, load_image, load_vla, parse_model, release_memory, vqa_prompt
 
 logger = logging.getLogger(__name__)
@@ -55,24 +54,6 @@ class ModelSpec:
         if self.is_teacher:
             return f"teacher:{self.teacher}" + (f"::{self.teacher_path}" if self.teacher_path else "")
         return self.path + (f"::{self.adapter}" if self.adapter else "")
-
-
-def add_camera_args(p) -> None:
-    """--num-images/--images, for multi-camera models (OpenVLA-OFT); shared by the probe commands."""
-    p.add_argument(
-        "--num-images",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="OpenVLA-OFT: the cameras the model was trained with (its --num_images_in_input; OFT checkpoints do not "
-        "record it); each image is shown to every camera (default: the model as it loads, 1 camera)",
-    )
-    p.add_argument(
-        "--images",
-        choices=("all", "primary"),
-        default="all",
-        help="visual tokens of every camera (default) or of the first, third-person camera only",
-    )
 
 
 def _as_spec(model: Union[str, ModelSpec]) -> ModelSpec:

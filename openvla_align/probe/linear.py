@@ -54,13 +54,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import dtypes
 from .._io import atomic_write
 from ..argtypes import existing_dir, nonnegative_int, positive_float, positive_int
-from ..vla.checkpoint import CameraView, parse_model, resolve_device_dtype
+from ..vla.args import ModelArgs
+from ..vla.checkpoint import CameraView, resolve_device_dtype
 from . import feature_cache
 from .feature_cache import CACHE_FORMAT  # noqa: F401  (re-exported)
-from .features import DEFAULT_PROMPT, ModelSpec, _as_spec, _encoder, add_camera_args, extract_features  # noqa: F401
+from .features import DEFAULT_PROMPT, ModelSpec, _as_spec, _encoder, extract_features  # noqa: F401
 from .imagefolder import IMAGE_EXTENSIONS, ImageFolderData, ImageFolderSplit, scan_imagefolder  # noqa: F401
 
 __all__ = [
@@ -84,6 +84,12 @@ logger = logging.getLogger(__name__)
 # about a point of val top-1 to overfitting.
 DEFAULTS = dict(epochs=100, lr=1e-3, weight_decay=0.0, batch_size=256, seed=0)
 MIN_STEPS = 1000  # below this, the default lr has not converged even on separable data
+MODELS = ModelArgs(
+    many=True,
+    help="checkpoint DIR, DIR::LORA_ADAPTER_DIR or teacher:NAME[::WEIGHTS]; repeat to compare models",
+    metavar="SPEC",
+    others=("teacher:",),  # --adapter belongs to the single VLA among them
+)
 
 
 # --- classifier ----------------------------------------------------------------------------------------------
@@ -384,13 +390,7 @@ def save_bar_chart(report: Mapping[str, Any], path: Union[str, Path]) -> Path:
 
 
 def _cmd_linear(args: argparse.Namespace) -> int:
-    models: List[ModelSpec] = [ModelSpec.parse(m) for m in args.model or []]
-    if args.adapter:
-        vlas = [m for m in models if not m.is_teacher]
-        if len(vlas) != 1:
-            raise ValueError(f"--adapter {args.adapter} with {len(vlas)} VLA --model: write each as DIR::ADAPTER.")
-        path, adapter = parse_model(vlas[0].label, args.adapter)
-        models[models.index(vlas[0])] = ModelSpec(path=path, adapter=adapter)
+    models: List[ModelSpec] = [ModelSpec.parse(m) for m in MODELS.models(args)]
     if args.teacher:
         models.append(ModelSpec(teacher=args.teacher, teacher_path=args.teacher_path))
     elif args.teacher_path:
@@ -409,8 +409,6 @@ def _cmd_linear(args: argparse.Namespace) -> int:
         out=args.out,
         cache_dir=args.cache_dir,
         layer=args.layer,
-        device=args.device,
-        dtype=args.dtype,
         extract_batch_size=args.extract_batch_size,
         workers=args.workers,
         teacher_kwargs={"allow_random": True} if args.allow_random_teacher else None,
@@ -419,7 +417,7 @@ def _cmd_linear(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         seed=args.seed,
-        view=CameraView(args.num_images, args.images),
+        **MODELS.options(args),
     )
     for line in summary_lines(report):
         print(line)
@@ -434,11 +432,7 @@ def _cmd_linear(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``linear`` subcommand (``openvla-align probe linear``) to an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "linear",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = subparsers.add_parser("linear", description=__doc__)
     p.add_argument(
         "--data",
         type=existing_dir,
@@ -447,13 +441,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="ImageFolder root with train/<class>/ and val/<class>/",
     )
     p.add_argument("--plot", metavar="PNG", default=None, help="also draw a bar chart of top-1 per model")
-    p.add_argument(
-        "--model",
-        action="append",
-        metavar="SPEC",
-        help="checkpoint DIR, DIR::LORA_ADAPTER_DIR or teacher:NAME[::WEIGHTS]; repeat to compare models",
-    )
-    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter on the single VLA --model (same as DIR::ADAPTER)")
+    MODELS.add(p)
     p.add_argument("--teacher", metavar="NAME", help="also probe this teacher (`openvla-align teachers` lists them)")
     p.add_argument(
         "--teacher-path",
@@ -466,9 +454,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="build teachers with random weights: smoke tests only, the numbers mean nothing",
     )
     p.add_argument("--layer", type=positive_int, default=16, help="LLM layer of the VLA's visual tokens (default: 16)")
-    add_camera_args(p)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, choices=dtypes.CHOICES, help="default: bfloat16 on cuda, else float32")
     p.add_argument("--extract-batch-size", type=positive_int, default=16, help="images per forward pass (default: 16)")
     p.add_argument("--workers", type=nonnegative_int, default=4, help="image-decoding threads (default: 4)")
     p.add_argument(

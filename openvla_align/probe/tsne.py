@@ -27,14 +27,16 @@ import torch
 
 from .._io import atomic_write_bytes
 from ..argtypes import existing_dir, positive_float, positive_int
-from ..vla.checkpoint import LoadedVLA, load_image, load_vla, parse_model, token_spans, vqa_prompt
+from ..vla.args import ModelArgs
+from ..vla.checkpoint import LoadedVLA, load_image, token_spans, vqa_prompt
 from ..vla.layout import check_layers
-from .attention import add_model_args, layers_arg, parse_layers
+from .attention import layers_arg, parse_layers
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 FEATURES = ("object-token", "visual-mean")
 METRICS = ("euclidean", "cosine")
 DEFAULT_TEMPLATE = "Do you see {}?"
+MODEL = ModelArgs()
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -373,8 +375,7 @@ def _cmd_tsne(args) -> int:
     classes = parse_classes(args.classes)
     find_images(args.data, classes)  # check the data before spending time loading the model
     class_prompt(classes[0], args.template)
-    model, adapter = parse_model(args.model, args.adapter)
-    vla = load_vla(model, adapter, device=args.device, dtype=args.dtype, num_images=args.num_images)
+    vla = MODEL.load(args)
     summary = run_tsne(
         vla,
         args.data,
@@ -398,12 +399,8 @@ def _cmd_tsne(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "tsne",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_args(p)
+    p = subparsers.add_parser("tsne", description=__doc__)
+    MODEL.add(p)
     p.add_argument(
         "--data", type=existing_dir, required=True, help="directory with one subdirectory of images per class"
     )

@@ -33,18 +33,10 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .. import dtypes
 from .._io import atomic_write_bytes
 from ..argtypes import existing_file, positive_int
-from ..vla.checkpoint import (
-    LoadedVLA,
-    apply_adapter,
-    load_image,
-    load_vla,
-    parse_model,
-    release_memory,
-    resolve_device_dtype,
-)
+from ..vla.args import ModelArgs
+from ..vla.checkpoint import LoadedVLA, load_image, load_vla, parse_model, release_memory, resolve_device_dtype
 from ..vla.decoding import decode_answer, greedy_answer, greedy_decode, next_token_logits
 from .vlthink_items import (
     DOMAINS,
@@ -59,6 +51,7 @@ from .vlthink_synth import make_synthetic_vlthink
 logger = logging.getLogger(__name__)
 
 JSON_NAME, MARKDOWN_NAME = "vlthink.json", "vlthink.md"
+MODELS = ModelArgs(many=True, cameras=False)
 
 # --- answers --------------------------------------------------------------------------------------------------
 
@@ -352,14 +345,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             f"OUT/{JSON_NAME} and OUT/{MARKDOWN_NAME}."
         ),
     )
-    p.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="PATH[::ADAPTER]",
-        help="checkpoint directory, optionally with a PEFT LoRA adapter; repeat to compare models",
-    )
-    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter on the single --model (same as DIR::ADAPTER)")
+    MODELS.add(p)
     p.add_argument(
         "--data",
         type=existing_file,
@@ -369,8 +355,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="vlthink_out", help="output directory (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="questions per forward (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=positive_int, default=12, help="answer length cap (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, choices=dtypes.CHOICES, help="bfloat16 on cuda, else float32")
     p.add_argument(
         "--template",
         default=QUESTION_TEMPLATE,
@@ -395,7 +379,7 @@ def run_cli(args) -> int:
         data = data or str(made)
         if not args.model:
             return 0
-    models = apply_adapter(args.model, args.adapter)
+    models = MODELS.models(args)
     if not models:
         raise ValueError("give at least one --model DIR[::ADAPTER].")
     if not data:
@@ -404,17 +388,14 @@ def run_cli(args) -> int:
         raise ValueError("--batch-size and --max-new-tokens must be >= 1.")
     if "{board}" not in args.template:
         raise ValueError(f"--template must contain '{{board}}', got {args.template!r}.")
-    for spec in models:
-        parse_model(spec)
     report = run(
         models,
         data,
         args.out,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        device=args.device,
-        dtype=args.dtype,
         template=args.template,
+        **MODELS.options(args),
     )
     print(format_markdown(report))
     print(f"Wrote {Path(args.out) / JSON_NAME} and {Path(args.out) / MARKDOWN_NAME}")

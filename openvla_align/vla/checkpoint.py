@@ -168,25 +168,17 @@ class LoadedVLA:
         return getattr(cfg, "_attn_implementation", None) or "eager"
 
 
-def parse_model(model: Union[str, Path], adapter: Optional[Union[str, Path]] = None) -> Tuple[str, Optional[str]]:
+def parse_model(
+    model: Union[str, Path], adapter: Optional[Union[str, Path]] = None, flag: str = "--model"
+) -> Tuple[str, Optional[str]]:
     """The one spelling of a model on every command: ``DIR`` or ``DIR::ADAPTER``, or ``DIR`` with ``--adapter``
-    -> (DIR, ADAPTER or None)."""
+    -> (DIR, ADAPTER or None). ``flag``: the option the errors name."""
     path, sep, inline = str(model).partition("::")
     if not path or (sep and not inline):
-        raise ValueError(f"--model {str(model)!r}: write DIR or DIR::ADAPTER (or DIR with --adapter ADAPTER).")
+        raise ValueError(f"{flag} {str(model)!r}: write DIR or DIR::ADAPTER (or DIR with --adapter ADAPTER).")
     if inline and adapter:
-        raise ValueError(f"--model {str(model)!r} already names an adapter; drop --adapter {adapter} or '::{inline}'.")
+        raise ValueError(f"{flag} {str(model)!r} already names an adapter; drop --adapter {adapter} or '::{inline}'.")
     return path, inline or (str(adapter) if adapter else None)
-
-
-def apply_adapter(models: Sequence[str], adapter: Optional[str]) -> List[str]:
-    """``--adapter`` on a command that takes several ``--model``: it belongs to the single model given."""
-    if adapter is None:
-        return list(models)
-    if len(models) != 1:
-        raise ValueError(f"--adapter {adapter} with {len(models)} --model: write each model as DIR::ADAPTER instead.")
-    path, adapter = parse_model(models[0], adapter)
-    return [f"{path}::{adapter}"]
 
 
 def load_image(path: Union[str, Path]) -> Image.Image:
