@@ -1,5 +1,5 @@
-"""Atomic file writes (a temporary sibling, then ``os.replace``; a crash never leaves ``path`` half-written) and
-file hashing."""
+"""Atomic file writes (a temporary sibling, then ``os.replace``; a crash never leaves ``path`` half-written), figures
+saved the same way, and file hashing."""
 
 from __future__ import annotations
 
@@ -68,3 +68,11 @@ def read_yaml(path: Union[str, Path], what: str = "YAML file"):
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
         context = getattr(exc, "context", None)
         raise ValueError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None
+
+
+def save_figure(fig, path: Union[str, Path], dpi: int = 100) -> Path:
+    """A matplotlib figure saved atomically, laid out tight, its format from ``path``'s suffix; returns ``path``."""
+    path = Path(path)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+    return path

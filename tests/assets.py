@@ -1,5 +1,5 @@
 """Test-only assets: generated scenes as an image folder, tiny RLDS builds in the paper's schema (tensorflow-datasets),
-and upstream's RLDS dataset over them."""
+upstream's RLDS dataset over them, and a third-party teacher package installed for a finetune script's processes."""
 
 from __future__ import annotations
 
@@ -151,3 +151,29 @@ def tiny_rlds_dataset(root: os.PathLike, processor, name: str = "sft", shuffle_b
         shuffle_buffer_size=shuffle_buffer_size,
         image_aug=False,
     )
+
+
+TEACHER_PLUGIN = '''
+"""A third-party teacher: C-RADIOv3-L's architecture at tiny width, weights from `teacher_path`."""
+from openvla_align.teachers.radio import build_radio_teacher
+from openvla_align.tiny.model import TINY_VIT as TINY_ARCH
+
+
+def tiny_c_radio(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):
+    return build_radio_teacher("c-radio-v3-l", path, resolution, grid, allow_random, trust_remote_code, TINY_ARCH)
+'''
+
+
+def write_teacher_plugin(root: os.PathLike):
+    """``root/site``: a package registering the teacher ``tiny-c-radio`` through the ``openvla_align.teachers`` entry
+    point (put it on a script's ``PYTHONPATH``), and its weights as an HF snapshot. Returns (site, weights file)."""
+    from test_teacher_radio import save_hf_snapshot, tiny_radio_parts
+
+    from conftest import write_dist_info
+
+    site = Path(root) / "site"
+    (site / "tiny_teacher_plugin").mkdir(parents=True)
+    (site / "tiny_teacher_plugin" / "__init__.py").write_text(TEACHER_PLUGIN)
+    entry = {"tiny-c-radio": "tiny_teacher_plugin:tiny_c_radio"}
+    write_dist_info(site, "openvla_align.teachers", entry, "tiny-teacher-plugin")
+    return site, save_hf_snapshot(tiny_radio_parts(seed=3), Path(root) / "teacher") / "model.safetensors"

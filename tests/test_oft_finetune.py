@@ -20,18 +20,6 @@ import oft_assets as A
 import pytest
 import torch
 
-from conftest import write_dist_info
-
-TEACHER_PLUGIN = '''
-"""A third-party teacher: C-RADIOv3-L's architecture at tiny width, weights from `teacher_path`."""
-from openvla_align.teachers.radio import build_radio_teacher
-from openvla_align.tiny.model import TINY_VIT as TINY_ARCH
-
-
-def tiny_c_radio(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):
-    return build_radio_teacher("c-radio-v3-l", path, resolution, grid, allow_random, trust_remote_code, TINY_ARCH)
-'''
-
 
 def _ready():
     if A.oft_unavailable():
@@ -54,7 +42,7 @@ ALIGN = ["--align.enabled", "true", "--align.teacher", "tiny-c-radio", "--align.
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A patched copy of OFT, a tiny OFT checkpoint, a tiny LIBERO-schema build and a teacher plugin with weights."""
-    from test_teacher_radio import save_hf_snapshot, tiny_radio_parts
+    from assets import write_teacher_plugin
 
     from openvla_align.cli import main as cli
 
@@ -69,13 +57,7 @@ def world(tmp_path_factory):
     data = root / "data"
     A.write_tiny_libero_rlds(data, episodes=4, steps=10, seed=0)
 
-    site = root / "site"
-    (site / "tiny_teacher_plugin").mkdir(parents=True)
-    (site / "tiny_teacher_plugin" / "__init__.py").write_text(TEACHER_PLUGIN)
-    write_dist_info(
-        site, "openvla_align.teachers", {"tiny-c-radio": "tiny_teacher_plugin:tiny_c_radio"}, "tiny-teacher-plugin"
-    )
-    teacher = save_hf_snapshot(tiny_radio_parts(seed=3), root / "teacher") / "model.safetensors"
+    site, teacher = write_teacher_plugin(root)
     env = A.oft_env(root / "home")
     env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return SimpleNamespace(root=root, checkout=checkout, stock=stock, ckpt=ckpt, data=data, teacher=teacher, env=env)

@@ -21,8 +21,6 @@ from test_upstream_assets import _stack_available
 
 from openvla_align.tiny.openvla import write_pico_sitecustomize
 
-from conftest import write_dist_info
-
 TESTS_DIR = Path(__file__).resolve().parent
 
 
@@ -38,22 +36,11 @@ if _OK and not _installed():
     _OK, _WHY = False, "openvla-align is not pip-installed here (its `openvla.finetune_plugins` entry point is missing)"
 pytestmark = pytest.mark.skipif(not _OK, reason=_WHY)
 
-TEACHER_PLUGIN = '''
-"""A third-party teacher: C-RADIOv3-L's architecture at tiny width, weights from `teacher_path`."""
-from openvla_align.teachers.radio import build_radio_teacher
-from openvla_align.tiny.model import TINY_VIT as TINY_ARCH
-
-
-def tiny_c_radio(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):
-    return build_radio_teacher("c-radio-v3-l", path, resolution, grid, allow_random, trust_remote_code, TINY_ARCH)
-'''
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A patched copy of the checkout, a tiny OpenVLA, a tiny RLDS build and a teacher plugin with its weights."""
-    from assets import write_tiny_rlds
-    from test_teacher_radio import save_hf_snapshot, tiny_radio_parts
+    from assets import write_teacher_plugin, write_tiny_rlds
 
     from openvla_align.cli import main as cli
     from openvla_align.tiny.openvla import build_tiny_openvla_checkpoint
@@ -67,13 +54,7 @@ def world(tmp_path_factory):
     ckpt = build_tiny_openvla_checkpoint(root / "tiny-openvla", seed=0, dataset="bridge_orig")
     write_tiny_rlds(root / "data", name="sft", episodes=6, steps=5, seed=0)
 
-    plugins = root / "site"
-    (plugins / "tiny_teacher_plugin").mkdir(parents=True)
-    (plugins / "tiny_teacher_plugin" / "__init__.py").write_text(TEACHER_PLUGIN)
-    write_dist_info(
-        plugins, "openvla_align.teachers", {"tiny-c-radio": "tiny_teacher_plugin:tiny_c_radio"}, "tiny-teacher-plugin"
-    )
-    weights = save_hf_snapshot(tiny_radio_parts(seed=3), root / "teacher") / "model.safetensors"
+    plugins, weights = write_teacher_plugin(root)
     return dict(root=root, checkout=checkout, ckpt=ckpt, data=root / "data", site=plugins, teacher=weights)
 
 

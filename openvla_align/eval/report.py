@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .._io import save_figure
 from ..stats import wilcoxon_greater
 from .envs import OOD_AXES, VL_THINK, axis_of, short_name
 from .results import Run, load_run
@@ -227,11 +228,8 @@ def write_charts(report: Report, out: Path) -> List[Path]:
         ax.set_ylabel("success rate")
         ax.set_title(axis)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"{axis.lower().replace('-', '')}.png"
-        fig.savefig(path, dpi=120)
+        files.append(save_figure(fig, out / f"{axis.lower().replace('-', '')}.png", 120))
         plt.close(fig)
-        files.append(path)
     return files
 
 

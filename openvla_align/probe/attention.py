@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, save_figure
 from ..vla.args import ModelArgs
 from ..vla.checkpoint import LoadedVLA, load_image, token_spans, vqa_prompt
 from ..vla.layout import check_layers
@@ -326,11 +326,7 @@ def save_attention_grid(
         f"{'min..max' if scale == 'minmax' else 'max'}) | prompt: {result.prompt!r}"
     )
     fig.suptitle(textwrap.fill(text, width=int(width * 15)), fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def write_summary(result: AttentionMaps, path: Union[str, Path]) -> Path:

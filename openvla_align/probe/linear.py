@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .._io import atomic_write
+from .._io import atomic_write, save_figure
 from ..argtypes import existing_dir, nonnegative_int, positive_float, positive_int
 from ..vla.args import ModelArgs
 from ..vla.checkpoint import CameraView, resolve_device_dtype
@@ -382,11 +382,7 @@ def save_bar_chart(report: Mapping[str, Any], path: Union[str, Path]) -> Path:
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"linear probe on {Path(str(report['dataset'])).name}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, 110)
 
 
 def _cmd_linear(args: argparse.Namespace) -> int:

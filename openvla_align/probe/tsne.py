@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, save_figure
 from ..argtypes import existing_dir, positive_float, positive_int
 from ..vla.args import ModelArgs
 from ..vla.checkpoint import LoadedVLA, load_image, token_spans, vqa_prompt
@@ -300,11 +300,7 @@ def save_tsne_grid(
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     if title:
         fig.suptitle(textwrap.fill(title, width=int(width * 15)), fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def format_table(scores: Dict[int, Dict]) -> str:
