@@ -28,6 +28,18 @@ from transformers.modeling_outputs import ModelOutput
 from ..vla.actions import N_BINS
 from ..vla.checkpoint import IGNORE_INDEX, action_prompt
 
+# LlamaConfig's argument -> the tiny config's attribute
+LLAMA_NAMES = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "llm_dim",
+    "intermediate_size": "llm_intermediate",
+    "num_hidden_layers": "llm_layers",
+    "num_attention_heads": "llm_heads",
+    "num_key_value_heads": "llm_heads",
+    "max_position_embeddings": "max_position_embeddings",
+    "pad_token_id": "pad_token_id",
+}
+
 
 class TinyVLAConfig(PretrainedConfig):
     model_type = "tiny_openvla"
@@ -52,34 +64,17 @@ class TinyVLAConfig(PretrainedConfig):
         max_position_embeddings: int = 512,
         **kwargs,
     ):
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.dino_dim = dino_dim
-        self.siglip_dim = siglip_dim
-        self.vision_depth = vision_depth
-        self.vision_heads = vision_heads
-        self.llm_dim = llm_dim
-        self.llm_layers = llm_layers
-        self.llm_heads = llm_heads
-        self.llm_intermediate = llm_intermediate
-        self.vocab_size = vocab_size
-        self.attn_implementation_llm = attn_implementation_llm
-        self.lm_head_std = lm_head_std
-        self.num_images_in_input = num_images_in_input  # None: OpenVLA's layout; an int: OpenVLA-OFT's
-        self.max_position_embeddings = max_position_embeddings
+        # Every argument is an attribute saved in config.json (num_images_in_input None: OpenVLA's layout; an int:
+        # OpenVLA-OFT's); pad_token_id and the rest go to PretrainedConfig.
+        own = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "pad_token_id", "__class__")}
+        for name, value in own.items():
+            setattr(self, name, value)
         kwargs.setdefault("tie_word_embeddings", False)  # Llama-2, like OpenVLA's LLM, has an untied output head
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
     def llama_config(self) -> LlamaConfig:
         cfg = LlamaConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.llm_dim,
-            intermediate_size=self.llm_intermediate,
-            num_hidden_layers=self.llm_layers,
-            num_attention_heads=self.llm_heads,
-            num_key_value_heads=self.llm_heads,
-            max_position_embeddings=self.max_position_embeddings,
-            pad_token_id=self.pad_token_id,
+            **{theirs: getattr(self, ours) for theirs, ours in LLAMA_NAMES.items()},
             bos_token_id=1,
             eos_token_id=2,
             tie_word_embeddings=False,

@@ -5,7 +5,8 @@
 - ``freeze``     the paper's Freeze baseline (``--freeze.vision``);
 - ``norm_stats`` the run's dataset statistics folded into every merged model's ``config.json`` (``--norm_stats.*``).
 
-The protocol is in ``base``.
+The protocol is in ``base``. A plugin's config dataclass module has no ``from __future__ import annotations``:
+draccus 0.8, OpenVLA's pin, cannot parse string annotations.
 """
 
 from .align import SIDECAR_DIR, AlignPlugin, load_reference_projector

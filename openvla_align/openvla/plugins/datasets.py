@@ -1,7 +1,4 @@
-"""The ``datasets`` plugin: the paper's RLDS datasets in OpenVLA's registries, and an early dataset check.
-
-(No ``from __future__ import annotations`` here: draccus 0.8, OpenVLA's pin, cannot parse string annotations.)
-"""
+"""The ``datasets`` plugin: the paper's RLDS datasets in OpenVLA's registries, and an early dataset check."""
 
 import logging
 from dataclasses import dataclass

@@ -1,8 +1,5 @@
 """The ``freeze`` plugin: the paper's Freeze baseline (no gradient for the vision backbone), with or without
-alignment.
-
-(No ``from __future__ import annotations`` here: draccus 0.8, OpenVLA's pin, cannot parse string annotations.)
-"""
+alignment."""
 
 import logging
 import warnings

@@ -1,9 +1,6 @@
 """The ``norm_stats`` plugin: every merged model carries the run's dataset statistics in its ``config.json``, so
 ``predict_action(..., unnorm_key=...)`` works on it as saved, aligned or not (the SFT and Freeze baselines are
-evaluated the same way).
-
-(No ``from __future__ import annotations`` here: draccus 0.8, OpenVLA's pin, cannot parse string annotations.)
-"""
+evaluated the same way)."""
 
 from dataclasses import dataclass
 from pathlib import Path
