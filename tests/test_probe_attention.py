@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from openvla_align.cli import main
 from openvla_align.probe import load_vla, vqa_prompt
 from openvla_align.probe.attention import (
     AttentionMaps,
@@ -125,32 +126,10 @@ def test_summary_entropy_and_peak_numbers():
 
 
 def test_cli_writes_png_and_json(ckpt, image_path, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="cmd"))
     out = tmp_path / "maps" / "attn.png"
-    args = parser.parse_args(
-        [
-            "attention",
-            "--model",
-            str(ckpt),
-            "--image",
-            str(image_path),
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            "--prompt",
-            "What action should the robot take to put the red cup on the plate?",
-            "--layers",
-            "10-12,16",
-            "--tokens",
-            "cup",
-            "--out",
-            str(out),
-        ]
-    )
-    assert args.layers == [10, 11, 12, 16]
-    assert args.func(args) == 0
+    argv = "probe attention --device cpu --dtype float32 --layers 10-12,16 --tokens cup".split()
+    prompt = ["--prompt", "What action should the robot take to put the red cup on the plate?"]
+    assert main([*argv, *prompt, "--model", str(ckpt), "--image", str(image_path), "--out", str(out)]) == 0
     assert out.stat().st_size > 20_000
     with Image.open(out) as im:
         assert im.width > 2 * im.height > 0  # four layer columns in one row

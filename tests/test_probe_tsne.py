@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from openvla_align.cli import main
 from openvla_align.probe import load_vla, vqa_prompt
 from openvla_align.probe.tsne import (
     add_parser,
@@ -148,31 +149,9 @@ def test_run_tsne_writes_png_json_and_cli(vla, ckpt, data, tmp_path, capsys):
     assert on_disk["tsne"]["perplexity"] == pytest.approx(17 / 3)
     assert summary["layers"]["1"]["knn_accuracy"] == on_disk["layers"]["1"]["knn_accuracy"]
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="cmd"))
     cli_out = tmp_path / "cli" / "visual.png"
-    args = parser.parse_args(
-        [
-            "tsne",
-            "--model",
-            str(ckpt),
-            "--data",
-            str(data),
-            "--classes",
-            "cup,knife",
-            "--layers",
-            "3",
-            "--feature",
-            "visual-mean",
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            "--out",
-            str(cli_out),
-        ]
-    )
-    assert args.func(args) == 0
+    argv = "probe tsne --classes cup,knife --layers 3 --feature visual-mean --device cpu --dtype float32".split()
+    assert main([*argv, "--model", str(ckpt), "--data", str(data), "--out", str(cli_out)]) == 0
     printed = capsys.readouterr().out
     assert "5-NN acc" in printed and "silhouette" in printed
     assert cli_out.stat().st_size > 10_000
