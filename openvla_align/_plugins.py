@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+
+def entry_points(group: str) -> List[Any]:
+    """The installed packages' entry points (``importlib.metadata.EntryPoint``) in ``group``."""
+    from importlib.metadata import entry_points as installed
+
+    eps = installed()
+    return list(eps.select(group=group) if hasattr(eps, "select") else eps.get(group, []))
 
 
 def entry_point_targets(group: str) -> Dict[str, str]:
     """``{name: "module:attr"}`` of the installed packages' entry points in ``group``."""
-    from importlib.metadata import entry_points
-
-    eps = entry_points()
-    found = eps.select(group=group) if hasattr(eps, "select") else eps.get(group, [])
-    return {ep.name: ep.value for ep in found}
+    return {ep.name: ep.value for ep in entry_points(group)}
 
 
 def load_target(target: str) -> Any:

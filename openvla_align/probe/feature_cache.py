@@ -46,10 +46,6 @@ def _dir_stats(path: Optional[str]) -> Optional[List[list]]:
     return _file_stats(sorted(f for f in p.iterdir() if f.is_file()), p)
 
 
-def canonical_dtype(dtype: str) -> str:
-    return dtypes.canonical(dtype)
-
-
 def check_model(spec: ModelSpec) -> None:
     """Fail before any work on inputs the cache key cannot describe (and that loading would reject anyway)."""
     if spec.is_teacher:
@@ -84,7 +80,7 @@ def model_key(spec: ModelSpec, layer: int, prompt: str, dtype: str, teacher_kwar
         if view is not None and not view.is_default:
             key["cameras"] = {"num_images": view.num_images, "images": view.images}
             key["feature"] += f" ({view.images} camera images' tokens)"
-    return {"format": CACHE_FORMAT, "dtype": canonical_dtype(dtype), **key}
+    return {"format": CACHE_FORMAT, "dtype": dtypes.canonical(dtype), **key}
 
 
 def data_key(split: ImageFolderSplit, classes: Sequence[str]) -> Dict[str, Any]:

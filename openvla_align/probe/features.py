@@ -56,7 +56,7 @@ class ModelSpec:
         return self.path + (f"::{self.adapter}" if self.adapter else "")
 
 
-def _as_spec(model: Union[str, ModelSpec]) -> ModelSpec:
+def as_model_spec(model: Union[str, ModelSpec]) -> ModelSpec:
     return model if isinstance(model, ModelSpec) else ModelSpec.parse(str(model))
 
 
@@ -112,14 +112,14 @@ class _TeacherEncoder:
     """PIL images -> (B, D) mean final patch features of a registered teacher."""
 
     def __init__(self, spec: ModelSpec, device: str, dtype: str, teacher_kwargs: Mapping[str, Any]):
+        from .. import dtypes
         from ..teachers.build import build_teacher
-        from .feature_cache import canonical_dtype
 
         kwargs = dict(teacher_kwargs)
         if spec.teacher_path:
             kwargs["path"] = spec.teacher_path
         # seeded: random-weight smoke-test teachers must give the same features on every run
-        self.teacher = build_teacher(spec.teacher, device=device, dtype=canonical_dtype(dtype), seed=0, **kwargs)
+        self.teacher = build_teacher(spec.teacher, device=device, dtype=dtypes.canonical(dtype), seed=0, **kwargs)
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -151,7 +151,7 @@ class _LazyEncoder:
             release_memory()
 
 
-def _encoder(
+def make_encoder(
     spec: ModelSpec, layer: int, prompt: str, device: str, dtype: str, teacher_kwargs, view: Optional[CameraView] = None
 ) -> _LazyEncoder:
     if spec.is_teacher:
@@ -201,8 +201,8 @@ def extract_features(
     """
     if batch_size < 1:
         raise ValueError(f"Extraction batch size must be >= 1, got {batch_size}.")
-    spec = _as_spec(model)
-    encode = encoder or _encoder(spec, layer, prompt, device, dtype, teacher_kwargs, view)
+    spec = as_model_spec(model)
+    encode = encoder or make_encoder(spec, layer, prompt, device, dtype, teacher_kwargs, view)
     if isinstance(encode, _LazyEncoder):
         encode.build()
     out: Optional[np.ndarray] = None

@@ -54,14 +54,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .. import dtypes
 from .._io import atomic_write, save_figure
 from ..argtypes import existing_dir, nonnegative_int, positive_float, positive_int
 from ..vla.args import ModelArgs
 from ..vla.checkpoint import CameraView, resolve_device_dtype
 from . import feature_cache
-from .feature_cache import CACHE_FORMAT  # noqa: F401  (re-exported)
-from .features import DEFAULT_PROMPT, ModelSpec, _as_spec, _encoder, extract_features  # noqa: F401
-from .imagefolder import IMAGE_EXTENSIONS, ImageFolderData, ImageFolderSplit, scan_imagefolder  # noqa: F401
+from .features import DEFAULT_PROMPT, ModelSpec, as_model_spec, extract_features, make_encoder
+from .imagefolder import IMAGE_EXTENSIONS, ImageFolderData, ImageFolderSplit, scan_imagefolder
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -233,7 +233,7 @@ def run_linear_probe(
     Features are cached in ``cache_dir`` (default: ``feature_cache`` next to ``out``, or in the working directory).
     The report is ``{"dataset", "protocol", "results": {model label: {"top1", "n_train", "n_val", ...}}}``.
     """
-    specs = [_as_spec(m) for m in models]
+    specs = [as_model_spec(m) for m in models]
     if not specs:
         raise ValueError("Nothing to probe: give at least one --model (DIR, DIR::ADAPTER, teacher:NAME) or --teacher.")
     names = [s.label for s in specs]
@@ -251,7 +251,7 @@ def run_linear_probe(
         feature_cache.check_model(spec)
     dataset = scan_imagefolder(data)
     device, dtype = resolve_device_dtype(device, dtype)
-    dtype = feature_cache.canonical_dtype(dtype)
+    dtype = dtypes.canonical(dtype)
     if cache_dir is None:
         cache_dir = (Path(out).parent if out else Path(".")) / "feature_cache"
     cache = Path(cache_dir)
@@ -282,7 +282,7 @@ def run_linear_probe(
     for spec in sorted(specs, key=lambda spec: not spec.is_teacher):
         t0 = time.time()
         model_key = feature_cache.model_key(spec, layer, prompt, dtype, teacher_kwargs, view)
-        encode = _encoder(spec, layer, prompt, device, dtype, teacher_kwargs, view)
+        encode = make_encoder(spec, layer, prompt, device, dtype, teacher_kwargs, view)
         feats, status = {}, {}
         try:
             for split in (dataset.train, dataset.val):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from .._plugins import entry_points
 from .spec import TeacherRequest
 
 logger = logging.getLogger(__name__)
@@ -81,15 +82,6 @@ def _register_table(module: ModuleType) -> None:
         register_builtin(entry.spec, entry.module, **entry.params)
 
 
-def _entry_points():
-    from importlib.metadata import entry_points
-
-    eps = entry_points()
-    if hasattr(eps, "select"):
-        return list(eps.select(group=ENTRY_POINT_GROUP))
-    return list(eps.get(ENTRY_POINT_GROUP, []))  # Python < 3.10 API shape
-
-
 def load_plugins(force: bool = False) -> None:
     """Import the built-in teacher modules and every entry point of ``openvla_align.teachers`` once.
 
@@ -101,7 +93,7 @@ def load_plugins(force: bool = False) -> None:
         return
     for module in _BUILTIN_MODULES:
         _register_table(importlib.import_module(module))
-    for ep in _entry_points():
+    for ep in entry_points(ENTRY_POINT_GROUP):
         if ep.name in _BROKEN and not force:
             continue
         try:
