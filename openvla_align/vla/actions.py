@@ -139,6 +139,7 @@ class ActionDecoder:
         if static is not None:  # steps write into buffers; the mask covers them, unwritten slots masked out
             cache, full_mask = static, torch.cat([full_mask, torch.zeros_like(full_mask[:, :steps])], dim=1)
         head.select(None)
+        cache_arg = _cache_argument(lm)
         with head.installed(lm):
             for t in range(1, self.n_tokens):
                 if static is not None:
@@ -151,13 +152,21 @@ class ActionDecoder:
                     input_ids=tokens[-1][:, None],
                     attention_mask=full_mask,
                     position_ids=(lengths + t - 1)[:, None],
-                    past_key_values=cache,
                     use_cache=True,
+                    **{cache_arg: cache},
                     **where,
                 )
                 cache = static if static is not None else _cache(step)
                 tokens.append(step.logits[:, -1].float().argmax(-1) + head.lo)
         return torch.stack(tokens, dim=1).cpu().numpy()
+
+
+def _cache_argument(lm) -> str:
+    """The LLM forward's name for the key/value cache: ``cache`` from transformers 5.x (``past_key_values`` is
+    deprecated there, and removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def _cache(out):
