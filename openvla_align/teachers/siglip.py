@@ -13,6 +13,6 @@ keys timm's filter maps to its own.
 from __future__ import annotations
 
 # A SigLIP tower is built like the DINOv2 timm teachers: the registry's hook (see ``catalog``) is the same.
-from .dinov2 import build  # noqa: F401
+from .dinov2 import build
 
 __all__ = ["build"]
