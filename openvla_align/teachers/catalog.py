@@ -3,7 +3,7 @@ build it.
 
 Torch-free, and it imports nothing above ``spec``: the registry registers ``TEACHERS`` without importing a model, so
 `openvla-align teachers` lists them in a fraction of a second. The family module (``radio``, ``dinov2``, ``siglip``,
-``theia``, ``scenes``) is imported when a teacher of its family is first created; its
+``theia``, ``vggt``, ``scenes``) is imported when a teacher of its family is first created; its
 ``build(spec, request, **params)`` builds it from a ``TeacherRequest``. Data flows one way: this module passes each
 family what it needs (``params``) and reads nothing back from the family modules; RADIO's variant table is RADIO's
 own data (``radio_variants``), which this module only lists.
@@ -98,6 +98,29 @@ for _size, (_width, _heads) in THEIA_SIZES.items():
         # config.json sits beside the weights, in the same snapshot
         _sources = (WeightSource(("model.safetensors",), f"theaiinstitute/{_name}"),)
         _add("openvla_align.teachers.theia", _name, _width, 16, IMAGENET, 1, _sources, heads=_heads)
+
+
+# ---------------------------------------------------------------------------------------------------- VGGT
+# facebook/VGGT-1B's aggregator: a multi-view teacher (its global attention mixes a sample's cameras). A feature is a
+# layer's frame- and global-attention outputs concatenated (2 x 1024); prefix = camera token + 4 registers. It
+# normalises its [0,1] input itself and reads 518 px (37x37) unless teacher_resolution says otherwise. The family's
+# ``build`` takes ``layer`` (default -1, the last, as Spatial Forcing): a plugin may list other layers as params.
+TEACHERS.append(
+    CatalogEntry(
+        TeacherSpec(
+            name="vggt-1b",
+            family="vggt",
+            width=2048,
+            patch_size=14,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            num_prefix_tokens=5,
+            normalized_inside=True,
+            sources=(WeightSource(("model.pt",), "facebook/VGGT-1B"),),
+        ),
+        "openvla_align.teachers.vggt",
+    )
+)
 
 
 # ---------------------------------------------------------------------------------------------------- demo
