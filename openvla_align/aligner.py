@@ -62,6 +62,8 @@ class Aligner(nn.Module):
         super().__init__()
         self.config = config
         self.source = as_source(teacher, target_width=target_width, target_grid=target_grid)
+        if hasattr(self.source, "configure"):
+            self.source.configure(config)  # the run's teacher input and pooling
         self.device: Optional[torch.device] = None  # the VLA's, set by attach()
         self.num_images = 1  # images per sample the VLA is set up for (OpenVLA-OFT: num_images_in_input), by attach()
         self.saved_num_images: Optional[int] = None  # what a loaded sidecar's run used (load())
@@ -179,8 +181,11 @@ class Aligner(nn.Module):
         n = images.shape[0] // b
         if self.config.images == "primary" and n > 1:
             images, n = images.view(b, n, *images.shape[1:])[:, 0], 1
-        targets = self.source.targets(images)  # (b * n, T, D)
-        return targets.reshape(b, n * targets.shape[1], targets.shape[2])
+        if getattr(self.source, "multi_view", False):  # the sample's n images together: (b, n * T, D)
+            targets = self.source.targets(images, views=n)
+        else:  # each image on its own: (b * n, T, D)
+            targets = self.source.targets(images)
+        return targets.reshape(b, -1, targets.shape[-1])
 
     def _aligned_tokens(self, hidden: torch.Tensor, num_images: int) -> torch.Tensor:
         """The captured visual tokens this config aligns: all of them, or the first image's with ``primary``."""

@@ -46,11 +46,16 @@ class AlignConfig:
         "LLM layers to align; layer L is output_hidden_states[L], the output of decoder block L-1.",
     )
     coeff: float = option(0.2, "Weight of the alignment loss: L = L_action + coeff * L_align.")
-    loss: str = option("cosine", "Alignment loss, a name in losses.LOSSES: cosine (the paper's), l2, ntxent.")
+    loss: str = option(
+        "cosine",
+        "Alignment loss, a name in losses.LOSSES: cosine (the paper's -cos), one-minus-cosine (Spatial Forcing's "
+        "1 - cos per sample), l2, ntxent.",
+    )
     ntxent_temperature: float = option(0.1, "Temperature of the NT-Xent loss.")
     projector: str = option(
         "mlp",
-        "Projector type: mlp (paper's Ln&D), linear, cosine, orthogonal, spectral, film or whitening.",
+        "Projector type: mlp (paper's Ln&D), linear, cosine, orthogonal, spectral, film, whitening, or "
+        "spatial-forcing / spatial-forcing-nonorm (Spatial Forcing's [LayerNorm] Linear-GELU-Linear, xavier init).",
     )
     projector_dim: int = option(2048, "Hidden width of the MLP projector.")
     freeze_projector: bool = option(True, "Keep the randomly initialised projector frozen (the paper's choice).")
@@ -63,6 +68,22 @@ class AlignConfig:
         "all",
         "With several camera images per sample (OpenVLA-OFT's num_images_in_input): all = align every image's "
         "256 visual tokens to the teacher's features of that image; primary = only the first (third-person) one.",
+    )
+    teacher_input: str = option(
+        "reference",
+        "How the teacher's images are made from pixel_values: reference (BlindVLA: the DINOv2 half un-normalised "
+        "with bf16-rounded ImageNet constants, bilinear resize) or spatial-forcing (exact constants, bicubic resize "
+        "to the teacher's width, centre crop).",
+    )
+    pooling: str = option(
+        "resample",
+        "How the teacher's patch grid is brought onto the student's token grid (pooling.POOLINGS): resample "
+        "(bilinear, antialiased) or bilinear-corners (Spatial Forcing's, align_corners=True).",
+    )
+    pooling_pos_embed: float = option(
+        0.0,
+        "Scale of a (u, v) sin/cos position embedding added to the teacher's features before pooling (Spatial "
+        "Forcing: 0.1; 0 adds none).",
     )
     teacher_resolution: Optional[int] = option(
         None,
@@ -123,6 +144,8 @@ class AlignConfig:
             raise ValueError(f"AlignConfig.ntxent_temperature={self.ntxent_temperature} must be > 0.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"AlignConfig.teacher_dtype={self.teacher_dtype!r} is not one of {TEACHER_DTYPES}.")
+        if self.pooling_pos_embed < 0:
+            raise ValueError(f"AlignConfig.pooling_pos_embed={self.pooling_pos_embed} must be >= 0 (0 adds none).")
         if self.teacher_resolution is not None and self.teacher_resolution < 1:
             raise ValueError(f"AlignConfig.teacher_resolution={self.teacher_resolution} must be a positive size.")
 

@@ -33,6 +33,14 @@ def cosine_loss(student: torch.Tensor, target: torch.Tensor, **_) -> LossOut:
     return -cos.mean(), {"cos": cos.detach().mean()}
 
 
+def one_minus_cosine_loss(student: torch.Tensor, target: torch.Tensor, **_) -> LossOut:
+    """Spatial Forcing's: per sample 1 - mean over tokens of cos(student_i, target_i), averaged over the batch (the
+    same gradient as ``cosine``; the value is 1 higher)."""
+    _check(student, target)
+    cos = _cos(student, target)
+    return (1 - cos.mean(dim=1)).mean(), {"cos": cos.detach().mean()}
+
+
 def l2_loss(student: torch.Tensor, target: torch.Tensor, **_) -> LossOut:
     """Mean squared error over batch, tokens and channels of the raw (unnormalised) features."""
     _check(student, target)
@@ -55,7 +63,12 @@ def ntxent_loss(student: torch.Tensor, target: torch.Tensor, temperature: float 
     return loss, {"cos": (s * t).sum(-1).detach().mean()}
 
 
-LOSSES: Dict[str, Callable[..., LossOut]] = {"cosine": cosine_loss, "l2": l2_loss, "ntxent": ntxent_loss}
+LOSSES: Dict[str, Callable[..., LossOut]] = {
+    "cosine": cosine_loss,
+    "one-minus-cosine": one_minus_cosine_loss,
+    "l2": l2_loss,
+    "ntxent": ntxent_loss,
+}
 
 
 def get_loss(name: str) -> Callable[..., LossOut]:

@@ -110,6 +110,33 @@ class WhiteningAffineProjector(nn.Module):
         return self.net(x)
 
 
+class SpatialForcingProjector(nn.Module):
+    """Spatial Forcing's align projector: [LayerNorm(d)] -> Linear(d, d_t) -> GELU -> Linear(d_t, d_t), trainable
+    in its run (d_t = 2 x VGGT's 1024 = the teacher width; its hidden width is the output width). Xavier-uniform
+    weights and zero biases, drawn from the seeded generator. Indices: ``net.0`` the norm (an Identity without),
+    ``net.1`` fc1, ``net.3`` fc2 (the fork's ``vlm_norm``, ``fc1``, ``fc2``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm: bool = True):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(in_dim) if norm else nn.Identity(),  # 0
+            nn.Linear(in_dim, out_dim),  # 1
+            nn.GELU(),  # 2
+            nn.Linear(out_dim, out_dim),  # 3
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _xavier_(linear: nn.Linear, gen: torch.Generator) -> None:
+    bound = math.sqrt(6.0 / (linear.in_features + linear.out_features))
+    with torch.no_grad():
+        linear.weight.uniform_(-bound, bound, generator=gen)
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
 def _orthogonal_(linear: nn.Linear, gen: torch.Generator) -> None:
     """(Semi-)orthogonal weight from the QR of a seeded Gaussian (rows or columns orthonormal)."""
     rows, cols = linear.weight.shape
@@ -130,6 +157,8 @@ PROJECTOR_CLASSES: Dict[str, Type[nn.Module]] = {
     "spectral": LinearProjector,
     "film": FiLMProjector,
     "whitening": WhiteningAffineProjector,
+    "spatial-forcing": SpatialForcingProjector,
+    "spatial-forcing-nonorm": SpatialForcingProjector,
 }
 
 
@@ -147,16 +176,21 @@ def build_projector(
     Kinds (the paper's projector ablation, Table 6): ``mlp`` (Ln&D, default), ``linear``, ``cosine`` (normalised
     inputs and weight rows), ``orthogonal`` (semi-orthogonal weight; kept orthogonal while training),
     ``spectral`` (spectral-normalised linear), ``film`` (LayerNorm, FiLM conditioned on the mean token, linear),
-    ``whitening`` (per-channel whitening over the batch's tokens, then an affine map)."""
+    ``whitening`` (per-channel whitening over the batch's tokens, then an affine map); ``spatial-forcing`` (Spatial
+    Forcing's LayerNorm -> Linear -> GELU -> Linear, hidden width = output width, xavier init) and
+    ``spatial-forcing-nonorm`` (the same without the LayerNorm)."""
     check_kind(kind)
     if kind == "mlp":
         proj: nn.Module = MLPProjector(in_dim, out_dim, hidden_dim)
+    elif kind.startswith("spatial-forcing"):
+        proj = SpatialForcingProjector(in_dim, out_dim, norm=kind == "spatial-forcing")
     else:
         proj = PROJECTOR_CLASSES[kind](in_dim, out_dim)
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    init_linear = _xavier_ if isinstance(proj, SpatialForcingProjector) else _init_linear
     for module in proj.modules():
         if isinstance(module, nn.Linear):
-            _init_linear(module, gen)
+            init_linear(module, gen)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)

@@ -50,5 +50,5 @@ def test_mismatched_shapes_are_refused(name):
 
 
 def test_unknown_loss():
-    with pytest.raises(ValueError, match="Unknown alignment loss 'kl'; known: cosine, l2, ntxent"):
+    with pytest.raises(ValueError, match="Unknown alignment loss 'kl'; known: cosine, one-minus-cosine, l2, ntxent"):
         get_loss("kl")

@@ -123,6 +123,60 @@ def test_resume_restores_a_trainable_projector_in_place(vla, tmp_path):
     assert resumed.aligner.fingerprint() == saved.aligner.fingerprint()
 
 
+def test_trainable_projector_optimizer_state_is_saved_and_restored(vla, tokenizer, tmp_path):
+    """OpenVLA-OFT's script hands its optimizer over (``on_optimizer``) and saves no optimizer state of its own: the
+    sidecar keeps the projector's AdamW moments and step, and resume puts them back on the same parameter objects."""
+    from safetensors.torch import load_file
+
+    from openvla_align.openvla.plugins.align import OPTIMIZER_NAME
+
+    cfg = AlignConfig(
+        enabled=True, teacher="c-radio-v3-l", projector="spatial-forcing", freeze_projector=False,
+        loss="one-minus-cosine", coeff=0.5, layers=(8,),
+    )  # fmt: skip
+    model = _lora(vla)
+    plugin = AlignPlugin(cfg, _teacher())
+    extra = plugin.on_model_ready(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt.add_param_group({"params": extra})
+    plugin.on_optimizer(opt)
+    for step in range(2):
+        batch = make_batch(tokenizer, 2, seed=step)
+        out = model(**batch)
+        term, _ = plugin.loss(model, batch, out, step)
+        opt.zero_grad()
+        (out.loss + term).backward()
+        opt.step()
+    plugin.on_save(tmp_path)
+    saved = load_file(str(tmp_path / "align" / OPTIMIZER_NAME))
+    assert len(saved) == 3 * len(extra) and all(v.shape == () for k, v in saved.items() if k.endswith("/step"))
+    assert {v.item() for k, v in saved.items() if k.endswith("/step")} == {2.0}
+    expect = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in plugin._trainable().items()}
+    plugin.on_end()
+
+    resumed = AlignPlugin(cfg, _teacher())
+    extra2 = resumed.on_model_ready(model)
+    opt2 = torch.optim.AdamW(extra2, lr=1e-3)
+    resumed.on_optimizer(opt2)
+    resumed.on_resume(tmp_path)
+    for name, param in resumed._trainable().items():
+        for key, value in expect[name].items():
+            torch.testing.assert_close(opt2.state[param][key], value, atol=0, rtol=0)
+    assert resumed.aligner.fingerprint() == plugin.aligner.fingerprint()
+    resumed.on_end()
+
+    # a frozen-projector config cannot resume a trainable projector's sidecar: one line, before the model loads
+    frozen = AlignPlugin(AlignConfig(**{**cfg.to_dict(), "freeze_projector": True}), _teacher())
+    with pytest.raises(ValueError, match="freeze_projector: saved False, now True"):
+        frozen.check_sidecar(tmp_path / "align", None)
+    (tmp_path / "align" / OPTIMIZER_NAME).write_bytes(b"garbage")
+    broken = AlignPlugin(cfg, _teacher())
+    broken.on_model_ready(model)
+    broken.on_optimizer(torch.optim.AdamW(broken.aligner.trainable_parameters(), lr=1e-3))
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        broken.on_resume(tmp_path)
+
+
 class _Cfg:
     data_root_dir, dataset_name = "unused", "sft"
 
@@ -239,10 +293,14 @@ def test_layers_beyond_depth_fail_before_the_model_loads(tmp_path):
 
 def test_an_unregistered_loss_or_projector_fails_before_the_model_loads():
     """Losses and projectors are registered once, in their own modules; the plugin checks the names in setup."""
-    with pytest.raises(ValueError, match="Unknown alignment loss 'kl'; known: cosine, l2, ntxent"):
+    with pytest.raises(ValueError, match="Unknown alignment loss 'kl'; known: cosine, one-minus-cosine, l2, ntxent"):
         AlignPlugin(AlignConfig(enabled=True, loss="kl"), _teacher()).setup(_Cfg())
     with pytest.raises(ValueError, match="Unknown projector 'conv'; known: mlp, linear, cosine"):
         AlignPlugin(AlignConfig(enabled=True, projector="conv"), _teacher()).setup(_Cfg())
+    with pytest.raises(ValueError, match="Unknown pooling 'area'; known: resample, bilinear-corners"):
+        AlignPlugin(AlignConfig(enabled=True, pooling="area"), _teacher()).setup(_Cfg())
+    with pytest.raises(ValueError, match="Unknown teacher input 'raw'; known: reference, spatial-forcing"):
+        AlignPlugin(AlignConfig(enabled=True, teacher_input="raw"), _teacher()).setup(_Cfg())
 
 
 def test_teacher_is_built_in_setup_before_the_model_loads(tmp_path, monkeypatch):

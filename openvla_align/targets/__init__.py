@@ -1,8 +1,9 @@
 """Where the alignment targets come from: one interface, so the Aligner has one mode.
 
 A *target source* has a ``name`` (for messages), a ``width`` (the teacher's feature width), a ``grid`` (the token grid
-its targets are on, or None when unknown) and ``targets(pixel_values) -> (B, N, width)`` for a batch of OpenVLA
-``pixel_values``. Three implement it:
+its targets are on, or None when unknown) and ``targets(pixel_values) -> (N, T, width)`` for OpenVLA ``pixel_values``
+holding one image per row. A source with ``multi_view = True`` (a multi-view teacher's) is called as
+``targets(pixel_values, views=V)``, V consecutive rows being one sample's cameras, and returns (N / V, V * T, width). Three implement it:
 
 - ``LiveTeacher``: runs a frozen ``Teacher`` on the batch (the paper's setup);
 - ``TeacherCache`` (``targets.cache``): reads the targets a teacher wrote ahead of time (``cache build``; keys hashed
@@ -26,11 +27,24 @@ logger = logging.getLogger(__name__)
 
 
 class LiveTeacher:
-    """A frozen teacher run on each batch, on the VLA's device (``place``), in the configured dtype."""
+    """A frozen teacher run on each batch, on the VLA's device (``place``), in the configured dtype. A multi-view
+    teacher gets each sample's images together (``views`` per sample)."""
 
     def __init__(self, teacher: Teacher):
         self.teacher = teacher
         self.device = next(teacher.parameters(), torch.empty(0)).device  # where it runs; `place` moves it
+        self.input = None  # inputs.TeacherInput; None: the reference's (``configure`` sets the run's)
+
+    def configure(self, config) -> None:
+        """The run's teacher input, pooling and position embedding (an ``AlignConfig``)."""
+        from .inputs import configure_teacher, get_teacher_input
+
+        self.input = get_teacher_input(config.teacher_input)
+        configure_teacher(self.teacher, config)
+
+    @property
+    def multi_view(self) -> bool:
+        return bool(getattr(self.teacher, "multi_view", False))
 
     @property
     def name(self) -> str:
@@ -50,9 +64,17 @@ class LiveTeacher:
         if dtype is not None:
             self.teacher.to(torch_dtype(dtype))
 
-    def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def targets(self, pixel_values: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """(B * views, T, D) targets of one image per row (``views`` consecutive rows are one sample's cameras); a
+        multi-view teacher returns the same tokens as (B, views * T, D)."""
+        pixel_values = pixel_values.to(self.device)
+        rgb = self.input.rgb(pixel_values) if self.input is not None else rgb_from_pixel_values(pixel_values)
+        if self.multi_view:
+            if rgb.shape[0] % views:
+                raise ValueError(f"{rgb.shape[0]} images are not whole samples of {views} cameras each.")
+            rgb = rgb.view(rgb.shape[0] // views, views, *rgb.shape[1:])
         with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
-            targets = self.teacher(rgb_from_pixel_values(pixel_values.to(self.device)))  # cast to its dtype inside
+            targets = self.teacher(rgb)  # cast to its dtype inside
         # Inference tensors cannot be saved for the loss's backward: one (B, N, D) copy, a few MB at 7B scale.
         return targets.clone()
 

@@ -12,10 +12,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..._io import atomic_write
 from ...aligner import CONFIG_NAME, PROJECTOR_NAME, Aligner
 from ...config import AlignConfig
 from ...losses import get_loss
+from ...pooling import get_pooling
 from ...projector import check_kind
+from ...targets.inputs import get_teacher_input
 from ...vla.layout import check_layers
 from ..env import warn_oft_attention
 from ..hosts import host_of
@@ -25,7 +28,20 @@ logger = logging.getLogger(__name__)
 
 SIDECAR_DIR = "align"
 # Settings a resumed run must share with the run that wrote the sidecar.
-RESUME_FIELDS = ("teacher", "layers", "target", "projector", "projector_dim", "loss", "images")
+RESUME_FIELDS = (
+    "teacher",
+    "layers",
+    "target",
+    "projector",
+    "projector_dim",
+    "freeze_projector",
+    "loss",
+    "images",
+    "teacher_input",
+    "pooling",
+    "pooling_pos_embed",
+)
+OPTIMIZER_NAME = "projector_optimizer.safetensors"  # a trainable projector's optimizer state, beside the projector
 
 
 def _text_depth(vla_path) -> Optional[int]:
@@ -52,6 +68,7 @@ class AlignPlugin(FinetunePlugin):
         self.teacher = teacher  # given: use it; None: build the configured one from the registry
         self.aligner: Optional[Aligner] = None
         self.cache = None  # TeacherCache when `teacher_cache` is set: targets are read, no teacher runs
+        self.optimizer = None  # the host's optimizer, when it hands it over (on_optimizer): a trainable projector's state
 
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
         """Everything that can be checked without the VLA fails here, before the 7B model loads."""
@@ -62,6 +79,8 @@ class AlignPlugin(FinetunePlugin):
             return
         get_loss(self.config.loss)  # the registries' own clear errors, before the model loads
         check_kind(self.config.projector)
+        get_pooling(self.config.pooling)
+        get_teacher_input(self.config.teacher_input)
         depth = _text_depth(getattr(cfg, "vla_path", None))
         if depth is not None:
             check_layers(depth, self.config.layers)  # attach() checks it again on the loaded model
@@ -79,6 +98,12 @@ class AlignPlugin(FinetunePlugin):
             self.cache = self._open_cache(cfg)
         elif self.teacher is None:
             self.teacher = self._build_teacher()
+        if getattr(self.teacher, "multi_view", False) and self.num_images > 1 and self.config.images == "primary":
+            logger.warning(
+                "--align.images primary with the multi-view teacher %s: it sees the third-person camera alone, not "
+                "the sample's %d cameras together (Spatial Forcing feeds them all: --align.images all).",
+                self.config.teacher, self.num_images,
+            )
 
     def _open_cache(self, cfg: Any):
         from ...targets.cache import open_for_training
@@ -142,9 +167,29 @@ class AlignPlugin(FinetunePlugin):
         out = self.aligner(pixel_values=batch["pixel_values"])
         return out.loss, out.metrics
 
+    def on_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The host's optimizer, once the plugins' parameters joined it (OpenVLA-OFT's script, which saves no optimizer
+        state of its own): a trainable projector's optimizer state is then saved in the sidecar and restored on
+        resume. OpenVLA's script keeps the whole optimizer in its ``trainer_state.pt`` and does not call this."""
+        self.optimizer = optimizer
+
+    def _trainable(self) -> Dict[str, nn.Parameter]:
+        return {n: p for n, p in self.aligner.projectors.named_parameters() if p.requires_grad}
+
     def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
-        if is_main_process and self.aligner is not None:
-            self.aligner.save(Path(save_dir) / SIDECAR_DIR)
+        if not (is_main_process and self.aligner is not None):
+            return
+        sidecar = self.aligner.save(Path(save_dir) / SIDECAR_DIR)
+        trainable = self._trainable()
+        if self.optimizer is not None and trainable:
+            from safetensors.torch import save_file
+
+            state = {
+                f"{name}/{key}": torch.as_tensor(value).detach().cpu().contiguous()
+                for name, param in sorted(trainable.items())
+                for key, value in sorted(self.optimizer.state.get(param, {}).items())
+            }
+            atomic_write(sidecar / OPTIMIZER_NAME, lambda tmp: save_file(state, str(tmp)))
 
     def check_sidecar(self, sidecar: Path, num_images: Optional[int]) -> None:
         """A resumed run must use the sidecar's settings and image count; read from its two small files only, so it
@@ -187,7 +232,36 @@ class AlignPlugin(FinetunePlugin):
         saved = Aligner.load(sidecar, self.aligner.source)
         with torch.no_grad():  # in place: a trainable projector's parameters are already in the optimizer
             self.aligner.projectors.load_state_dict(saved.projectors.state_dict())
+        self._restore_optimizer_state(sidecar)
         self.check_identical_projectors()
+
+    def _restore_optimizer_state(self, sidecar: Path) -> None:
+        trainable = self._trainable()
+        if self.optimizer is None or not trainable:
+            return
+        path = sidecar / OPTIMIZER_NAME
+        if not path.is_file():
+            logger.warning(
+                "%s has no optimizer state for the trainable projector (written by an older openvla-align?): its "
+                "AdamW moments start from zero.", sidecar
+            )
+            return
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise ValueError(f"{path} is corrupt or truncated ({exc}); resume from an earlier checkpoint.") from exc
+        restored: Dict[nn.Parameter, Dict[str, Tensor]] = {}
+        for key, value in state.items():
+            name, _, field = key.rpartition("/")
+            if name not in trainable:
+                raise ValueError(f"{path} holds optimizer state for {name!r}, which this projector does not have.")
+            param = trainable[name]
+            restored.setdefault(param, {})[field] = value if field == "step" else value.to(param.device)
+        for param, entries in restored.items():
+            self.optimizer.state[param] = entries
+        logger.info("restored the projector's optimizer state (%d tensors) from %s", len(state), path)
 
     def on_end(self) -> None:
         if self.aligner is not None:

@@ -8,6 +8,8 @@ The patch (``patches/``) adds a generic mechanism to the stock script, not an op
 2. ``plugin = cls(cfg.<name>)`` for every plugin (sorted by name); then, in order, for each:
    - ``setup(cfg, is_main_process)`` before the model loads (check datasets, prepare weights on rank 0);
    - ``on_model_ready(vla, cfg) -> list of extra trainable parameters`` after the LoRA wrap, before DDP;
+   - ``on_optimizer(optimizer)`` (optional; OpenVLA-OFT's script, which saves no optimizer state) once the extra
+     parameters joined the optimizer, so a plugin can save and restore their state;
    - ``loss(vla, batch, output, step) -> (term or None, metrics)`` inside the autocast block, after the forward;
      the script adds the term to its loss and logs the metrics with its own logger;
    - ``on_save(save_dir, is_main_process)`` beside every adapter the script saves (``save_dir`` is the staging
@@ -50,6 +52,9 @@ class FinetunePlugin:
 
     def on_model_ready(self, vla: nn.Module, cfg: Any = None) -> List[nn.Parameter]:
         return []
+
+    def on_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        return None
 
     def loss(self, vla: nn.Module, batch: Dict[str, Any], output: Any, step: int) -> Tuple[Optional[Tensor], dict]:
         return None, {}
