@@ -126,8 +126,12 @@ def test_oft_field_list_is_ofts():
 def test_oft_recipes_are_ofts_libero_command_with_one_change_each():
     """recipes/oft/: OFT's documented LIBERO command line (LIBERO.md) as the baseline; Align and Freeze differ from it
     only in their plugin section and run tag."""
-    assert [p.name for p in OFT] == ["libero-align.yaml", "libero-freeze.yaml", "libero-sft.yaml"]
-    sft, align, freeze = (parse(RECIPES / "oft" / f"libero-{n}.yaml", OFT_FIELDS) for n in ("sft", "align", "freeze"))
+    assert [p.name for p in OFT] == [
+        "libero-align.yaml", "libero-freeze.yaml", "libero-sft.yaml", "libero-spatial-forcing.yaml"
+    ]  # fmt: skip
+    sft, align, freeze, sf = (
+        parse(RECIPES / "oft" / f"libero-{n}.yaml", OFT_FIELDS) for n in ("sft", "align", "freeze", "spatial-forcing")
+    )
     assert (sft.dataset_name, sft.num_images_in_input, sft.use_proprio, sft.use_l1_regression) == (
         "libero_spatial_no_noops", 2, True, True)  # fmt: skip
     assert (sft.batch_size, sft.learning_rate, sft.lora_rank, sft.max_steps, sft.save_freq) == (
@@ -140,7 +144,13 @@ def test_oft_recipes_are_ofts_libero_command_with_one_change_each():
     assert not sft.align.enabled and not sft.freeze.vision
     assert align.align == AlignConfig(enabled=True) and not align.freeze.vision
     assert freeze.freeze.vision and not freeze.align.enabled
-    for other in (align, freeze):
+    # Spatial Forcing's train.sh: its alignment flags as our registered choices (shared/upstream/spatial-forcing)
+    assert sf.align == AlignConfig(
+        enabled=True, teacher="vggt-1b", layers=(24,), coeff=0.5, loss="one-minus-cosine", projector="spatial-forcing",
+        freeze_projector=False, teacher_input="spatial-forcing", pooling="bilinear-corners", pooling_pos_embed=0.1,
+    )  # fmt: skip
+    assert (sf.image_aug, sf.use_film, sf.use_diffusion) == (True, False, False)
+    for other in (align, freeze, sf):
         differ = [f.name for f in dataclasses.fields(sft) if getattr(sft, f.name) != getattr(other, f.name)]
         assert sorted(differ) in (["align", "run_id_note"], ["freeze", "run_id_note"]), differ
     for path in OFT:
@@ -150,7 +160,7 @@ def test_oft_recipes_are_ofts_libero_command_with_one_change_each():
 
 
 def test_every_recipe_parses_and_unknown_keys_fail(tmp_path):
-    assert len(TRAINING) == 39  # 4 paper runs + 35 ablation runs
+    assert len(TRAINING) == 41  # 4 paper runs + 35 ablation runs of the paper + 2 with Spatial Forcing's choices
     for path in TRAINING:
         cfg = parse(path)
         assert cfg.batch_size == 8 and cfg.lora_rank == 32 and cfg.lora_dropout == 0.0, path

@@ -35,6 +35,12 @@ def _tiny(name, **kw):
         return tiny_teacher(name, **kw)
 
 
+def _images(teacher, b, size=224):
+    """[0,1] images the way ``teacher`` takes them: (b, 3, H, W), or one camera per sample for a multi-view one."""
+    images = torch.rand(b, 3, size, size)
+    return images[:, None] if teacher.multi_view else images
+
+
 def test_builtin_families_are_registered():
     for name in ("c-radio-v3-b", "c-radio-v3-l", "c-radio-v3-h", "c-radio-v3-g", "dinov2-vit-l", "dinov2-vit-l-reg"):
         assert name in ALL
@@ -46,7 +52,7 @@ def test_builtin_families_are_registered():
 @pytest.mark.parametrize("name", ALL)
 def test_teacher_contract(name):
     teacher = _tiny(name)
-    images = torch.rand(2, 3, 224, 224)
+    images = _images(teacher, 2)
     with torch.enable_grad():
         feats = teacher(images)
     assert feats.shape == (2, 256, teacher.width)
@@ -61,9 +67,9 @@ def test_teacher_contract(name):
 @pytest.mark.parametrize("name", ALL)
 def test_grid_resampling(name):
     # Native grid 16x16 resampled to an 8x8 student grid equals resizing the feature map like an image.
-    native = _tiny(name)
+    native = _tiny(name, resolution=16 * teacher_spec(name).patch_size)  # a 16x16 native grid
     small = _tiny(name, grid=(8, 8), resolution=native.resolution)  # same input size, smaller student grid
-    images = torch.rand(1, 3, 224, 224)
+    images = _images(native, 1)
     full = native(images)
     fmap = full.transpose(1, 2).reshape(1, -1, 16, 16)
     expect = torch.nn.functional.interpolate(fmap, size=(8, 8), mode="bilinear", align_corners=False, antialias=True)

@@ -117,6 +117,7 @@ TEACHERS.append(
             num_prefix_tokens=5,
             normalized_inside=True,
             sources=(WeightSource(("model.pt",), "facebook/VGGT-1B"),),
+            input_size=518,  # 37 x 37 patches
         ),
         "openvla_align.teachers.vggt",
     )

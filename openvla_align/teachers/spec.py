@@ -48,6 +48,7 @@ class TeacherSpec:
     weights_hint: str = ""  # where weights come from, for a teacher without ``sources`` (shown by `teachers`)
     normalized_inside: bool = False  # True when the model applies mean/std itself (RADIO's input conditioner)
     sources: Tuple[WeightSource, ...] = ()  # where its weights may be on local disk, searched in order
+    input_size: Optional[int] = None  # a fixed native input size (VGGT: 518 px); None: the student grid x patch
 
     @property
     def where(self) -> str:
@@ -57,8 +58,9 @@ class TeacherSpec:
         return " or ".join(s.describe() for s in self.sources) + ", or teacher_path=<file or snapshot dir>"
 
     def default_resolution(self, grid: Tuple[int, int] = STUDENT_GRID) -> int:
-        """Square input size whose patch grid equals ``grid`` (the paper's 256 px for patch-16 teachers)."""
-        return grid[0] * self.patch_size
+        """Square input size: the spec's fixed ``input_size``, else the one whose patch grid equals ``grid`` (the
+        paper's 256 px for patch-16 teachers)."""
+        return self.input_size or grid[0] * self.patch_size
 
 
 @dataclass(frozen=True)

@@ -320,7 +320,7 @@ def _merges(bpe) -> List[tuple]:
 # The built-in ViT teacher families at tiny width and depth (no download, milliseconds on CPU); the demo's teacher is
 # tiny already and has no architecture to override.
 TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
-TINY_TEACHER_ARCH = {family: TINY_VIT for family in ("radio", "dinov2", "siglip", "theia")}
+TINY_TEACHER_ARCH = {family: TINY_VIT for family in ("radio", "dinov2", "siglip", "theia", "vggt")}
 
 
 def tiny_teacher(name: str, seed: int = 0, grid=(16, 16), **kwargs):
