@@ -164,6 +164,43 @@ def tiny_c_radio(path=None, resolution=None, grid=(16, 16), allow_random=False, 
 '''
 
 
+VGGT_PLUGIN = '''
+"""A third-party teacher: VGGT-1B's aggregator at tiny width, weights (a model.pt) from `teacher_path`."""
+from openvla_align.teachers import TeacherRequest, teacher_spec
+from openvla_align.teachers.vggt import build
+from openvla_align.tiny.model import TINY_VIT as TINY_ARCH
+
+
+def tiny_vggt(path=None, resolution=None, grid=(16, 16), allow_random=False, trust_remote_code=False, arch=None):
+    request = TeacherRequest(path, resolution, grid, allow_random, trust_remote_code, TINY_ARCH)
+    return build(teacher_spec("vggt-1b"), request)
+'''
+
+
+def write_vggt_plugin(root: os.PathLike, seed: int = 3):
+    """``root/site-vggt``: a package registering ``tiny-vggt`` (VGGT's aggregator at ``TINY_VIT`` size) through the
+    ``openvla_align.teachers`` entry point, and its weights as a ``model.pt`` laid out as VGGT-1B's (``aggregator.*``
+    plus a head's tensor, which the loader ignores). Returns (site, model.pt)."""
+    import torch
+
+    from openvla_align.teachers.vggt_model import VGGTAggregator
+    from openvla_align.tiny.model import TINY_VIT
+
+    from conftest import write_dist_info
+
+    site = Path(root) / "site-vggt"
+    (site / "tiny_vggt_plugin").mkdir(parents=True)
+    (site / "tiny_vggt_plugin" / "__init__.py").write_text(VGGT_PLUGIN)
+    write_dist_info(site, "openvla_align.teachers", {"tiny-vggt": "tiny_vggt_plugin:tiny_vggt"}, "tiny-vggt-plugin")
+    torch.manual_seed(seed)
+    state = {f"aggregator.{k}": v for k, v in VGGTAggregator(**TINY_VIT).state_dict().items()}
+    state["camera_head.trunk.0.weight"] = torch.zeros(2, 2)
+    weights = Path(root) / "vggt" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    torch.save(state, weights)
+    return site, weights
+
+
 def write_teacher_plugin(root: os.PathLike):
     """``root/site``: a package registering the teacher ``tiny-c-radio`` through the ``openvla_align.teachers`` entry
     point (put it on a script's ``PYTHONPATH``), and its weights as an HF snapshot. Returns (site, weights file)."""

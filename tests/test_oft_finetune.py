@@ -236,3 +236,124 @@ def test_patch_recognises_ofts_script_and_reverts_byte_exact(world, tmp_path, ca
     out, err = capsys.readouterr()
     assert not out and err.startswith("openvla-align patch: unknown:") and len(err.splitlines()) == 1
     assert "moojink/openvla-oft@213c5ff8d6e9" in err and target.read_bytes() == edited
+
+
+RECIPE_SF = Path(__file__).resolve().parents[1] / "recipes" / "oft" / "libero-spatial-forcing.yaml"
+
+
+@pytest.fixture(scope="module")
+def sf_world(world):
+    """A 25-layer tiny OFT checkpoint (layer 24 exists) and ``tiny-vggt``, VGGT's aggregator at tiny width with its
+    weights in a ``model.pt`` laid out as VGGT-1B's, registered by a third-party entry point."""
+    from assets import write_vggt_plugin
+
+    site, weights = write_vggt_plugin(world.root)
+    env = dict(world.env, PYTHONPATH=os.pathsep.join([str(site), world.env["PYTHONPATH"]]))
+    ckpt = A.build_tiny_oft_checkpoint(world.root / "tiny-oft-25", seed=0, num_layers=25)
+    return SimpleNamespace(**{**vars(world), "env": env, "ckpt": ckpt, "vggt": weights})
+
+
+def sf_run(world, name, *args, **kw):
+    """The patched script with ``--config_path recipes/oft/libero-spatial-forcing.yaml``: the recipe's settings, the
+    tiny data and model, two steps, the tiny VGGT."""
+    sf = ["--config_path", str(RECIPE_SF), "--align.teacher", "tiny-vggt", "--align.teacher_path", str(world.vggt)]
+    return run(world, name, *sf, *args, **kw)
+
+
+def optimizer_steps(ckpt: Path) -> set:
+    from safetensors.torch import load_file
+
+    state = load_file(str(ckpt / "align" / "projector_optimizer.safetensors"))
+    return {v.item() for k, v in state.items() if k.endswith("/step")}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_spatial_forcing_recipe_trains_and_resumes_on_ofts_script(sf_world, nproc):
+    """libero-spatial-forcing.yaml on the patched stock script (L1 head, 2 cameras through VGGT together, proprio,
+    layer 24, trainable projector): on 1 process, and on 2 under torchrun; the checkpoint loads with OFT's own code;
+    OFT-style resume restores the projector and its AdamW state (OFT saves no optimizer state of its own)."""
+    from openvla_align.aligner import Aligner
+    from openvla_align.openvla.plugins.align import OPTIMIZER_NAME
+
+    proc, metrics, runs = sf_run(sf_world, f"sf-{nproc}", *STEPS, nproc=nproc)
+    logged = [m for m in metrics if "align/loss" in m]
+    assert len(logged) == 2 and all(0 < m["align/loss"] <= 1.0 for m in logged), metrics  # 0.5 x (1 - cos)
+    assert "[openvla-align] WARNING" not in proc.stdout and "NUM_ACTIONS_CHUNK: 8" in proc.stdout  # LIBERO constants
+    ckpt = checkpoint_dir(runs)
+    saved = Aligner.load(ckpt / "align", target_width=64)  # tiny VGGT: 2 x 32
+    assert saved.config.layers == (24,) and saved.saved_num_images == 2 and not saved.config.freeze_projector
+    assert optimizer_steps(ckpt) == {2.0}  # two optimizer steps (micro-batches 0 and 1), state of every tensor
+    assert (ckpt / "align" / OPTIMIZER_NAME).is_file()
+
+    A.oft_src()
+    from experiments.robot import openvla_utils as U
+
+    cfg = SimpleNamespace(
+        pretrained_checkpoint=str(ckpt), load_in_8bit=False, load_in_4bit=False, use_film=False, num_images_in_input=2,
+        lora_rank=4, use_l1_regression=True, use_diffusion=False, num_diffusion_steps_train=2,
+        num_diffusion_steps_inference=2,
+    )  # fmt: skip
+    vla = U.get_vla(cfg)
+    assert vla.vision_backbone.get_num_images_in_input() == 2 and A.LIBERO_DATASET in vla.norm_stats
+    assert U.get_action_head(cfg, vla.llm_dim) is not None
+    assert U.get_proprio_projector(cfg, vla.llm_dim, A.LIBERO_PROPRIO_DIM) is not None
+    if nproc == 2:
+        return
+
+    resumed = ["--resume", "true", "--resume_step", "1", "--max_steps", "2", "--save_freq", "2"]
+    _, metrics, runs2 = sf_run(sf_world, "sf-resumed", *resumed, "--merge_lora_during_training", "false", vla_path=ckpt)
+    later = checkpoint_dir(runs2, 2)
+    assert any("align/loss" in m for m in metrics)
+    assert optimizer_steps(later) == {4.0}  # 2 restored + 2 more: the AdamW state came back (fresh would be 2)
+    assert Aligner.load(later / "align", target_width=64).fingerprint() != saved.fingerprint()  # and it trained on
+
+    # Bad input stops before anything is written: a frozen-projector config on this trainable projector's sidecar,
+    # VGGT-1B's weights missing offline, layer 24 on the 18-layer model
+    sf = ["--config_path", str(RECIPE_SF)]
+    tiny_vggt = ["--align.teacher", "tiny-vggt", "--align.teacher_path", str(sf_world.vggt)]
+    resume = ["--resume", "true", "--resume_step", "1"]
+    for name, args, vla_path, match in [
+        ("frozen", [*sf, *tiny_vggt, *STEPS, *resume, "--align.freeze_projector", "true"], ckpt,
+         r"freeze_projector: saved False, now True"),
+        ("no-weights", [*sf, *STEPS], None, r"model\.pt.*facebook/VGGT-1B"),  # the recipe's vggt-1b, no weights here
+        ("depth", [*sf, *tiny_vggt, *STEPS], sf_world.root / "tiny-oft", r"Layer\(s\) \[24\] out of range: this LLM has 18"),  # 18 layers
+    ]:  # fmt: skip
+        before = files(ckpt)
+        proc, _, runs3 = run(sf_world, f"sf-bad-{name}", *args, vla_path=vla_path, check=False)
+        assert proc.returncode != 0 and re.search(match, proc.stderr), (name, proc.stderr[-2000:])
+        assert not runs3.exists() and files(ckpt) == before
+
+
+def test_a_script_patched_by_the_previous_release_is_updated(world, tmp_path, capsys):
+    """OFT's script as the previous openvla-align patched it (no `on_optimizer` lines): `patch --check` says so,
+    `patch` updates it from the kept original, `--revert` restores the upstream file."""
+    from openvla_align.cli import main as cli
+
+    copy = tmp_path / "oft"
+    shutil.copytree(world.stock / "vla-scripts", copy / "vla-scripts")
+    target = copy / "vla-scripts" / "finetune.py"
+    original = target.read_bytes()
+    assert cli(["patch", str(copy)]) == 0
+    current = target.read_text()
+    dropped = [line for line in current.splitlines(keepends=True) if "on_optimizer" in line]
+    old = "".join(line for line in current.splitlines(keepends=True) if "on_optimizer" not in line)
+    assert len(dropped) == 3  # the header comment, `if hasattr(...)` and the call; the loop line goes with them
+    old = old.replace(
+        "    for plugin in plugins:  # [Plugins] May keep the optimizer: this script saves no optimizer state of its own\n",
+        "",
+    )
+    target.write_text(old)
+    import hashlib
+
+    assert hashlib.sha256(target.read_bytes()).hexdigest().startswith("89fa2af3")  # the previous release's file
+    capsys.readouterr()
+    assert cli(["patch", "--check", str(copy)]) == 1
+    assert capsys.readouterr().out.startswith("outdated:")
+    assert cli(["patch", str(copy)]) == 0 and target.read_text() == current
+    assert capsys.readouterr().out.startswith("updated:")
+    target.write_text(old)
+    assert cli(["patch", "--revert", str(copy)]) == 0 and target.read_bytes() == original
+    target.write_text(old)  # no original kept: refused, nothing changed
+    capsys.readouterr()
+    assert cli(["patch", str(copy)]) == 1 and target.read_text() == old
+    assert "earlier openvla-align" in capsys.readouterr().err

@@ -9,12 +9,15 @@ of them is ever touched (supporting another script is one more folder, no code):
     unpatched  the upstream file: patching applies every hunk in Python (no ``patch``/``git`` binary), checks the
                result's hash, keeps the original as ``finetune.py.orig`` and replaces the file atomically;
     patched    nothing to do ("already patched");
+    outdated   patched by an earlier openvla-align (``previous_patched_sha256`` in the manifest): patching re-applies
+               the current patch to the kept ``finetune.py.orig``; refused when that original is missing or edited;
     unknown    a locally edited or different finetune.py (or not finetune.py at all): refused, nothing changes.
 
 ``--revert`` restores the original bytes (from ``finetune.py.orig`` when its hash is upstream's, otherwise by
 reversing the hunks) and checks the hash again. Exit codes: 0 success / nothing to do; 1 refused or error.
-``--check`` prints the state (first word: unpatched, patched or unknown) and exits 0 for unpatched or patched,
-1 for unknown (or a missing file), so ``openvla-align patch --check PATH`` tells whether PATH is safe to patch.
+``--check`` prints the state (first word: unpatched, patched, outdated or unknown) and exits 0 for unpatched or
+patched, 1 for outdated or unknown (or a missing file), so ``openvla-align patch --check PATH`` tells whether PATH is
+safe to patch.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .._io import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 BACKUP_SUFFIX = ".orig"
-UNPATCHED, PATCHED, UNKNOWN = "unpatched", "patched", "unknown"
+UNPATCHED, PATCHED, OUTDATED, UNKNOWN = "unpatched", "patched", "outdated", "unknown"
 
 _HUNK_HEADER = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 
@@ -82,6 +85,7 @@ class Patch:
     upstream_commit: str
     hunks: List[Hunk]
     source: Path
+    previous_sha256: Tuple[str, ...] = ()  # the file as earlier openvla-align releases patched it (`patch` updates it)
 
     @property
     def revision(self) -> str:
@@ -189,6 +193,7 @@ def load_patch(directory: Optional[Path] = None) -> Patch:
         upstream_commit=meta["upstream"]["commit"],
         hunks=parse_unified_diff(source.read_text(encoding="utf-8")),
         source=source,
+        previous_sha256=tuple(meta.get("previous_patched_sha256", ())),
     )
 
 
@@ -220,6 +225,8 @@ def status(data: bytes, patch: Patch) -> str:
         return UNPATCHED
     if digest == patch.patched_sha256:
         return PATCHED
+    if digest in patch.previous_sha256:
+        return OUTDATED
     return UNKNOWN
 
 
@@ -285,10 +292,24 @@ def patch_file(path, patch: Optional[Patch] = None, out=None) -> int:
         return 0
     if state == UNKNOWN:
         raise PatchError(_unknown_message(target, data, patches) + " Nothing was changed.")
+    backup = _backup_path(target)
+    if state == OUTDATED:  # patched by an earlier openvla-align: patch the kept original again
+        original = backup.read_bytes() if backup.is_file() else b""
+        if status(original, patch) != UNPATCHED:
+            raise PatchError(
+                f"{target} was patched by an earlier openvla-align, and {backup} (the original it keeps) is missing "
+                f"or edited: restore the upstream file, then patch again. Nothing was changed."
+            )
+        new = apply_hunks(original.decode("utf-8"), patch.hunks).encode("utf-8")
+        if sha256(new) != patch.patched_sha256:
+            raise PatchError("the patched file does not have the recorded hash; nothing was changed")
+        atomic_write_bytes(target, new, target.stat().st_mode & 0o7777)
+        print(f"updated: {target} ({patch.title}, {patch.revision}; it had an earlier openvla-align patch)", file=out)
+        print(f"  original kept as {backup}; undo with `openvla-align patch --revert {path}`", file=out)
+        return 0
     new = apply_hunks(data.decode("utf-8"), patch.hunks).encode("utf-8")
     if sha256(new) != patch.patched_sha256:
         raise PatchError("the patched file does not have the recorded hash; nothing was changed")
-    backup = _backup_path(target)
     if backup.exists() and backup.read_bytes() != data:
         raise PatchError(
             f"refused: {backup} exists and is not the upstream file; move it away and retry. Nothing was changed."
@@ -321,6 +342,11 @@ def revert_file(path, patch: Optional[Patch] = None, out=None) -> int:
             original, source = candidate, backup.name
         else:
             print(f"note: {backup} is not the upstream file; left alone, reversing the hunks instead", file=out)
+    if original is None and state == OUTDATED:
+        raise PatchError(
+            f"{target} was patched by an earlier openvla-align and {backup} (the original) is missing or edited: "
+            "restore the upstream file by hand. Nothing was changed."
+        )
     if original is None:
         original = apply_hunks(data.decode("utf-8"), [h.reversed() for h in patch.hunks]).encode("utf-8")
         if status(original, patch) != UNPATCHED:
@@ -344,9 +370,15 @@ def check_file(path, patch: Optional[Patch] = None, out=None) -> int:
         backup = _backup_path(target)
         note = f"; original kept as {backup}" if backup.is_file() else ""
         print(f"patched: {target} ({patch.title}, {patch.revision}){note}", file=out)
+    elif state == OUTDATED:
+        print(
+            f"outdated: {target} has an earlier openvla-align patch ({patch.title}, {patch.revision}); "
+            f"`openvla-align patch {path}` updates it",
+            file=out,
+        )
     else:
         print(_unknown_message(target, data, patches), file=out)
-    return 1 if state == UNKNOWN else 0
+    return 0 if state in (UNPATCHED, PATCHED) else 1
 
 
 def run(args: argparse.Namespace) -> int:
