@@ -196,6 +196,9 @@ def test_teacher_features(data):
     assert feats.shape == (len(paths), TINY_ARCH["embed_dim"])
     again = extract_features("teacher:c-radio-v3-l", paths, teacher_kwargs=TINY_TEACHER)
     np.testing.assert_array_equal(again, feats)  # random smoke-test weights are seeded: the cache stays valid
+    # a multi-view teacher (VGGT) probes each image as a one-camera sample
+    vggt = extract_features("teacher:vggt-1b", paths, teacher_kwargs={**TINY_TEACHER, "resolution": 224})
+    assert vggt.shape == (len(paths), 2 * TINY_ARCH["embed_dim"]) and np.isfinite(vggt).all()
 
 
 # --- end to end ----------------------------------------------------------------------------------------------

@@ -109,7 +109,8 @@ class _VLAEncoder:
 
 
 class _TeacherEncoder:
-    """PIL images -> (B, D) mean final patch features of a registered teacher."""
+    """PIL images -> (B, D) mean final patch features of a registered teacher (a multi-view teacher sees each image
+    as a sample of one camera)."""
 
     def __init__(self, spec: ModelSpec, device: str, dtype: str, teacher_kwargs: Mapping[str, Any]):
         from .. import dtypes
@@ -127,6 +128,8 @@ class _TeacherEncoder:
         side = self.teacher.resolution
         rgb = [np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR)) for im in images]
         x = torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float().div(255.0)
+        if self.teacher.multi_view:  # each image is a one-camera sample
+            x = x[:, None]
         return self.teacher(x.to(self.device)).float().mean(1).cpu()
 
 
