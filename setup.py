@@ -47,6 +47,7 @@ setup(
         # The generic plugin group the patched vla-scripts/finetune.py discovers (see patches/).
         "openvla.finetune_plugins": [
             "align=openvla_align.openvla.plugins.align:AlignPlugin",
+            "align2=openvla_align.openvla.plugins.align:SecondAlignPlugin",
             "datasets=openvla_align.openvla.plugins.datasets:DatasetsPlugin",
             "freeze=openvla_align.openvla.plugins.freeze:FreezePlugin",
             "norm_stats=openvla_align.openvla.plugins.norm_stats:NormStatsPlugin",

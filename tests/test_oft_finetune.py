@@ -357,3 +357,21 @@ def test_a_script_patched_by_the_previous_release_is_updated(world, tmp_path, ca
     capsys.readouterr()
     assert cli(["patch", str(copy)]) == 1 and target.read_text() == old
     assert "earlier openvla-align" in capsys.readouterr().err
+
+
+def test_two_teachers_at_once_on_ofts_script(sf_world):
+    """libero-radio-vggt.yaml: BlindVLA's term (``align``: C-RADIO at 16, frozen MLP) and Spatial Forcing's
+    (``align2``: VGGT at 24, trainable projector) in one run of OFT's script, each with its own sidecar."""
+    from openvla_align.aligner import Aligner
+
+    recipe = RECIPE_SF.with_name("libero-radio-vggt.yaml")
+    args = ["--config_path", str(recipe), *STEPS, "--align.teacher", "tiny-c-radio", "--align.projector_dim", "32"]
+    args += ["--align2.teacher", "tiny-vggt", "--align2.teacher_path", str(sf_world.vggt)]
+    _, metrics, runs = run(sf_world, "radio-vggt", *args)
+    both = [m for m in metrics if "align/loss" in m and "align2/loss" in m]
+    assert len(both) == 2 and all(-0.2 <= m["align/loss"] <= 0.2 < 1.0 and 0 < m["align2/loss"] <= 1 for m in both)
+    ckpt = checkpoint_dir(runs)
+    assert Aligner.load(ckpt / "align", target_width=32).config.layers == (16,)
+    assert Aligner.load(ckpt / "align2", target_width=64).config.layers == (24,)
+    assert (ckpt / "align2" / "projector_optimizer.safetensors").is_file()
+    assert not (ckpt / "align" / "projector_optimizer.safetensors").exists()  # frozen: nothing to keep

@@ -177,6 +177,40 @@ def test_trainable_projector_optimizer_state_is_saved_and_restored(vla, tokenize
         broken.on_resume(tmp_path)
 
 
+def test_two_alignment_terms_at_once(vla, tokenizer, tmp_path):
+    """``align`` (C-RADIO at layer 4, BlindVLA's frozen MLP) and ``align2`` (VGGT at layer 6, Spatial Forcing's
+    trainable projector) on one model: two hooks, two loss terms, metrics under their own names, a sidecar each."""
+    from openvla_align.aligner import Aligner
+    from openvla_align.openvla.plugins import SecondAlignPlugin
+    from openvla_align.tiny import tiny_teacher
+
+    first = AlignPlugin(AlignConfig(enabled=True, layers=(4,), projector_dim=32), _teacher())
+    sf = AlignConfig(
+        enabled=True, teacher="vggt-1b", layers=(6,), coeff=0.5, loss="one-minus-cosine", projector="spatial-forcing",
+        freeze_projector=False, teacher_input="spatial-forcing", pooling="bilinear-corners", pooling_pos_embed=0.1,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second = SecondAlignPlugin(sf, tiny_teacher("vggt-1b", resolution=70))
+    model = _lora(vla)
+    extra = first.on_model_ready(model) + second.on_model_ready(model)
+    assert extra and all(p.requires_grad for p in extra)  # only the trainable projector's
+    batch = make_batch(tokenizer, 2)
+    out = model(**batch)
+    (t1, m1), (t2, m2) = first.loss(model, batch, out, 0), second.loss(model, batch, out, 0)
+    assert set(m1) == {"align/loss", "align/cos_layer4", "align/loss_layer4"}
+    assert set(m2) == {"align2/loss", "align2/cos_layer6", "align2/loss_layer6"}
+    assert 0 < t2.item() <= 1.0 and -0.2 <= t1.item() <= 0.2
+    (out.loss + t1 + t2).backward()
+    assert all(p.grad is not None for p in extra)
+    first.on_save(tmp_path)
+    second.on_save(tmp_path)
+    assert Aligner.load(tmp_path / "align", target_width=first.aligner.teacher_width).config.layers == (4,)
+    assert Aligner.load(tmp_path / "align2", target_width=64).config.teacher == "vggt-1b"
+    first.on_end()
+    second.on_end()
+
+
 class _Cfg:
     data_root_dir, dataset_name = "unused", "sft"
 
@@ -188,7 +222,7 @@ def test_each_plugin_is_an_installed_entry_point_with_one_job():
     eps = eps.select(group=ENTRY_POINT_GROUP) if hasattr(eps, "select") else eps.get(ENTRY_POINT_GROUP, [])
     installed = {ep.name: ep.load() for ep in eps}
     assert {cls.name: cls for cls in PLUGINS} == {
-        name: installed[name] for name in ("align", "datasets", "freeze", "norm_stats")
+        name: installed[name] for name in ("align", "align2", "datasets", "freeze", "norm_stats")
     }
     assert [cls.name for cls in PLUGINS] == sorted(cls.name for cls in PLUGINS)  # the script's order
 

@@ -127,10 +127,12 @@ def test_oft_recipes_are_ofts_libero_command_with_one_change_each():
     """recipes/oft/: OFT's documented LIBERO command line (LIBERO.md) as the baseline; Align and Freeze differ from it
     only in their plugin section and run tag."""
     assert [p.name for p in OFT] == [
-        "libero-align.yaml", "libero-freeze.yaml", "libero-sft.yaml", "libero-spatial-forcing.yaml"
+        "libero-align.yaml", "libero-freeze.yaml", "libero-radio-vggt.yaml", "libero-sft.yaml",
+        "libero-spatial-forcing.yaml",
     ]  # fmt: skip
-    sft, align, freeze, sf = (
-        parse(RECIPES / "oft" / f"libero-{n}.yaml", OFT_FIELDS) for n in ("sft", "align", "freeze", "spatial-forcing")
+    sft, align, freeze, sf, both = (
+        parse(RECIPES / "oft" / f"libero-{n}.yaml", OFT_FIELDS)
+        for n in ("sft", "align", "freeze", "spatial-forcing", "radio-vggt")
     )
     assert (sft.dataset_name, sft.num_images_in_input, sft.use_proprio, sft.use_l1_regression) == (
         "libero_spatial_no_noops", 2, True, True)  # fmt: skip
@@ -150,6 +152,9 @@ def test_oft_recipes_are_ofts_libero_command_with_one_change_each():
         freeze_projector=False, teacher_input="spatial-forcing", pooling="bilinear-corners", pooling_pos_embed=0.1,
     )  # fmt: skip
     assert (sf.image_aug, sf.use_film, sf.use_diffusion) == (True, False, False)
+    assert (both.align, both.align2) == (align.align, sf.align) and not sf.align2.enabled  # two terms at once
+    differ = [f.name for f in dataclasses.fields(sft) if getattr(sft, f.name) != getattr(both, f.name)]
+    assert sorted(differ) == ["align", "align2", "run_id_note"], differ
     for other in (align, freeze, sf):
         differ = [f.name for f in dataclasses.fields(sft) if getattr(sft, f.name) != getattr(other, f.name)]
         assert sorted(differ) in (["align", "run_id_note"], ["freeze", "run_id_note"]), differ

@@ -26,7 +26,7 @@ from .base import FinetunePlugin, distributed
 
 logger = logging.getLogger(__name__)
 
-SIDECAR_DIR = "align"
+SIDECAR_DIR = "align"  # the `align` plugin's; a plugin's sidecar is the folder of its name (`align2/`)
 # Settings a resumed run must share with the run that wrote the sidecar.
 RESUME_FIELDS = (
     "teacher",
@@ -87,7 +87,7 @@ class AlignPlugin(FinetunePlugin):
         self.num_images = host.images(cfg)
         resume_dir = host.resume_dir(cfg)
         if resume_dir is not None:
-            self.check_sidecar(resume_dir / SIDECAR_DIR, self.num_images)
+            self.check_sidecar(resume_dir / self.name, self.num_images)
         if self.config.teacher_cache and self.num_images > 1 and self.config.images == "all":
             raise ValueError(
                 f"--align.teacher_cache holds one camera's frames, but this run feeds {self.num_images} images per "
@@ -165,7 +165,9 @@ class AlignPlugin(FinetunePlugin):
         # One path for a live teacher and a cache: the target source takes the loader's batch as it is (a cache
         # hashes its keys on the CPU, with no device sync, and copies one batch of targets out of its shards).
         out = self.aligner(pixel_values=batch["pixel_values"])
-        return out.loss, out.metrics
+        if self.name == SIDECAR_DIR:
+            return out.loss, out.metrics
+        return out.loss, {f"{self.name}/{k.split('/', 1)[1]}": v for k, v in out.metrics.items()}
 
     def on_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The host's optimizer, once the plugins' parameters joined it (OpenVLA-OFT's script, which saves no optimizer
@@ -179,7 +181,7 @@ class AlignPlugin(FinetunePlugin):
     def on_save(self, save_dir: Path, is_main_process: bool = True) -> None:
         if not (is_main_process and self.aligner is not None):
             return
-        sidecar = self.aligner.save(Path(save_dir) / SIDECAR_DIR)
+        sidecar = self.aligner.save(Path(save_dir) / self.name)
         trainable = self._trainable()
         if self.optimizer is not None and trainable:
             from safetensors.torch import save_file
@@ -227,7 +229,7 @@ class AlignPlugin(FinetunePlugin):
         """Restore the projector(s) saved beside an adapter; a sidecar for another setup is refused unchanged."""
         if self.aligner is None:
             return
-        sidecar = Path(save_dir) / SIDECAR_DIR
+        sidecar = Path(save_dir) / self.name
         self.check_sidecar(sidecar, self.aligner.num_images)
         saved = Aligner.load(sidecar, self.aligner.source)
         with torch.no_grad():  # in place: a trainable projector's parameters are already in the optimizer
@@ -266,6 +268,14 @@ class AlignPlugin(FinetunePlugin):
     def on_end(self) -> None:
         if self.aligner is not None:
             self.aligner.remove()
+
+
+class SecondAlignPlugin(AlignPlugin):
+    """A second alignment term beside ``align``, with its own teacher, layers, projector, loss and coefficient
+    (``--align2.*``), e.g. C-RADIOv3 at layer 16 (BlindVLA) and VGGT at layer 24 (Spatial Forcing) at once. Its hook,
+    projector and sidecar (``align2/``) are its own; its metrics are logged as ``align2/*``."""
+
+    name = "align2"
 
 
 def load_reference_projector(path: Path, layer: int = 16) -> Dict[str, torch.Tensor]:
