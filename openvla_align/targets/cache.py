@@ -2,9 +2,15 @@
 
 Layout of a cache directory::
 
-    manifest.json            teacher, weights hash, resolution, grid, width, dtype, source, shards (+ SHA-256 each)
-    shard-00000.keys         count x 16-byte frame keys (see keys.py)
+    manifest.json            teacher, weights hash, resolution, grid, width, dtype, views, teacher input, pooling,
+                             source, shards (+ SHA-256 each)
+    shard-00000.keys         count x 16-byte keys (``frame_keys``)
     shard-00000.feats        count x tokens x width 2-byte floats (bfloat16 or float16), little-endian, C order
+
+A row is one frame's targets (T tokens) for a single-view teacher, keyed by the frame. A multi-view teacher (VGGT)
+sees a sample's cameras together, so its rows are samples: ``views`` x T tokens (camera 0's T, then camera 1's ...),
+keyed by ``frame_keys.sample_key`` of the sample's frame keys in camera order; the manifest says ``multi_view`` and
+``views``, and such a cache serves exactly that many cameras per sample.
 
 Shards are immutable: each is written under a temporary name and renamed into place, then the manifest (rewritten
 atomically) lists it with its checksums. An interrupted build therefore leaves whole shards and a manifest that
@@ -18,7 +24,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -27,7 +33,7 @@ import torch
 
 from .._io import atomic_write_bytes, sha256_file
 from ..dtypes import canonical, torch_dtype
-from .frame_keys import KEY_BYTES
+from .frame_keys import KEY_BYTES, keys_from_pixel_values, sample_keys
 
 FORMAT = "openvla-align-teacher-cache/1"
 MANIFEST = "manifest.json"
@@ -49,10 +55,34 @@ class CacheSpec:
     width: int
     dtype: str
     source: Dict[str, object] = field(default_factory=dict)  # where the frames came from (dataset, version, ...)
+    multi_view: bool = False  # rows are samples of `views` cameras seen together (a multi-view teacher), not frames
+    views: int = 1  # cameras per row: 1 for a single-view teacher
+    # how pixel_values became the teacher's images and its patch grid the student's (AlignConfig's fields of the name)
+    teacher_input: str = "reference"
+    pooling: str = "resample"
+    pooling_pos_embed: float = 0.0
+
+    def __post_init__(self):
+        self.views, self.pooling_pos_embed = int(self.views), float(self.pooling_pos_embed)
+        if self.views < 1 or (self.views != 1 and not self.multi_view):
+            raise ValueError(
+                f"CacheSpec views={self.views}: a single-view teacher's rows are frames (views=1); a multi-view "
+                "teacher's rows are samples of views >= 1 cameras."
+            )
 
     @property
     def tokens(self) -> int:
+        """Tokens per image (the student's grid)."""
         return int(self.grid[0] * self.grid[1])
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens per stored row: one image's, or a multi-view sample's ``views`` images'."""
+        return self.tokens * self.views
+
+    @property
+    def row_kind(self) -> str:
+        return f"sample of {self.views} camera(s)" if self.multi_view else "frame"
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -61,6 +91,13 @@ class CacheSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CacheSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CacheError(
+                f"The cache's manifest has fields this openvla-align does not know ({', '.join(unknown)}): it was "
+                "written by a newer version; upgrade openvla-align or rebuild the cache."
+            )
         return cls(**{**data, "grid": tuple(data["grid"])})
 
 
@@ -123,9 +160,11 @@ class CacheWriter:
         return key in self.known or key in self._buffer
 
     def add(self, keys: Sequence[bytes], feats: torch.Tensor) -> int:
-        """Add rows (features (B, tokens, width)); rows whose key is stored already are skipped. Returns rows added."""
-        if feats.ndim != 3 or tuple(feats.shape[1:]) != (self.spec.tokens, self.spec.width):
-            raise ValueError(f"features must be (B, {self.spec.tokens}, {self.spec.width}); got {tuple(feats.shape)}.")
+        """Add rows (features (B, row_tokens, width): a frame's, or a multi-view sample's cameras' one after the
+        other); rows whose key is stored already are skipped. Returns rows added."""
+        want = (self.spec.row_tokens, self.spec.width)
+        if feats.ndim != 3 or tuple(feats.shape[1:]) != want:
+            raise ValueError(f"features must be (B, {want[0]}, {want[1]}); got {tuple(feats.shape)}.")
         feats = feats.detach().to("cpu", torch_dtype(self.spec.dtype))
         added = 0
         for key, row in zip(keys, feats):
@@ -187,7 +226,7 @@ def _read_keys(path: Path) -> List[bytes]:
 
 
 def _verify_shard(directory: Path, shard: dict, spec: CacheSpec, full: bool) -> None:
-    row_bytes = spec.tokens * spec.width * 2
+    row_bytes = spec.row_tokens * spec.width * 2
     for kind, size in (("keys", shard["rows"] * KEY_BYTES), ("feats", shard["rows"] * row_bytes)):
         path = directory / shard[kind]
         if not path.is_file():
@@ -212,7 +251,7 @@ class TeacherCache:
         self.spec = CacheSpec.from_dict(manifest["spec"])
         if not manifest.get("complete"):
             raise CacheError(
-                f"{self.dir} is an unfinished cache build ({manifest.get('rows', 0)} frames so far); "
+                f"{self.dir} is an unfinished cache build ({manifest.get('rows', 0)} rows so far); "
                 "run `openvla-align cache build` again to finish it."
             )
         self.dtype = torch_dtype(self.spec.dtype)
@@ -222,12 +261,12 @@ class TeacherCache:
             _verify_shard(self.dir, shard, self.spec, full=verify)
             for row, key in enumerate(_read_keys(self.dir / shard["keys"])):
                 if self.index.setdefault(key, (s, row)) != (s, row):
-                    raise CacheError(f"{self.dir}: frame key {key.hex()} is stored twice; rebuild the cache.")
-            shape = (shard["rows"], self.spec.tokens, self.spec.width)
+                    raise CacheError(f"{self.dir}: key {key.hex()} is stored twice; rebuild the cache.")
+            shape = (shard["rows"], self.spec.row_tokens, self.spec.width)
             self.maps.append(np.memmap(self.dir / shard["feats"], dtype="<i2", mode="r", shape=shape))
         if len(self.index) != manifest.get("rows"):
             raise CacheError(
-                f"{self.dir}: the manifest counts {manifest.get('rows')} frames but the shards hold "
+                f"{self.dir}: the manifest counts {manifest.get('rows')} rows but the shards hold "
                 f"{len(self.index)}; rebuild the cache."
             )
 
@@ -246,30 +285,61 @@ class TeacherCache:
     def name(self) -> str:
         return f"teacher cache {self.dir} ({self.spec.teacher})"
 
+    @property
+    def multi_view(self) -> bool:
+        """Rows are samples of ``views`` cameras seen together (a multi-view teacher's), not frames."""
+        return self.spec.multi_view
+
+    @property
+    def views(self) -> int:
+        return self.spec.views
+
     def __contains__(self, key: bytes) -> bool:
         return key in self.index
 
-    def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Targets for a batch's ``pixel_values`` (frames recovered and keyed as in keys.py)."""
-        from .frame_keys import keys_from_pixel_values
+    def check_views(self, views: int) -> None:
+        """A multi-view cache serves samples of exactly its ``views`` cameras (a single-view one, any number)."""
+        if self.spec.multi_view and views != self.spec.views:
+            raise CacheError(
+                f"Teacher cache {self.dir} holds {self.spec.teacher}'s targets per sample of {self.spec.views} "
+                f"camera(s) seen together, but this run aligns {views} image(s) per sample: align every camera the "
+                f"cache was built from (--align.images all, --num_images_in_input {self.spec.views}), or rebuild the "
+                f"cache with `openvla-align cache build --num-images {views}`."
+            )
 
-        return self.lookup(keys_from_pixel_values(pixel_values))
+    def targets(self, pixel_values: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """Targets for ``pixel_values`` holding one image per row, ``views`` consecutive rows a sample's cameras
+        (frames recovered and keyed as in ``frame_keys``): (B * views, T, D) from a single-view cache, looked up
+        frame by frame; (B, views * T, D) from a multi-view one, looked up sample by sample."""
+        keys = keys_from_pixel_values(pixel_values)
+        if not self.spec.multi_view:
+            return self.lookup(keys)
+        self.check_views(views)
+        return self.lookup(sample_keys(keys, views))
 
     def lookup(self, keys: Iterable[bytes]) -> torch.Tensor:
-        """Targets for ``keys`` in order, as a (B, tokens, width) CPU tensor of the cache's dtype."""
-        rows = []
-        for key in keys:
+        """Targets for ``keys`` in order, as a (B, row_tokens, width) CPU tensor of the cache's dtype: each row copied
+        once, out of the page cache into the batch."""
+        keys = list(keys)
+        out = np.empty((len(keys), self.spec.row_tokens, self.spec.width), dtype="<i2")
+        for i, key in enumerate(keys):
             where = self.index.get(key)
             if where is None:
-                raise CacheError(
-                    f"Frame {key.hex()} is not in the teacher cache {self.dir} (built from "
-                    f"{self.spec.source or 'unknown frames'}): the training data differs from what the cache was "
-                    "built on. Rebuild the cache for this dataset, or drop --align.teacher_cache."
-                )
+                raise CacheError(self._missing(key, i))
             shard, row = where
-            rows.append(np.asarray(self.maps[shard][row]))  # one copy out of the page cache per sample
-        out = torch.from_numpy(np.stack(rows).astype("<i2", copy=False))
-        return out.view(self.dtype)
+            out[i] = self.maps[shard][row]
+        return torch.from_numpy(out).view(self.dtype)
+
+    def _missing(self, key: bytes, index: int) -> str:
+        if self.spec.multi_view:
+            what = f"Sample {index} of the batch ({self.spec.views} camera frames together, key {key.hex()})"
+        else:
+            what = f"Frame {key.hex()}"
+        return (
+            f"{what} is not in the teacher cache {self.dir} (built from {self.spec.source or 'unknown frames'}): "
+            "the training data differs from what the cache was built on. Rebuild the cache for this dataset, or "
+            "drop --align.teacher_cache."
+        )
 
 
 def file_sha256(path: Optional[os.PathLike]) -> str:
@@ -288,20 +358,68 @@ def rlds_identity(data_root, dataset_name: str) -> Dict[str, object]:
     return {"dataset": dataset_name, "version": info.parent.name, "dataset_info_sha256": file_sha256(info)}
 
 
-def open_for_training(config, dataset_name: Optional[str] = None, data_root=None) -> "TeacherCache":
-    """Open ``config.teacher_cache`` and check it was built for this teacher, weights and dataset; a cache built for
-    anything else fails here, before the model loads."""
+def source_cameras(spec: CacheSpec) -> Optional[List[str]]:
+    """The cameras whose frames a cache holds, in the order a sample feeds them (None when its source does not say;
+    an RLDS cache built before camera lists holds the primary camera's alone)."""
+    source = spec.source or {}
+    if source.get("cameras"):
+        return [str(c) for c in source["cameras"]]
+    if source.get("kind") == "rlds":
+        return ["image_primary"]
+    return None
+
+
+def _registered_multi_view(name: str) -> Optional[bool]:
+    """Whether the registered teacher ``name`` is multi-view, when its spec says so (None: unknown)."""
+    try:
+        from ..teachers import teacher_spec
+
+        value = getattr(teacher_spec(name), "multi_view", None)
+    except Exception:  # an unknown or broken teacher is reported where it is built, not here
+        return None
+    return None if value is None else bool(value)
+
+
+def open_for_training(
+    config, dataset_name: Optional[str] = None, data_root=None, views: Optional[int] = None
+) -> "TeacherCache":
+    """Open ``config.teacher_cache`` and check it was built for this teacher, weights, teacher input, pooling and
+    dataset, and (``views``: images per sample the run aligns, 1 with ``--align.images primary``) for as many
+    cameras per sample; a cache built for anything else fails here, before the model loads."""
     cache = TeacherCache(config.teacher_cache, verify=config.verify_cache)
     spec, problems = cache.spec, []
     if spec.teacher != config.teacher:
-        problems.append(f"it holds {spec.teacher!r} features but --align.teacher is {config.teacher!r}")
+        problem = f"it holds {spec.teacher!r} features but --align.teacher is {config.teacher!r}"
+        if _registered_multi_view(config.teacher) and not spec.multi_view:
+            problem += (
+                f" (a single-view teacher's per-frame targets; {config.teacher} is multi-view, its targets are per "
+                "sample, all cameras seen together)"
+            )
+        problems.append(problem)
     if config.teacher_resolution is not None and config.teacher_resolution != spec.resolution:
         problems.append(
             f"it was built at {spec.resolution} px, --align.teacher_resolution is {config.teacher_resolution}"
         )
+    for name, default in (("teacher_input", "reference"), ("pooling", "resample"), ("pooling_pos_embed", 0.0)):
+        ours = getattr(config, name, default)
+        if ours != getattr(spec, name):
+            problems.append(f"it was built with --align.{name} {getattr(spec, name)!r}, this run has {ours!r}")
     weights = file_sha256(config.teacher_path)
     if weights and spec.weights_sha256 and weights != spec.weights_sha256:
         problems.append(f"it was built from other teacher weights than {config.teacher_path}")
+    if views is not None:
+        cameras = source_cameras(spec)
+        if spec.multi_view and views != spec.views:
+            problems.append(
+                f"it holds the multi-view teacher's targets per sample of {spec.views} camera(s) seen together, this "
+                f"run aligns {views} image(s) per sample (--num_images_in_input, --align.images); rebuild it with "
+                f"`cache build --num-images {views}`"
+            )
+        elif not spec.multi_view and cameras is not None and views > len(cameras):
+            problems.append(
+                f"it holds the frames of {len(cameras)} camera(s) per sample ({', '.join(cameras)}), this run aligns "
+                f"{views} (add --align.images primary, or rebuild it with `cache build --num-images {views}`)"
+            )
     source = spec.source or {}
     if source.get("kind") == "rlds" and dataset_name is not None:
         now = rlds_identity(data_root, dataset_name) if data_root is not None else {"dataset": dataset_name}
@@ -326,4 +444,5 @@ __all__ = [
     "open_for_training",
     "read_manifest",
     "rlds_identity",
+    "source_cameras",
 ]
