@@ -406,3 +406,33 @@ def test_teacher_cache_with_image_augmentation_is_refused_before_the_model_loads
     )  # image_aug defaults to true, as upstream
     assert proc.returncode != 0 and "colour jitter" in proc.stderr, proc.stderr[-3000:]
     assert "trainable params" not in proc.stdout and not written(tmp_path)
+
+
+def test_a_trainable_projector_resumes_with_its_optimizer_state(world):
+    """Spatial Forcing's trainable projector on OpenVLA's script: ``--resume_from`` restores its parameters (the
+    sidecar) and its AdamW state (the script's ``trainer_state.pt``, which holds every parameter group)."""
+    import torch
+
+    cwd = world["root"] / "sf-adapters"
+    sf = ("--align.projector", "spatial-forcing", "--align.freeze_projector", "false", "--align.loss",
+          "one-minus-cosine", "--align.coeff", "0.5", "--align.pooling", "bilinear-corners")  # fmt: skip
+    args = ("--max_steps", "2", "--save_steps", "2", "--merge_on_save", "false", "--save_latest_checkpoint_only", "false")
+    proc, metrics = finetune(world, cwd, *args, *ALIGN, *sf)
+    assert all(0 < m["align/loss"] <= 1.0 for m in metrics if "align/loss" in m)
+    exp = min(p.name for p in (cwd / "runs").iterdir())
+    ckpt2 = cwd / "runs" / f"{exp}--2_chkpt"
+    state2 = torch.load(ckpt2 / "trainer_state.pt", map_location="cpu", weights_only=True)["optimizer"]
+    projector_group = state2["param_groups"][-1]["params"]  # the plugin's parameters join as the last group
+    (steps2,) = {state2["state"][i]["step"].item() for i in projector_group}  # gradient steps 0, 1 and 2
+    assert steps2 == 3.0
+    resumed = world["root"] / "sf-resumed"
+    later = ("--max_steps", "4", "--save_steps", "2", "--merge_on_save", "false", "--save_latest_checkpoint_only", "false")
+    proc, _ = finetune(world, resumed, *later, *ALIGN, *sf, "--resume_from", str(ckpt2))
+    assert "after gradient step 2" in proc.stdout
+    ckpt4 = resumed / "runs" / f"{exp}--4_chkpt"
+    state4 = torch.load(ckpt4 / "trainer_state.pt", map_location="cpu", weights_only=True)["optimizer"]
+    steps4 = {state4["state"][i]["step"].item() for i in state4["param_groups"][-1]["params"]}
+    assert steps4 == {steps2 + 2}  # steps 3 and 4 on top of the restored state (a fresh one would count 2)
+    assert (ckpt4 / "align" / "projector.safetensors").read_bytes() != (
+        ckpt2 / "align" / "projector.safetensors"
+    ).read_bytes()  # restored, then trained on
