@@ -387,3 +387,24 @@ def test_freeze_off_freezes_nothing(vla):
     plugin.setup(SimpleNamespace(align=AlignConfig()))
     assert not plugin.config.vision and plugin.on_model_ready(model) == []
     assert [n for n, p in model.named_parameters() if p.requires_grad] == before
+
+
+def test_a_multi_view_teacher_with_images_primary_warns_once_in_setup(caplog):
+    """Decided and documented: with --align.images primary a multi-view teacher (VGGT) sees the third-person camera
+    alone; setup says so (Spatial Forcing feeds every camera)."""
+    import logging
+
+    from openvla_align.tiny import tiny_teacher
+
+    class OftCfg:  # OpenVLA-OFT's FinetuneConfig, as the host registry recognises it
+        vla_path, num_images_in_input, resume, image_aug = "unused", 2, False, False
+        data_root_dir, dataset_name = "unused", "sft"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vggt = tiny_teacher("vggt-1b", resolution=70)
+    with caplog.at_level(logging.WARNING, logger="openvla_align"):
+        AlignPlugin(AlignConfig(enabled=True, teacher="vggt-1b", images="primary"), vggt).setup(OftCfg())
+        AlignPlugin(AlignConfig(enabled=True, teacher="vggt-1b"), vggt).setup(OftCfg())
+    said = [r.getMessage() for r in caplog.records if "multi-view teacher" in r.getMessage()]
+    assert len(said) == 1 and "third-person camera alone" in said[0]
