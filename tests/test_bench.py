@@ -72,6 +72,53 @@ def test_oft_step_aligns_every_camera_and_trains_the_action_head(tmp_path):
     assert bench.peak_memory("cache", str(tmp_path / "c"), steps=1, scale="oft-smoke") > 0
 
 
+def test_oft_vggt_modes_see_both_cameras_together_live_and_cached(tmp_path):
+    """Spatial Forcing's rows: VGGT's aggregator (multi-view) on each sample's two cameras at once, its layer,
+    trainable projector, loss, input and pooling; the cache holds one row per sample (both cameras) and gives the
+    live teacher's loss; the projector is trained with the LoRA weights."""
+    from openvla_align.targets.cache import TeacherCache
+
+    scale = bench.SCALES["oft-smoke"]
+    sf = bench.with_vggt(scale)
+    assert (sf.teacher_name, sf.recipe, sf.layer, sf.teacher.out_width) == ("vggt-1b", "spatial-forcing", 3, 64)
+    assert bench.mode_scale(scale, "cache-vggt") == sf and bench.mode_scale(scale, "cache") is scale
+    assert bench.family_modes("openvla-oft") == (*bench.MODES, "live-vggt", "cache-vggt")
+    assert bench.family_modes("openvla") == bench.MODES
+    vla, _ = bench.build(scale, with_teacher=False)
+    heads = bench.build_heads(scale)
+    vla.eval()
+    teacher = bench.build_bench_teacher(sf)
+    assert teacher.multi_view and teacher.resolution == sf.teacher.resolution and teacher.width == 64
+    samples = bench.bench_samples(scale, 2)
+    assert samples == [(0, 2), (1, 3), (4, 6), (5, 7)]  # (camera 0, camera 1) frames of each sample batches feeds
+    info = bench.build_bench_cache(teacher, tmp_path / "v", scale=sf, batch_size=2)
+    cache = TeacherCache(tmp_path / "v")
+    assert (info["rows"], cache.multi_view, cache.views, len(cache)) == ("samples", True, 2, 4)
+    assert (cache.spec.teacher_input, cache.spec.pooling, cache.spec.pooling_pos_embed) == (
+        "spatial-forcing",
+        "bilinear-corners",
+        0.1,
+    )
+    data = bench.batches(scale, 2)
+    losses = {}
+    for batch in (next(data), next(data)):  # both batches of the cycle: every sample is in the cache
+        for mode in bench.VGGT_MODES:
+            with bench.Runner(mode, vla, teacher, cache, sf, "cpu", heads) as runner:
+                with torch.no_grad():
+                    losses[mode] = runner.loss(batch).item()
+        assert losses["cache-vggt"] == pytest.approx(losses["live-vggt"], rel=1e-3)
+    with bench.Runner("sft", vla, teacher, cache, scale, "cpu", heads) as runner, torch.no_grad():
+        assert losses["live-vggt"] != pytest.approx(runner.loss(batch).item(), rel=1e-6)
+    runner = bench.Runner("cache-vggt", vla, teacher, cache, sf, "cpu", heads)
+    projector = runner.aligner.trainable_parameters()
+    assert projector and all(any(p is q for q in runner.params) for p in projector)  # in the optimizer
+    with runner:
+        runner.loss(batch).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector)
+    with pytest.raises(ValueError, match="reference implementation: its recipe only"):
+        bench.Runner("reference", vla, teacher, cache, sf, "cpu", heads)
+
+
 def test_analytic_estimate_orders_the_modes():
     a = bench.analytic()
     assert a["time"]["sft"] == 1.0 < a["time"]["cache"] < a["time"]["live"] <= a["time"]["reference"]
@@ -88,6 +135,36 @@ def test_analytic_estimate_orders_the_modes():
         assert 0.6 < cpu[part] / big[part] < 1.4
 
 
+def test_analytic_vggt_1b_at_openvla_oft_7b():
+    """VGGT-1B's shape: a DINOv2-L/14 patch embedding (24 blocks of 1024) and 24 frame + 24 global blocks of 1024 at
+    518 px (37 x 37 patches + 5 prefix tokens per frame), the global blocks attending over both frames' 2 x 1374
+    tokens; its forward on a sample's two frames is 80 % of OpenVLA-7B's LLM forward at OFT's 597 tokens. Live, it
+    costs ~37 % more step time; cached (Spatial Forcing's trainable projector and one batch of 2048-wide targets),
+    within the targets: <= 1.03 x time and <= 1.05 x memory of plain OFT LoRA."""
+    v = bench.VGGT_1B
+    shape = (v.width, v.depth, v.embed_depth, v.mlp, v.heads, v.resolution, v.tokens)
+    assert shape == (1024, 24, 24, 4096, 16, 518, 37 * 37 + 5)
+    embed, frame, glob = v.towers(2)
+    assert glob.tokens == 2 * 1374 and embed.tokens == frame.tokens == 1374 and v.out_width == 2048
+    per_frame_block = 2 * 1374 * (12 * 1024**2 + 2 * 1374 * 1024)  # 4w^2 attention + 8w^2 MLP, scores + sum
+    global_block = 2 * 2748 * (12 * 1024**2 + 2 * 2748 * 1024)
+    assert v.sample_flops(2) == pytest.approx(2 * 48 * per_frame_block + 24 * global_block, rel=1e-12)
+    assert v.sample_flops(2) / 1e12 == pytest.approx(6.464, abs=0.001)  # TFLOPs per sample (2 frames)
+    assert v.params() / 1e9 == pytest.approx(0.906, abs=0.001)  # linear weights of the aggregator
+    big = bench.OFT_7B_VGGT
+    assert (big.teacher_name, big.layer, big.recipe, big.images) == ("vggt-1b", 24, "spatial-forcing", 2)
+    assert big.proportions()["teacher"] == pytest.approx(0.800, abs=0.001)
+    a = bench.analytic(big)
+    assert a["time"]["live"] == pytest.approx(1.368, abs=0.001)
+    assert a["time"]["cache"] == pytest.approx(1.0022, abs=0.0002) and a["time"]["cache"] <= 1.03
+    assert a["memory"]["live"] == pytest.approx(1.037, abs=0.001)
+    assert a["memory"]["cache"] == pytest.approx(1.0029, abs=0.0002) and a["memory"]["cache"] <= 1.05
+    # the CPU model keeps VGGT : LLM within 15 % of the 7B proportion (widths / 8, depths / 8, 518 px)
+    cpu = bench.with_vggt(bench.SCALES["oft-cpu"])
+    assert cpu.teacher.resolution == 518 and (cpu.teacher.width, cpu.teacher.depth) == (128, 3)
+    assert 0.85 < cpu.proportions()["teacher"] / big.proportions()["teacher"] < 1.15
+
+
 @pytest.mark.parametrize("family", ["openvla", "openvla-oft"])
 def test_cli_prints_the_table_and_writes_json(tmp_path, capsys, family):
     out = tmp_path / "bench.json"
@@ -100,11 +177,19 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys, family):
         "openvla-oft": "2 image(s) = 512 visual tokens, 56 action",
     }
     assert tokens[family] in printed
-    for mode in bench.MODES:
+    modes = bench.family_modes(family)
+    for mode in modes:
         assert f"\n{mode} " in printed
-    assert "cache builder:" in printed and "frames/s" in printed
+    assert "cache builder (c-radio-v3-l):" in printed and "frames/s" in printed
     result = json.loads(out.read_text())
-    assert set(result["time"]["median_s"]) == set(bench.MODES) and result["time"]["steps"]["sft"] == 1
+    assert result["modes"] == list(modes)
+    assert set(result["time"]["median_s"]) == set(modes) and result["time"]["steps"]["sft"] == 1
+    assert set(result["analytic_7b"]["time"]) == set(modes) == set(result["time"]["ratio_ci95"])
+    if family == "openvla-oft":
+        assert "OpenVLA-OFT-7B + VGGT-1B (Spatial Forcing): both cameras through VGGT together (518 px" in printed
+        assert "cache builder (vggt-1b):" in printed
+        assert result["scales"]["7b-vggt"]["teacher"]["tokens"] == 1374
+        assert result["analytic_7b"]["time"]["cache-vggt"] == bench.analytic(bench.OFT_7B_VGGT)["time"]["cache"]
     if memory:
         assert result["memory"] is None and "peak mem" in printed
     else:

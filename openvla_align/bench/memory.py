@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .model import MODES, SCALES, Runner, batches, build, build_bench_cache, build_heads
+from .model import MODES, SCALES, Runner, batches, build, build_heads, mode_scale
 
 
 def _heap_reader():
@@ -69,7 +69,7 @@ def peak_memory(
     scale: str = "cpu",
 ) -> int:
     """Peak bytes for ``mode`` in this process: CUDA allocator peak, or peak RSS above the pre-model baseline.
-    Only the live and reference modes build a teacher; the cache mode reads ``cache_dir`` (built elsewhere)."""
+    Only the live and reference modes build a teacher; the cache modes read ``cache_dir`` (built elsewhere)."""
     from ..targets.cache import TeacherCache
 
     measure, _ = _heap_reader()
@@ -85,15 +85,17 @@ def peak_memory(
     sampler = threading.Thread(target=sample, daemon=True)
     if not device.startswith("cuda"):
         sampler.start()
-    scale = SCALES[scale]
+    base = SCALES[scale]
+    scale = mode_scale(base, mode)
+    kind = mode.split("-")[0]
     torch.manual_seed(0)
-    vla, teacher = build(scale, device=device, with_teacher=mode in ("live", "reference"))
+    vla, teacher = build(scale, device=device, with_teacher=kind in ("live", "reference"))
     vla.train()
-    cache = TeacherCache(cache_dir) if mode == "cache" else None
+    cache = TeacherCache(cache_dir) if kind == "cache" else None
     runner = Runner(mode, vla, teacher, cache, scale, device, heads=build_heads(scale, device=device))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    data = batches(scale, batch_size)
+    data = batches(base, batch_size)
     with runner:
         for _ in range(steps):
             runner.step(next(data))
@@ -105,16 +107,20 @@ def peak_memory(
 
 
 def memory_modes(modes=MODES, device: str = "cpu", batch_size: int = 2, scale: str = "cpu") -> Dict[str, object]:
-    """Each mode in a fresh interpreter (a process's peak cannot be reset)."""
+    """Each mode in a fresh interpreter (a process's peak cannot be reset); the caches are built here first."""
+    from . import bench_sources
+
     peaks = {}
+    base = SCALES[scale]
     with tempfile.TemporaryDirectory() as tmp:
-        _, teacher = build(SCALES[scale], device=device)
-        build_bench_cache(teacher, Path(tmp) / "cache", device=device)
+        _, teacher = build(base, device=device)
+        bench_sources(modes, base, teacher, Path(tmp), batch_size, device)  # one cache per teacher, then dropped
         del teacher
         for mode in modes:
+            cache_dir = str(Path(tmp) / mode_scale(base, mode).teacher_name)
             code = (
                 "import json, sys; from openvla_align.bench import peak_memory; "
-                f"print(json.dumps(peak_memory({mode!r}, {str(Path(tmp) / 'cache')!r}, device={device!r}, "
+                f"print(json.dumps(peak_memory({mode!r}, {cache_dir!r}, device={device!r}, "
                 f"batch_size={batch_size}, scale={scale!r})))"
             )
             proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)

@@ -1,17 +1,22 @@
 """The bench's model: OpenVLA-7B's and OpenVLA-OFT's shapes (analytic) and CPU-sized models with the same structure,
 their batches, and one training step per mode (plain SFT, live teacher, cached targets, the reference's
-all-hidden-states path)."""
+all-hidden-states path; at OFT's shapes also Spatial Forcing's VGGT teacher, live and cached)."""
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
 MODES = ("sft", "live", "cache", "reference")
+# Spatial Forcing's recipe (VGGT-1B, both cameras through it together, its projector, loss, input and pooling): the
+# live teacher and its cache, at OpenVLA-OFT's shapes
+VGGT_MODES = ("live-vggt", "cache-vggt")
 PROMPT_TEXT = 26  # "In: What action should the robot take to <instruction>?\nOut:" after BOS
 PROMPT_TOKENS = PROMPT_TEXT + 7 + 1  # OpenVLA: + 7 action tokens + </s>
 VISUAL_TOKENS = 256  # per image
@@ -40,6 +45,54 @@ class Tower:
     def params(self) -> float:
         return self.depth * (4 * self.width**2 + (3 if self.gated else 2) * self.width * self.mlp)
 
+    @property
+    def out_width(self) -> int:  # the feature width a teacher of this shape gives
+        return self.width
+
+    def sample_flops(self, images: int) -> float:
+        """A single-view teacher (or tower) runs on each image on its own."""
+        return images * self.forward_flops()
+
+
+@dataclass(frozen=True)
+class VGGTTower:
+    """VGGT's aggregator (multi-view): per frame a DINOv2 ViT patch embedding (``embed_depth`` blocks), then ``depth``
+    pairs of a frame block (attention within each frame) and a global block (attention over all the sample's frames
+    at once); a feature is a frame block's and a global block's outputs concatenated (2 x width). ``tokens`` per frame:
+    the patches and 5 prefix tokens (the patch embedding's class token and 4 registers; the aggregator's camera token
+    and 4 registers)."""
+
+    width: int
+    depth: int
+    mlp: int
+    tokens: int
+    embed_depth: int
+    heads: int
+    resolution: int
+
+    @property
+    def out_width(self) -> int:
+        return 2 * self.width
+
+    def towers(self, images: int) -> Tuple[Tower, Tower, Tower]:
+        """(patch embedding, frame blocks) run per frame, global blocks once per sample over ``images`` frames."""
+        w, m, t = self.width, self.mlp, self.tokens
+        return Tower(w, self.embed_depth, m, t), Tower(w, self.depth, m, t), Tower(w, self.depth, m, images * t)
+
+    def sample_flops(self, images: int) -> float:
+        embed, frame, glob = self.towers(images)
+        return images * (embed.forward_flops() + frame.forward_flops()) + glob.forward_flops()
+
+    def forward_flops(self) -> float:  # one frame alone
+        return self.sample_flops(1)
+
+    def params(self) -> float:
+        embed, frame, glob = self.towers(1)
+        return embed.params() + frame.params() + glob.params()
+
+
+TeacherShape = Union[Tower, VGGTTower]
+
 
 @dataclass(frozen=True)
 class Scale:
@@ -53,6 +106,10 @@ class Scale:
     family: str = "openvla"  # "openvla-oft": OFT's inputs (images, proprio token, action chunk) and L1 head
     images: int = 1  # camera images per sample (each 256 visual tokens, each seen by the teacher)
     chunk: int = 1  # actions per forward (OpenVLA: 1; OFT: the whole chunk in parallel)
+    teacher_name: str = "c-radio-v3-l"
+    recipe: str = "blindvla"  # the alignment's settings: "blindvla" (the paper's) or "spatial-forcing" (RECIPES)
+    vggt: Optional[VGGTTower] = None  # VGGT-1B at this size, and the LLM layer Spatial Forcing aligns (its 24 of 32)
+    vggt_layer: int = 0
 
     @property
     def visual_tokens(self) -> int:
@@ -63,8 +120,8 @@ class Scale:
         return self.images * (self.dino.forward_flops() + self.siglip.forward_flops())
 
     @property
-    def teacher_flops(self) -> float:
-        return self.images * self.teacher.forward_flops()
+    def teacher_flops(self) -> float:  # per sample: a multi-view teacher sees the sample's images together
+        return self.teacher.sample_flops(self.images)
 
     @property
     def head_flops(self) -> float:  # OFT's L1 head: MLPResNet(2 blocks) from ACTION_DIM * width to width, per action
@@ -81,6 +138,15 @@ class Scale:
 SEQ = 1 + VISUAL_TOKENS + PROMPT_TOKENS
 OFT_PROMPT_TOKENS = PROMPT_TEXT + OFT_CHUNK * OFT_ACTION_DIM + 1  # + the chunk's 56 action tokens + </s>
 OFT_SEQ = 1 + OFT_IMAGES * VISUAL_TOKENS + 1 + OFT_PROMPT_TOKENS  # BOS, visual tokens, proprio token, prompt
+VGGT_PREFIX = 5  # per frame: 1 camera + 4 register tokens (its patch embedding: 1 class + 4 registers)
+# VGGT-1B: 24 frame + 24 global blocks of width 1024 (16 heads, MLP 4x) over a DINOv2-L/14 patch embedding (24 blocks)
+# at 518 px: 37 x 37 = 1369 patches + 5 prefix tokens per frame
+VGGT_1B = VGGTTower(1024, 24, 4096, 37 * 37 + VGGT_PREFIX, embed_depth=24, heads=16, resolution=518)
+# Widths / 8, and depths / 8 rather than / 4: at width 128 attention over 1374 tokens (2748 in a global block) weighs
+# more against the linear layers than at width 1024, and depth 3 keeps VGGT : LLM near its 7B proportion (0.90 : 1
+# against 0.80 : 1 at OFT's shapes). The input stays Spatial Forcing's 518 px.
+VGGT_CPU = VGGTTower(128, 3, 512, 37 * 37 + VGGT_PREFIX, embed_depth=3, heads=2, resolution=518)
+VGGT_SMOKE = VGGTTower(32, 1, 128, 16 * 16 + VGGT_PREFIX, embed_depth=1, heads=2, resolution=224)
 OPENVLA_7B = Scale(
     "OpenVLA-7B + C-RADIOv3-L",
     dino=Tower(1024, 24, 4096, 261),  # ViT-L/14 with 4 registers + cls at 224 px
@@ -89,6 +155,8 @@ OPENVLA_7B = Scale(
     teacher=Tower(1024, 24, 4096, 256 + 8),  # C-RADIOv3-L at 256 px, 8 prefix tokens
     vocab=32064,
     layer=16,
+    vggt=VGGT_1B,
+    vggt_layer=24,
 )
 CPU_SCALE = Scale(
     "CPU scale (widths / 8, depths / 4)",
@@ -98,6 +166,8 @@ CPU_SCALE = Scale(
     teacher=Tower(128, 6, 512, 256 + 8),
     vocab=768,
     layer=4,
+    vggt=VGGT_CPU,
+    vggt_layer=6,
 )
 SMOKE_SCALE = Scale(  # for tests of the bench itself: same code paths, seconds not minutes
     "smoke scale",
@@ -107,47 +177,111 @@ SMOKE_SCALE = Scale(  # for tests of the bench itself: same code paths, seconds 
     teacher=Tower(32, 2, 128, 256 + 8),
     vocab=768,
     layer=2,
+    vggt=VGGT_SMOKE,
+    vggt_layer=3,
 )
 
 
 def oft(scale: Scale) -> Scale:
     """``scale`` with OpenVLA-OFT's LIBERO inputs: 2 images, a proprio token, a chunk of 8 x 7 action tokens."""
     llm = Tower(scale.llm.width, scale.llm.depth, scale.llm.mlp, OFT_SEQ, gated=True)
-    teacher = scale.teacher
-    return Scale(
-        f"{scale.name}, OpenVLA-OFT inputs",
-        scale.dino,
-        scale.siglip,
-        llm,
-        teacher,
-        scale.vocab,
-        scale.layer,
+    return replace(
+        scale,
+        name=f"{scale.name}, OpenVLA-OFT inputs",
+        llm=llm,
         family="openvla-oft",
         images=OFT_IMAGES,
         chunk=OFT_CHUNK,
     )
 
 
+def with_vggt(scale: Scale, name: Optional[str] = None) -> Scale:
+    """``scale`` aligned as Spatial Forcing does: its VGGT-1B-shaped teacher on the sample's cameras together, its
+    LLM layer (24 of 32), projector, loss, teacher input and pooling (``RECIPES["spatial-forcing"]``)."""
+    if scale.vggt is None:
+        raise ValueError(f"{scale.name} has no VGGT teacher shape.")
+    return replace(
+        scale,
+        name=name or f"{scale.name}, VGGT",
+        teacher=scale.vggt,
+        teacher_name="vggt-1b",
+        layer=scale.vggt_layer,
+        recipe="spatial-forcing",
+    )
+
+
+def mode_scale(scale: Scale, mode: str) -> Scale:
+    """The scale a mode runs at: Spatial Forcing's VGGT for the VGGT modes, ``scale`` itself for the others."""
+    return with_vggt(scale) if mode in VGGT_MODES else scale
+
+
+def family_modes(family: str) -> Tuple[str, ...]:
+    """The modes the bench runs for a model family: the four, and at OpenVLA-OFT's shapes VGGT live and cached."""
+    return MODES + (VGGT_MODES if family == "openvla-oft" else ())
+
+
 OFT_7B = replace(oft(OPENVLA_7B), name="OpenVLA-OFT-7B + C-RADIOv3-L")
+OFT_7B_VGGT = with_vggt(OFT_7B, name="OpenVLA-OFT-7B + VGGT-1B (Spatial Forcing)")
 SCALES = {"cpu": CPU_SCALE, "smoke": SMOKE_SCALE, "oft-cpu": oft(CPU_SCALE), "oft-smoke": oft(SMOKE_SCALE)}
 FULL_SCALES = {"openvla": OPENVLA_7B, "openvla-oft": OFT_7B}
+
+# The alignment's settings per recipe: the paper's (BlindVLA: a frozen 3-layer MLP projector, -cos) and Spatial
+# Forcing's (its trainable LayerNorm-Linear-GELU-Linear projector, hidden width = teacher width, 1 - cos, VGGT's input
+# and pooling)
+RECIPES = {
+    "blindvla": {},
+    "spatial-forcing": dict(
+        coeff=0.5,
+        loss="one-minus-cosine",
+        projector="spatial-forcing",
+        freeze_projector=False,
+        teacher_input="spatial-forcing",
+        pooling="bilinear-corners",
+        pooling_pos_embed=0.1,
+    ),
+}
+
+
+def align_config(scale: Scale, cpu: bool = True):
+    """The ``AlignConfig`` a scale's alignment runs with (``cpu``: the MLP projector's hidden width / 8 too)."""
+    from ..config import AlignConfig
+
+    return AlignConfig(
+        enabled=True,
+        teacher=scale.teacher_name,
+        layers=(scale.layer,),
+        projector_dim=2048 // 8 if cpu else 2048,
+        **RECIPES[scale.recipe],
+    )
+
+
+def projector_params(scale: Scale) -> float:
+    """Weights of the projector: the paper's MLP (in -> 2048 -> 2048 -> teacher width) or Spatial Forcing's (in ->
+    teacher width -> teacher width)."""
+    w_in, w_out = scale.llm.width, scale.teacher.out_width
+    if scale.recipe == "spatial-forcing":
+        return w_in * w_out + w_out * w_out
+    return w_in * 2048 + 2048 * 2048 + 2048 * w_out
 
 
 def analytic(scale: Scale = OPENVLA_7B, batch: int = 8, lora_params: float = 110e6) -> Dict[str, Dict[str, float]]:
     """Step-time and memory ratios to SFT from FLOPs and bytes (bf16 weights, AdamW on LoRA, no recomputation).
 
     Time: a LoRA step costs forward + backward through activations (~2x the vision + LLM forward; weight gradients
-    only for the adapters); alignment adds the teacher forward (live) and the projector (both). Memory: bf16
-    weights + LoRA AdamW state + activations (per layer 34*s*b*h + 5*a*s^2*b bytes, Korthikanti et al. 2022);
-    alignment adds the teacher's bf16 weights and one layer's inference activations (live), the projector, and
-    (cache) one batch of targets.
+    only for the adapters); alignment adds the teacher forward (live; a multi-view teacher's over the sample's
+    images together) and the projector (both; with its weight gradient when trained). Memory: bf16 weights + LoRA
+    AdamW state + activations (per layer 34*s*b*h + 5*a*s^2*b bytes, Korthikanti et al. 2022); alignment adds the
+    teacher's bf16 weights and one layer's inference activations (live), the projector (and its AdamW state when
+    trained), and (cache) one batch of targets.
     """
     llm_out = 2.0 * scale.llm.tokens * scale.llm.width * scale.vocab + scale.head_flops
     per_sample = scale.vision_flops + scale.llm.forward_flops() + llm_out
     step = 2.0 * batch * per_sample
-    w_in, w_out = scale.llm.width, scale.teacher.width
+    w_out = scale.teacher.out_width
     tokens = scale.visual_tokens
-    projector = 2.0 * tokens * (w_in * 2048 + 2048 * 2048 + 2048 * w_out) * 2  # forward + input gradient
+    trainable = scale.recipe == "spatial-forcing"
+    # forward + input gradient (+ weight gradient when the projector is trained)
+    projector = 2.0 * tokens * projector_params(scale) * (3 if trainable else 2)
     teacher = scale.teacher_flops
 
     def acts(t: Tower, heads: int) -> float:
@@ -162,7 +296,8 @@ def analytic(scale: Scale = OPENVLA_7B, batch: int = 8, lora_params: float = 110
     base = weights + lora_params * (2 + 4 + 4 + 4) + head + acts(scale.llm, 32) + towers
     teacher_acts = 10 * scale.teacher.tokens * batch * scale.images * scale.teacher.width * 2
     teacher_mem = 2.0 * scale.teacher.params() + teacher_acts
-    projector_mem = 2.0 * (w_in * 2048 + 2048 * 2048 + 2048 * w_out)
+    # frozen: bf16 weights; trained (Spatial Forcing): bf16 weights + AdamW's fp32 state and gradient, as LoRA's
+    projector_mem = projector_params(scale) * ((2 + 4 + 4 + 4) if trainable else 2.0)
     targets = 2.0 * batch * tokens * w_out
     return {
         "time": {
@@ -183,10 +318,9 @@ def analytic(scale: Scale = OPENVLA_7B, batch: int = 8, lora_params: float = 110
 
 # --------------------------------------------------------------------------------------------------- the CPU model
 def build(scale: Scale = CPU_SCALE, seed: int = 0, device: str = "cpu", with_teacher: bool = True):
-    """The scaled VLA (LoRA r=32 on all linear layers, as the paper), its teacher, and a batch generator."""
+    """The scaled VLA (LoRA r=32 on all linear layers, as the paper) and its teacher."""
     from peft import LoraConfig, get_peft_model
 
-    from ..teachers.build import build_teacher
     from ..tiny import build_tiny_vla
 
     vla = build_tiny_vla(
@@ -210,12 +344,32 @@ def build(scale: Scale = CPU_SCALE, seed: int = 0, device: str = "cpu", with_tea
     vla = get_peft_model(vla, lora).to(device)
     if not with_teacher:
         return vla, None
-    arch = dict(embed_dim=scale.teacher.width, depth=scale.teacher.depth, num_heads=2)
+    return vla, build_bench_teacher(scale, seed, device)
+
+
+def build_bench_teacher(scale: Scale, seed: int = 0, device: str = "cpu"):
+    """The scale's teacher with random weights at its shape: C-RADIOv3-L's architecture, or VGGT's aggregator (the
+    sample's cameras together) at its input size."""
+    from ..teachers.build import build_teacher
+
+    t = scale.teacher
+    kwargs = {}
+    if isinstance(t, VGGTTower):
+        arch = dict(
+            embed_dim=t.width,
+            depth=t.depth,
+            num_heads=t.heads,
+            mlp_ratio=t.mlp / t.width,
+            patch_embed_depth=t.embed_depth,
+            img_size=t.resolution,
+        )
+        kwargs["resolution"] = t.resolution
+    else:
+        arch = dict(embed_dim=t.width, depth=t.depth, num_heads=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: the bench measures cost, not quality
         # dtype "auto", as the plugin runs it: bfloat16 on CUDA, float32 on the CPU
-        teacher = build_teacher("c-radio-v3-l", allow_random=True, arch=arch, device=device, seed=seed)
-    return vla, teacher
+        return build_teacher(scale.teacher_name, allow_random=True, arch=arch, device=device, seed=seed, **kwargs)
 
 
 class OFTHeads(torch.nn.Module):
@@ -259,6 +413,27 @@ def frames(n: int, seed: int = 0):
     return [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def frame_indices(scale: Scale, batch_size: int, n_frames: int = 8):
+    """Per batch, the frame index of each camera of each sample: [camera][sample], cycling over ``n_frames``."""
+    i = 0
+    while True:
+        cameras = []
+        for _ in range(scale.images):
+            cameras.append([(i + k) % n_frames for k in range(batch_size)])
+            i += batch_size
+        yield cameras
+
+
+def bench_samples(scale: Scale, batch_size: int, n_frames: int = 8) -> list:
+    """Every distinct sample ``batches`` feeds, as tuples of frame indices in camera order (what a multi-view cache
+    must hold)."""
+    period = n_frames // math.gcd(n_frames, scale.images * batch_size)  # batches until the indices repeat
+    out = []
+    for _, cameras in zip(range(period), frame_indices(scale, batch_size, n_frames)):
+        out += [tuple(cam[k] for cam in cameras) for k in range(batch_size)]
+    return list(dict.fromkeys(out))
+
+
 def batches(scale: Scale, batch_size: int, n_frames: int = 8, seed: int = 0):
     """Cycling batches over ``n_frames`` images: OpenVLA's layout (BOS, prompt, 7 action tokens, </s>), or OFT's
     (``images`` cameras stacked on the channels, BOS, prompt, the chunk's action tokens, </s>, plus the chunk's
@@ -268,13 +443,8 @@ def batches(scale: Scale, batch_size: int, n_frames: int = 8, seed: int = 0):
     fs = frames(n_frames, seed)
     gen = torch.Generator().manual_seed(seed)
     n_actions = scale.chunk * 7 if scale.family == "openvla-oft" else 7
-    i = 0
-    while True:
-        cameras = []
-        for _ in range(scale.images):
-            idx = [(i + k) % n_frames for k in range(batch_size)]
-            i += batch_size
-            cameras.append(pixel_values_from_frames([fs[j] for j in idx]))
+    for indices in frame_indices(scale, batch_size, n_frames):
+        cameras = [pixel_values_from_frames([fs[j] for j in idx]) for idx in indices]
         ids = torch.randint(4, scale.vocab - 256, (batch_size, PROMPT_TEXT + n_actions + 2), generator=gen)
         ids[:, 0] = 1
         actions = torch.randint(scale.vocab - 256, scale.vocab, (batch_size, n_actions), generator=gen)
@@ -295,38 +465,51 @@ def batches(scale: Scale, batch_size: int, n_frames: int = 8, seed: int = 0):
 
 
 class Runner:
-    """One mode's step on the shared model."""
+    """One mode's step on the shared model: ``sft``, ``live`` (teacher run on each batch), ``cache`` (targets read from
+    a teacher cache, the plugin's way: the Aligner's target source), ``reference`` (all hidden states returned, the
+    layer sliced); ``live-vggt`` / ``cache-vggt`` are live / cache at ``with_vggt(scale)`` (pass that scale, the VGGT
+    teacher and its cache)."""
 
     def __init__(self, mode: str, vla, teacher, cache, scale: Scale, device: str, heads=None):
         from ..aligner import Aligner
-        from ..config import AlignConfig
 
-        self.mode, self.vla, self.device, self.scale = mode, vla, device, scale
-        self.cfg = AlignConfig(enabled=True, layers=(scale.layer,), projector_dim=2048 // 8)
+        self.mode, self.kind = mode, mode.split("-")[0]
+        self.vla, self.device, self.scale = vla, device, scale
+        if self.kind not in ("sft", "live", "cache", "reference"):
+            raise ValueError(f"mode={mode!r}: the bench runs {MODES + VGGT_MODES}.")
+        if self.kind == "reference" and scale.recipe != "blindvla":
+            raise ValueError("The reference mode is the paper's reference implementation: its recipe only.")
+        self.cfg = align_config(scale)
         self.aligner = None
         self.cache = cache
-        if mode in ("live", "cache"):
-            kwargs = {"target_width": scale.teacher.width} if mode == "cache" else {}
-            self.aligner = Aligner(self.cfg, teacher if mode == "live" else None, **kwargs)
-        elif mode == "reference":
-            self.aligner = Aligner(self.cfg, teacher)  # its projector and teacher; the hook is not used
+        if self.kind in ("live", "reference"):
+            self.aligner = Aligner(self.cfg, teacher)  # reference: its projector and teacher; the hook is not used
+        elif self.kind == "cache":
+            self.aligner = Aligner(self.cfg, cache)
         if scale.family == "openvla-oft" and heads is None:
             raise ValueError("OpenVLA-OFT's step needs its action head and proprio projector: pass build_heads(scale)")
         self.heads = heads
         trained = list(vla.parameters()) + (list(heads.parameters()) if heads is not None else [])
+        if self.aligner is not None:
+            self.aligner.attach(vla)  # builds and places the projector (trained with the LoRA weights in SF's recipe)
+            self.aligner.remove()
+            trained += self.aligner.trainable_parameters()
         self.params = [p for p in trained if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=5e-4)
 
     def __enter__(self):
-        if self.mode in ("live", "cache"):
-            self.aligner.attach(self.vla)
-        elif self.mode == "reference":
-            self.aligner.attach(self.vla)
-            self.aligner.remove()  # projector built and placed, no hook
+        if self.kind in ("live", "cache"):
+            aligner_log = logging.getLogger("openvla_align.aligner")
+            level = aligner_log.level
+            aligner_log.setLevel(logging.WARNING)  # the bench attaches every step: its placement note was said once
+            try:
+                self.aligner.attach(self.vla)
+            finally:
+                aligner_log.setLevel(level)
         return self
 
     def __exit__(self, *exc):
-        if self.mode in ("live", "cache"):
+        if self.kind in ("live", "cache"):
             self.aligner.remove()
 
     def loss(self, batch) -> torch.Tensor:
@@ -338,13 +521,13 @@ class Runner:
         kwargs = {}
         if scale.family == "openvla-oft":  # OFT's step always asks for every layer's hidden states (its L1 head)
             kwargs = dict(output_hidden_states=True, proprio=proprio, proprio_projector=self.heads.proprio_projector)
-        elif self.mode == "reference":
+        elif self.kind == "reference":
             kwargs = dict(output_hidden_states=True)
         autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.startswith("cuda") else _Null()
         with autocast:
             out = self.vla(**model_batch, **kwargs)
             action_loss = out.loss if actions is None else self._l1_loss(out, actions)
-            if self.mode == "reference":
+            if self.kind == "reference":
                 hidden = out.hidden_states[scale.layer][:, 1 : 1 + scale.visual_tokens]
                 with torch.no_grad():
                     targets = self.aligner.teacher(rgb_from_pixel_values(split_images(model_batch["pixel_values"])))
@@ -353,12 +536,10 @@ class Runner:
                 student = proj(hidden.float())
                 cos = torch.nn.functional.cosine_similarity(student, targets.float(), dim=-1)
                 return action_loss + self.cfg.coeff * (-cos.mean())
-            if self.mode == "live":
+            if self.kind == "live":
                 return action_loss + self.aligner(pixel_values=model_batch["pixel_values"]).loss
-            if self.mode == "cache":
-                pixels = batch["pixel_values"]
-                targets = self.cache.targets(split_images(pixels)).reshape(pixels.shape[0], scale.visual_tokens, -1)
-                return action_loss + self.aligner(targets=targets).loss
+            if self.kind == "cache":  # the loader's CPU batch, as the plugin gets it: keys hashed there
+                return action_loss + self.aligner(pixel_values=batch["pixel_values"]).loss
             return action_loss
 
     def _l1_loss(self, out, actions: torch.Tensor) -> torch.Tensor:
@@ -386,17 +567,37 @@ class _Null:
 
 
 def build_bench_cache(
-    teacher, directory: Path, n_frames: int = 8, seed: int = 0, device: str = "cpu"
+    teacher,
+    directory: Path,
+    n_frames: int = 8,
+    seed: int = 0,
+    device: str = "cpu",
+    scale: Optional[Scale] = None,
+    batch_size: int = 2,
 ) -> Dict[str, object]:
+    """The cache the cached modes read: every frame ``batches`` feeds, or for a multi-view teacher every sample (its
+    cameras together; ``scale`` and ``batch_size`` say which), built with the scale's teacher input and pooling."""
     from ..cache.build import build_cache
 
+    fs = frames(n_frames, seed)
+    settings = {}
+    if scale is not None:
+        cfg = align_config(scale)
+        settings = dict(teacher_input=cfg.teacher_input, pooling=cfg.pooling, pooling_pos_embed=cfg.pooling_pos_embed)
+    if getattr(teacher, "multi_view", False):
+        if scale is None:
+            raise ValueError("A multi-view teacher's bench cache holds samples: pass the scale (and batch size).")
+        items = [tuple(fs[i] for i in sample) for sample in bench_samples(scale, batch_size, n_frames)]
+    else:
+        items = fs
     return build_cache(
         directory,
         teacher,
-        iter(frames(n_frames, seed)),
+        iter(items),
         source={"kind": "bench"},
-        teacher_name="bench-radio",
+        teacher_name=scale.teacher_name if scale is not None else "bench-radio",
         device=device,
         progress=False,
         batch_size=8,
+        **settings,
     )
