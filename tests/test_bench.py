@@ -170,7 +170,8 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys, family):
     out = tmp_path / "bench.json"
     args = ["bench", "--scale", "smoke", "--rounds", "1", "--steps", "1", "--device", "cpu", "--out", str(out)]
     memory = [] if family == "openvla" else ["--no-memory"]  # one family's memory processes are enough (~1 min)
-    assert main([*args, "--family", family, *memory]) == 0
+    clock = "wall" if family == "openvla" else "cpu"  # the process's CPU time instead of the wall clock
+    assert main([*args, "--family", family, *memory, "--clock", clock]) == 0
     printed = capsys.readouterr().out
     tokens = {
         "openvla": "1 image(s) = 256 visual tokens, 7 action",
@@ -182,7 +183,8 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys, family):
         assert f"\n{mode} " in printed
     assert "cache builder (c-radio-v3-l):" in printed and "frames/s" in printed
     result = json.loads(out.read_text())
-    assert result["modes"] == list(modes)
+    assert result["modes"] == list(modes) and result["time"]["clock"] == result["settings"]["clock"] == clock
+    assert ("CPU (ms)" in printed) == (clock == "cpu") and ("step (ms)" in printed) == (clock == "wall")
     assert set(result["time"]["median_s"]) == set(modes) and result["time"]["steps"]["sft"] == 1
     assert set(result["analytic_7b"]["time"]) == set(modes) == set(result["time"]["ratio_ci95"])
     if family == "openvla-oft":
