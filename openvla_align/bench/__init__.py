@@ -144,6 +144,7 @@ def time_modes(
         "ratio_ci95": {m: ratio_ci(paired[m]) for m in modes},
         "ratio_of_medians": {m: medians[m] / medians["sft"] for m in modes},
         "steps": {m: len(v) for m, v in times.items()},
+        "times_s": times,  # every timed step, in order (step j of every mode ran on the same batch)
         "clock": clock,
         "cache_build": builds[scale.teacher_name],
         "cache_builds": builds,
