@@ -280,3 +280,22 @@ def test_rlds_cameras_are_the_primary_then_every_wrist_camera_as_oft_feeds_them(
     observation = {"image_primary": 0, "image_left_wrist": 0, "image_right_wrist": 0, "proprio": 0}
     assert step_cameras(observation) == ["image_primary", "image_left_wrist", "image_right_wrist"]
     assert callable(rlds_frames)
+
+
+def test_the_plugin_opens_a_multi_view_cache_for_the_images_it_aligns(tmp_path):
+    """OFT with two cameras: the align plugin's setup opens a multi-view cache for 2 views (every camera aligned),
+    and refuses it with --align.images primary (1 view), before the model loads."""
+    from openvla_align.openvla.plugins import AlignPlugin
+
+    CacheWriter(tmp_path / "mv", _spec(multi_view=True, views=2, **SF)).close()
+
+    class OftCfg:  # OpenVLA-OFT's FinetuneConfig, as the host registry recognises it
+        vla_path, num_images_in_input, resume, image_aug = "unused", 2, False, False
+        data_root_dir, dataset_name = "unused", None
+
+    cfg = dict(enabled=True, teacher="vggt-1b", teacher_cache=str(tmp_path / "mv"), **SF)
+    plugin = AlignPlugin(AlignConfig(**cfg))
+    plugin.setup(OftCfg())
+    assert plugin.cache.multi_view and plugin.cache.views == 2 and plugin.teacher is None  # no teacher is built
+    with pytest.raises(CacheError, match=r"this run aligns 1 image"):
+        AlignPlugin(AlignConfig(**cfg, images="primary")).setup(OftCfg())

@@ -88,12 +88,6 @@ class AlignPlugin(FinetunePlugin):
         resume_dir = host.resume_dir(cfg)
         if resume_dir is not None:
             self.check_sidecar(resume_dir / self.name, self.num_images)
-        if self.config.teacher_cache and self.num_images > 1 and self.config.images == "all":
-            raise ValueError(
-                f"--align.teacher_cache holds one camera's frames, but this run feeds {self.num_images} images per "
-                "sample (--num_images_in_input) and aligns all of them. Add --align.images primary to align the "
-                "third-person camera's tokens from the cache, or drop --align.teacher_cache to run the teacher live."
-            )
         if self.config.teacher_cache:
             self.cache = self._open_cache(cfg)
         elif self.teacher is None:
@@ -115,7 +109,10 @@ class AlignPlugin(FinetunePlugin):
                 "no transform of cached features reproduces. Train with --image_aug false, or drop "
                 "--align.teacher_cache to run the teacher live on the augmented frames."
             )
-        return open_for_training(self.config, getattr(cfg, "dataset_name", None), getattr(cfg, "data_root_dir", None))
+        views = 1 if self.config.images == "primary" else self.num_images  # images per sample the run aligns
+        return open_for_training(
+            self.config, getattr(cfg, "dataset_name", None), getattr(cfg, "data_root_dir", None), views=views
+        )
 
     def _build_teacher(self) -> nn.Module:
         """Rank 0 resolves (and would convert/cache) the teacher weights first, then the other ranks read them."""
