@@ -161,7 +161,8 @@ def test_multi_view_targets_through_the_aligner():
     targets = aligner.teacher_targets(pixel_values)
     assert targets.shape == (2, 512, 24)
     with torch.no_grad():
-        direct = teacher(get_teacher_input("reference").rgb(pixel_values.reshape(4, 6, 224, 224)).view(2, 2, 3, 224, 224))
+        rgb = get_teacher_input("reference").rgb(pixel_values.reshape(4, 6, 224, 224))
+        direct = teacher(rgb.view(2, 2, 3, 224, 224))
     torch.testing.assert_close(targets, direct)
     # the second camera's image changes the first camera's targets: the views went through together
     changed = pixel_values.clone()

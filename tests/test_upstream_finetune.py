@@ -416,7 +416,8 @@ def test_a_trainable_projector_resumes_with_its_optimizer_state(world):
     cwd = world["root"] / "sf-adapters"
     sf = ("--align.projector", "spatial-forcing", "--align.freeze_projector", "false", "--align.loss",
           "one-minus-cosine", "--align.coeff", "0.5", "--align.pooling", "bilinear-corners")  # fmt: skip
-    args = ("--max_steps", "2", "--save_steps", "2", "--merge_on_save", "false", "--save_latest_checkpoint_only", "false")
+    adapters_only = ("--merge_on_save", "false", "--save_latest_checkpoint_only", "false")
+    args = ("--max_steps", "2", "--save_steps", "2", *adapters_only)
     proc, metrics = finetune(world, cwd, *args, *ALIGN, *sf)
     assert all(0 < m["align/loss"] <= 1.0 for m in metrics if "align/loss" in m)
     exp = min(p.name for p in (cwd / "runs").iterdir())
@@ -426,7 +427,7 @@ def test_a_trainable_projector_resumes_with_its_optimizer_state(world):
     (steps2,) = {state2["state"][i]["step"].item() for i in projector_group}  # gradient steps 0, 1 and 2
     assert steps2 == 3.0
     resumed = world["root"] / "sf-resumed"
-    later = ("--max_steps", "4", "--save_steps", "2", "--merge_on_save", "false", "--save_latest_checkpoint_only", "false")
+    later = ("--max_steps", "4", "--save_steps", "2", *adapters_only)
     proc, _ = finetune(world, resumed, *later, *ALIGN, *sf, "--resume_from", str(ckpt2))
     assert "after gradient step 2" in proc.stdout
     ckpt4 = resumed / "runs" / f"{exp}--4_chkpt"

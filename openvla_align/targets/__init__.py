@@ -3,7 +3,8 @@
 A *target source* has a ``name`` (for messages), a ``width`` (the teacher's feature width), a ``grid`` (the token grid
 its targets are on, or None when unknown) and ``targets(pixel_values) -> (N, T, width)`` for OpenVLA ``pixel_values``
 holding one image per row. A source with ``multi_view = True`` (a multi-view teacher's) is called as
-``targets(pixel_values, views=V)``, V consecutive rows being one sample's cameras, and returns (N / V, V * T, width). Three implement it:
+``targets(pixel_values, views=V)``, V consecutive rows being one sample's cameras, and returns (N / V, V * T, width).
+Three implement it:
 
 - ``LiveTeacher``: runs a frozen ``Teacher`` on the batch (the paper's setup);
 - ``TeacherCache`` (``targets.cache``): reads the targets a teacher wrote ahead of time (``cache build``; keys hashed

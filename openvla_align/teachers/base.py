@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import pooling
-
 from .spec import (  # noqa: F401  (re-exported: the Teacher contract's data half)
     CLIP_MEAN,
     CLIP_STD,

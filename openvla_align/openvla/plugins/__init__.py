@@ -16,7 +16,8 @@ from .datasets import DatasetsConfig, DatasetsPlugin
 from .freeze import FreezeConfig, FreezePlugin, freeze_vision
 from .norm_stats import NormStatsConfig, NormStatsPlugin
 
-PLUGINS = (AlignPlugin, SecondAlignPlugin, DatasetsPlugin, FreezePlugin, NormStatsPlugin)  # as the script orders them: by name
+# as the script orders them: by name
+PLUGINS = (AlignPlugin, SecondAlignPlugin, DatasetsPlugin, FreezePlugin, NormStatsPlugin)
 
 __all__ = [
     "ENTRY_POINT_GROUP",

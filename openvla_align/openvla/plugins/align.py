@@ -68,7 +68,7 @@ class AlignPlugin(FinetunePlugin):
         self.teacher = teacher  # given: use it; None: build the configured one from the registry
         self.aligner: Optional[Aligner] = None
         self.cache = None  # TeacherCache when `teacher_cache` is set: targets are read, no teacher runs
-        self.optimizer = None  # the host's optimizer, when it hands it over (on_optimizer): a trainable projector's state
+        self.optimizer = None  # the host's, when it hands it over (on_optimizer): a trainable projector's state
 
     def setup(self, cfg: Any, is_main_process: bool = True) -> None:
         """Everything that can be checked without the VLA fails here, before the 7B model loads."""
@@ -96,7 +96,8 @@ class AlignPlugin(FinetunePlugin):
             logger.warning(
                 "--align.images primary with the multi-view teacher %s: it sees the third-person camera alone, not "
                 "the sample's %d cameras together (Spatial Forcing feeds them all: --align.images all).",
-                self.config.teacher, self.num_images,
+                self.config.teacher,
+                self.num_images,
             )
 
     def _open_cache(self, cfg: Any):
@@ -242,7 +243,8 @@ class AlignPlugin(FinetunePlugin):
         if not path.is_file():
             logger.warning(
                 "%s has no optimizer state for the trainable projector (written by an older openvla-align?): its "
-                "AdamW moments start from zero.", sidecar
+                "AdamW moments start from zero.",
+                sidecar,
             )
             return
         from safetensors.torch import load_file
