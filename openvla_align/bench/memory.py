@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .model import MODES, SCALES, Runner, batches, build, build_heads, mode_scale
+from .model import MODES, SCALES, Runner, batches, bench_sources, build, build_heads, mode_scale
 
 
 def _heap_reader():
@@ -108,8 +108,6 @@ def peak_memory(
 
 def memory_modes(modes=MODES, device: str = "cpu", batch_size: int = 2, scale: str = "cpu") -> Dict[str, object]:
     """Each mode in a fresh interpreter (a process's peak cannot be reset); the caches are built here first."""
-    from . import bench_sources
-
     peaks = {}
     base = SCALES[scale]
     with tempfile.TemporaryDirectory() as tmp:

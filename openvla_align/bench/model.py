@@ -601,3 +601,19 @@ def build_bench_cache(
         batch_size=8,
         **settings,
     )
+
+
+def bench_sources(modes, scale: Scale, teacher, tmp: Path, batch_size: int, device: str):
+    """Per teacher the modes use (C-RADIO; VGGT for the VGGT modes): the teacher, its cache and the build's figures."""
+    from ..targets.cache import TeacherCache
+
+    sources = {}
+    for mode in modes:
+        at = mode_scale(scale, mode)
+        if at.teacher_name in sources:
+            continue
+        t = teacher if at.teacher_name == scale.teacher_name else build_bench_teacher(at, device=device)
+        where = Path(tmp) / at.teacher_name
+        info = build_bench_cache(t, where, device=device, scale=at, batch_size=batch_size)
+        sources[at.teacher_name] = (t, TeacherCache(where), info)
+    return sources
