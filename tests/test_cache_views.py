@@ -232,7 +232,15 @@ def _tiny_vggt_factory(path=None, resolution=None, grid=(16, 16), allow_random=F
     return build_vggt(teacher_spec("vggt-1b"), request)
 
 
-register_teacher("tiny-vggt-views-test")(_tiny_vggt_factory)
+@pytest.fixture
+def tiny_vggt_registered():
+    """``tiny-vggt-views-test`` in the registry for one test (registered at import, it would join the registry-wide
+    parametrisations of other test files collected in the same process)."""
+    from openvla_align.teachers import _registry
+
+    register_teacher("tiny-vggt-views-test")(_tiny_vggt_factory)
+    yield
+    _registry._REGISTRY.pop("tiny-vggt-views-test", None)
 
 
 def _camera_dirs(root, data, cameras=("primary", "wrist")):
@@ -242,7 +250,7 @@ def _camera_dirs(root, data, cameras=("primary", "wrist")):
             Image.fromarray(sample[v]).save(root / camera / f"{i:03d}.png")
 
 
-def test_cli_builds_a_multi_view_cache_from_camera_folders(tmp_path, capsys):
+def test_cli_builds_a_multi_view_cache_from_camera_folders(tmp_path, capsys, tiny_vggt_registered):
     data = samples(3, seed=8)
     _camera_dirs(tmp_path / "images", data)
     argv = ["cache", "build", str(tmp_path / "c"), "--images", str(tmp_path / "images"), "--num-images", "2"]
