@@ -34,7 +34,8 @@ setup(
     extras_require={
         "demo": ["matplotlib>=3.7"],
         "probe": ["matplotlib>=3.7", "scikit-learn>=1.3"],
-        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "matplotlib>=3.7", "scikit-learn>=1.3"],
+        # einops: Spatial Forcing's pooling code, which the tests import from shared/upstream to compare against
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "matplotlib>=3.7", "scikit-learn>=1.3", "einops"],
     },
     entry_points={
         "console_scripts": ["openvla-align=openvla_align.cli:main"],
