@@ -45,7 +45,7 @@ from .base import (
 )
 from .radio_variants import RADIO_VARIANTS, RadioVariant
 from .radio_vit import DEFAULT_ALIGN_CORNERS, NUM_PREFIX_TOKENS, PATCH_SIZE, POS_GRID, RadioViT  # noqa: F401
-from .spec import TeacherRequest, WeightSource
+from .spec import TeacherRequest, WeightSource, checked_arch
 
 logger = logging.getLogger(__name__)
 
@@ -284,14 +284,6 @@ class RadioHubTeacher(Teacher):
         return out.features if hasattr(out, "features") else out[1]
 
 
-def _check_arch(name: str, arch: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    arch = dict(arch or {})
-    bad = sorted(set(arch) - set(ARCH_KEYS))
-    if bad:
-        raise ValueError(f"Teacher {name!r}: unknown arch keys {bad}; allowed: {list(ARCH_KEYS)}.")
-    return arch
-
-
 def _find_hub_checkpoint(v: RadioVariant, spec: TeacherSpec, checkout: Path) -> Path:
     """The release checkpoint a RADIO source checkout loads: beside it, or wherever the variant's sources keep it."""
     here = tuple(WeightSource(v.hub_files, directory=str(d)) for d in (checkout, checkout / "checkpoints"))
@@ -348,7 +340,7 @@ def build(spec: TeacherSpec, request: TeacherRequest) -> Teacher:
     ``RADIO_VARIANTS``); see the module docstring."""
     name, path = spec.name, request.path
     v = _variant(name)
-    arch = _check_arch(name, request.arch)
+    arch = checked_arch(name, request.arch, ARCH_KEYS)
     width = int(arch.get("embed_dim", v.width))
     spec = spec if width == spec.width else replace(spec, width=width)
     num_heads = int(arch.get("num_heads", v.num_heads))

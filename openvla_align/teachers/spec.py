@@ -105,3 +105,12 @@ class CatalogEntry:
     spec: TeacherSpec
     module: str
     params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def checked_arch(teacher: str, arch: Optional[Mapping[str, Any]], allowed: Tuple[str, ...]) -> Dict[str, Any]:
+    """``arch`` overrides as a dict, or a clear error naming keys a teacher family does not take."""
+    arch = dict(arch or {})
+    bad = sorted(set(arch) - set(allowed))
+    if bad:
+        raise ValueError(f"Teacher {teacher!r}: unknown arch keys {bad}; allowed: {list(allowed)}.")
+    return arch

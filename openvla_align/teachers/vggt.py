@@ -25,7 +25,7 @@ import torch
 
 from ._weights import read_state_dict, resolve_weights
 from .base import STUDENT_GRID, Teacher, TeacherSpec, TeacherWeightsNotFound, wants_random
-from .spec import TeacherRequest
+from .spec import TeacherRequest, checked_arch
 from .vggt_model import VGGT_IMG_SIZE, VGGTAggregator
 
 logger = logging.getLogger(__name__)
@@ -137,14 +137,6 @@ def aggregator_state_dict(
     return {k: (v.float() if v.is_floating_point() else v) for k, v in agg.items()}
 
 
-def _check_arch(name: str, arch: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    arch = dict(arch or {})
-    bad = sorted(set(arch) - set(ARCH_KEYS))
-    if bad:
-        raise ValueError(f"Teacher {name!r}: unknown arch keys {bad}; allowed: {list(ARCH_KEYS)}.")
-    return arch
-
-
 def _find_weights(spec: TeacherSpec, path: Optional[str]) -> Path:
     try:
         return resolve_weights(spec.name, path, spec.sources)
@@ -161,7 +153,7 @@ def build(spec: TeacherSpec, request: TeacherRequest, layer: int = -1) -> Teache
     """The registry's hook (see ``catalog``): the frozen VGGT teacher ``spec.name`` on feature layer ``layer``
     (``request.arch['layer']`` overrides it); see the module docstring."""
     # trust_remote_code only permits remote code; nothing of VGGT's runs here, so there is nothing to permit.
-    arch = _check_arch(spec.name, request.arch)
+    arch = checked_arch(spec.name, request.arch, ARCH_KEYS)
     layer = int(arch.pop("layer", layer))
     random = wants_random(spec.name, request.path, request.allow_random)
     weights = None if random else _find_weights(spec, request.path)  # fail fast, before building a large model

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .radio_vit import _FeedForward, _LayerScale  # the same layers as RADIO's ViT (state-dict names fc1/fc2, gamma)
 from .spec import IMAGENET_MEAN, IMAGENET_STD
 
 # VGGT-1B's aggregator.
@@ -46,26 +47,6 @@ VGGT_ROPE_FREQ = 100.0
 
 _AGG_EPS = 1e-5  # the alternating blocks' LayerNorms (torch's default)
 _VIT_EPS = 1e-6  # the DINOv2 patch embedding's LayerNorms
-
-
-class _LayerScale(nn.Module):
-    def __init__(self, dim: int, init: float):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -107,7 +88,7 @@ class _Block(nn.Module):
         self.attn = _Attention(dim, num_heads, qk_norm, eps)
         self.ls1 = _LayerScale(dim, ls_init)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = _FeedForward(dim, int(dim * mlp_ratio))
         self.ls2 = _LayerScale(dim, ls_init)
 
     def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
