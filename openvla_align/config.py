@@ -29,6 +29,21 @@ def option(default: Any, text: str) -> Any:
     return field(default=default, metadata=help_field(text))
 
 
+# Spatial Forcing's published alignment (arXiv 2510.12276, its train.sh) as AlignConfig fields: the one definition the
+# bench and the tests use (recipes/oft/libero-spatial-forcing.yaml spells the same values out for users).
+SPATIAL_FORCING: Dict[str, Any] = dict(
+    teacher="vggt-1b",
+    layers=(24,),
+    coeff=0.5,
+    loss="one-minus-cosine",
+    projector="spatial-forcing",
+    freeze_projector=False,
+    teacher_input="spatial-forcing",
+    pooling="bilinear-corners",
+    pooling_pos_embed=0.1,
+)
+
+
 @dataclass
 class AlignConfig:
     enabled: bool = option(False, "Add the alignment loss to the action loss.")

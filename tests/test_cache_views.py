@@ -13,6 +13,7 @@ from PIL import Image
 from openvla_align import AlignConfig, Aligner
 from openvla_align.cache.build import build_cache, image_dir_samples, rlds_frames, step_cameras
 from openvla_align.cli import main
+from openvla_align.config import SPATIAL_FORCING
 from openvla_align.targets.cache import (
     CacheError,
     CacheSpec,
@@ -28,7 +29,7 @@ from openvla_align.tiny.model import TINY_VIT
 
 from conftest import cli_fails
 
-SF = dict(teacher_input="spatial-forcing", pooling="bilinear-corners", pooling_pos_embed=0.1)  # Spatial Forcing's
+SF = {k: SPATIAL_FORCING[k] for k in ("teacher_input", "pooling", "pooling_pos_embed")}  # Spatial Forcing's
 
 
 def frames(n, size=224, seed=0):

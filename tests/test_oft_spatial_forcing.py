@@ -36,6 +36,8 @@ import oft_assets as A
 import pytest
 import torch
 
+from openvla_align.config import SPATIAL_FORCING
+
 pytestmark = pytest.mark.skipif(A.oft_unavailable() is not None, reason=str(A.oft_unavailable()))
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,19 +293,7 @@ def test_spatial_forcing_loss_equals_the_forks(checkpoint, fork):
     theirs = vggt.aggregator.state_dict()
     assert list(teacher.model.state_dict()) == list(theirs)  # same keys, same order
     teacher.model.load_state_dict(theirs, strict=True)
-    config = AlignConfig(
-        enabled=True,
-        teacher="vggt-1b",
-        layers=(LAYER,),
-        coeff=COEFF,
-        loss="one-minus-cosine",
-        projector="spatial-forcing",
-        freeze_projector=False,
-        teacher_input="spatial-forcing",
-        pooling="bilinear-corners",
-        pooling_pos_embed=0.1,
-        images="all",
-    )
+    config = AlignConfig(**{**SPATIAL_FORCING, "layers": (LAYER,), "coeff": COEFF}, enabled=True, images="all")
     aligner = Aligner(config, teacher).attach(vla)
     ours_projector = aligner.projectors[str(LAYER)]
     mapped = {

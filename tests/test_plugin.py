@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from openvla_align import AlignConfig
+from openvla_align.config import SPATIAL_FORCING
 from openvla_align.openvla.env import environment_problems, warn_if_broken
 from openvla_align.openvla.plugins import (
     ENTRY_POINT_GROUP,
@@ -185,10 +186,7 @@ def test_two_alignment_terms_at_once(vla, tokenizer, tmp_path):
     from openvla_align.tiny import tiny_teacher
 
     first = AlignPlugin(AlignConfig(enabled=True, layers=(4,), projector_dim=32), _teacher())
-    sf = AlignConfig(
-        enabled=True, teacher="vggt-1b", layers=(6,), coeff=0.5, loss="one-minus-cosine", projector="spatial-forcing",
-        freeze_projector=False, teacher_input="spatial-forcing", pooling="bilinear-corners", pooling_pos_embed=0.1,
-    )  # fmt: skip
+    sf = AlignConfig(**{**SPATIAL_FORCING, "layers": (6,)}, enabled=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         second = SecondAlignPlugin(sf, tiny_teacher("vggt-1b", resolution=70))

@@ -18,6 +18,7 @@ from peft import LoraConfig, get_peft_model
 from test_patch import PATCH_DIR, exec_block, upstream_config_source
 
 from openvla_align import AlignConfig
+from openvla_align.config import SPATIAL_FORCING
 from openvla_align.openvla import patch as P
 from openvla_align.openvla.plugins import PLUGINS, AlignPlugin, FreezePlugin
 from openvla_align.tiny import build_tiny_vla, tiny_teacher
@@ -151,6 +152,7 @@ def test_oft_recipes_are_ofts_libero_command_with_one_change_each():
         enabled=True, teacher="vggt-1b", layers=(24,), coeff=0.5, loss="one-minus-cosine", projector="spatial-forcing",
         freeze_projector=False, teacher_input="spatial-forcing", pooling="bilinear-corners", pooling_pos_embed=0.1,
     )  # fmt: skip
+    assert sf.align == AlignConfig(enabled=True, **SPATIAL_FORCING)  # the bench's and the tests' definition too
     assert (sf.image_aug, sf.use_film, sf.use_diffusion) == (True, False, False)
     assert (both.align, both.align2) == (align.align, sf.align) and not sf.align2.enabled  # two terms at once
     differ = [f.name for f in dataclasses.fields(sft) if getattr(sft, f.name) != getattr(both, f.name)]

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from openvla_align import AlignConfig, Aligner
+from openvla_align.config import SPATIAL_FORCING
 from openvla_align.losses import get_loss
 from openvla_align.norms import IMAGENET_MEAN, IMAGENET_STD
 from openvla_align.pooling import bilinear_corners, get_pooling, uv_embedding
@@ -177,10 +178,7 @@ def test_multi_view_targets_through_the_aligner():
 
 def test_spatial_forcing_config_sets_the_teachers_input_and_pooling():
     teacher = TwoViewTeacher()
-    cfg = AlignConfig(
-        enabled=True, teacher="two-view-test", teacher_input="spatial-forcing", pooling="bilinear-corners",
-        pooling_pos_embed=0.1,
-    )  # fmt: skip
+    cfg = AlignConfig(**{**SPATIAL_FORCING, "teacher": "two-view-test"}, enabled=True)
     Aligner(cfg, teacher)
     assert teacher.pool is bilinear_corners and teacher.pool_pos_embed == 0.1
     assert teacher.resize is get_teacher_input("spatial-forcing").resize

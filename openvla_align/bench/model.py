@@ -13,6 +13,8 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from ..config import SPATIAL_FORCING
+
 MODES = ("sft", "live", "cache", "reference")
 # Spatial Forcing's recipe (VGGT-1B, both cameras through it together, its projector, loss, input and pooling): the
 # live teacher and its cache, at OpenVLA-OFT's shapes
@@ -230,15 +232,8 @@ FULL_SCALES = {"openvla": OPENVLA_7B, "openvla-oft": OFT_7B}
 # and pooling)
 RECIPES = {
     "blindvla": {},
-    "spatial-forcing": dict(
-        coeff=0.5,
-        loss="one-minus-cosine",
-        projector="spatial-forcing",
-        freeze_projector=False,
-        teacher_input="spatial-forcing",
-        pooling="bilinear-corners",
-        pooling_pos_embed=0.1,
-    ),
+    # all but the teacher and the layer, which the bench's scale sets
+    "spatial-forcing": {k: v for k, v in SPATIAL_FORCING.items() if k not in ("teacher", "layers")},
 }
 
 
