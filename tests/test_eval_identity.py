@@ -21,7 +21,7 @@ STATS = {"action": {"q01": [-0.5] * 6 + [0.0], "q99": [0.5] * 6 + [1.0], "mask":
 
 def _model(path: Path, seed: int, tokenizer) -> Path:
     vla = build_tiny_vla(seed=seed, vocab_size=len(tokenizer))
-    vla.config.norm_stats = {"sft": STATS}
+    vla.config.norm_stats = {"sft": STATS, "x": STATS}
     save_tiny_checkpoint(path, vla, tokenizer)
     return path
 
@@ -90,6 +90,8 @@ def test_a_changed_setting_or_an_old_result_stops_the_run(setup, capsys, monkeyp
     _no_loading(monkeypatch)
     cli_fails(capsys, _args(recipe, a, "--out", "out", "--num-envs", "3"), r"num_envs 2 there, 3 now\): pass --out")
     cli_fails(capsys, _args(recipe, a, "--out", "out", "--unnorm-key", "x"), r"unnorm_key 'sft' there, 'x' now")
+    # a key the checkpoint lacks stops the run before anything else, the VLA unloaded
+    cli_fails(capsys, _args(recipe, a, "--out", "out", "--unnorm-key", "y"), r"'y' is not in .*\(has: \['sft', 'x'\]\)")
     old = Path("out") / ENVS[0] / "test" / "0" / "result.json"
     data = json.loads(old.read_text())
     del data["identity"]

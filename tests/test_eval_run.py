@@ -15,7 +15,7 @@ import torch
 
 from openvla_align.eval import load_run
 from openvla_align.eval.report import build_report
-from openvla_align.eval.run import BatchedPolicy, EvalRecipe, run_recipe
+from openvla_align.eval.run import BatchedPolicy, EvalRecipe, rollout, run_recipe
 from openvla_align.tiny import save_tiny_checkpoint
 from openvla_align.vla.checkpoint import load_vla
 
@@ -140,12 +140,14 @@ def test_cli_without_the_simulator_says_what_to_install(checkpoint, tmp_path, ca
 @pytest.mark.parametrize(
     "recipe, args, message",
     [
-        ("suite: x\nenvs: [a]\nepisodes: 3\n", [], "unknown keys"),
+        ("suite: x\nenvs: [a]\nepisode: 3\n", [], "unknown keys"),
         ("suite: x\nenvs: [a]\nseeds: [0, 1, 1]\n", [], r"seeds \[1\] are listed more than once"),
         ("suite: x\nenvs: [a, a]\n", [], r"envs \['a'\] are listed more than once"),
         ("suite: x\nenvs: [a]\nnum_envs: 4\n", ["--sim-backend", "cpu"], "pass --num-envs 1 for a CPU smoke test"),
+        ("suite: x\nenvs: [a]\npolicy: {center_crop: true}\n", [], r"takes no policy settings \(got \['center_crop'\]"),
+        ("suite: x\nenvs: [a]\nepisodes: 3\n", [], "Simpler runs num_envs episodes per"),
     ],
-    ids=["unknown-key", "duplicate-seed", "duplicate-env", "cpu-with-4-envs"],
+    ids=["unknown-key", "duplicate-seed", "duplicate-env", "cpu-with-4-envs", "policy-settings", "episodes"],
 )
 def test_bad_recipes_and_backends_fail_before_anything_loads(tmp_path, capsys, recipe, args, message):
     bad = tmp_path / "bad.yaml"
@@ -191,3 +193,90 @@ def test_preallocated_cache_steps_give_the_growing_caches_tokens(checkpoint, mon
     assert made and all((m is not None) == supported for m in made)
     policy.decoder.preallocate = False
     assert (policy.action_tokens(images, instructions) == static).all()
+
+
+class ChunkEnv:
+    """A STAND-IN with LIBERO's batched contract (dict observations, several reset blocks per (env, seed), episodes
+    that end at their first success): episode ``e`` succeeds at step ``2 e + 2``. It records what it is asked."""
+
+    stops_at_success = True
+
+    def __init__(self, episodes=5, num_envs=2):
+        self.episodes, self.num_envs, self.next, self.log = episodes, num_envs, 0, []
+
+    def _obs(self):
+        b = len(self.block)
+        marks = np.asarray(self.block, dtype=np.uint8)[:, None, None, None]
+        return {"full_image": np.broadcast_to(marks, (b, 8, 8, 3)).copy(), "state": np.asarray(self.block)[:, None]}
+
+    def reset(self, obj_set):
+        self.block = list(range(self.next, min(self.next + self.num_envs, self.episodes)))
+        self.next += len(self.block)
+        self.t, self.done = 0, np.zeros(len(self.block), dtype=bool)
+        return self._obs(), [f"task {e}" for e in self.block], {"episodes": list(self.block)}
+
+    def step(self, actions):
+        self.t += 1
+        assert not actions[self.done].any(), "a finished episode was given an action"
+        self.log.append((list(self.block), actions.copy()))
+        now = np.asarray([2 * e + 2 == self.t for e in self.block]) & ~self.done
+        self.done |= now
+        return self._obs(), None, now, {"success": now}
+
+
+class ChunkPolicy:
+    """Chunks of 4 actions whose first dimension counts 1, 2, 3, 4 and whose second is the row's episode number."""
+
+    open_loop_steps = 3
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, obs, instructions):
+        self.calls.append(obs["state"][:, 0].tolist())
+        chunk = np.zeros((len(instructions), 4, 7))
+        chunk[:, :, 0] = np.arange(1, 5)
+        chunk[:, :, 1] = obs["state"][:, :1]
+        return chunk
+
+
+def test_chunks_run_open_loop_and_episodes_end_at_their_first_success(tmp_path):
+    env, policy = ChunkEnv(), ChunkPolicy()
+    recipe = EvalRecipe(suite="libero_spatial", envs=["libero_spatial-0"], seeds=[7], num_envs=2, obj_set="default")
+    records, frames = rollout(env, policy, recipe, episode_len=6, video=3)
+    # blocks (0, 1), (2, 3), (4); episode e succeeds at step 2 e + 2 when that is within 6 steps
+    assert [r["episode"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["first_success_step"] for r in records] == [2, 4, 6, None, None]
+    assert [r["steps"] for r in records] == [2, 4, 6, 6, 6]
+    # the chunk's LAST open_loop_steps actions run in order (OFT's deque(maxlen=...).extend), then the policy is
+    # asked again, for the unfinished rows only
+    first_block = [a for rows, a in env.log if rows == [0, 1]]
+    assert [a[1, 0] for a in first_block] == [2, 3, 4, 2]
+    assert policy.calls == [[0, 1], [1], [2, 3], [2, 3], [4], [4]]
+    assert all(a[1, 1] == 1 for a in first_block)  # row 1's own actions
+    # videos: the reset frame and one per step the episode ran
+    assert [len(f) for f in frames] == [3, 5, 7]
+
+
+def test_libero_report_pools_episodes_with_wilson_intervals(tmp_path):
+    from openvla_align.eval.report import libero_markdown, wilson_interval
+    from openvla_align.eval.results import write_result
+
+    out = tmp_path / "run"
+    for task, wins in ((0, 50), (1, 0)):
+        records = [{"instruction": f"task {task}"} for _ in range(50)]
+        write_result(out, f"libero_spatial-{task}", "default", 7, [i < wins for i in range(50)], records)
+    write_result(out, "libero_goal-3", "default", 7, [True, False], [{"instruction": "goal"}] * 2)
+    run = load_run(out)
+    assert set(run.cells) == {
+        ("libero_spatial-0", "default", "7"),
+        ("libero_spatial-1", "default", "7"),
+        ("libero_goal-3", "default", "7"),
+    }
+    # Wilson at 0 of 50: [0, z^2 / (n + z^2)]
+    low, high = wilson_interval(0, 50)
+    assert low == 0 and abs(high - 1.959964**2 / (50 + 1.959964**2)) < 1e-6
+    text = libero_markdown([run])
+    assert "| run | libero_spatial | libero_goal | overall |" in text
+    assert "0.500 [0.404, 0.596] (50/100)" in text and "(51/102)" in text
+    assert "| 1 | task 1 | 0.000 [0.000, 0.071] (0/50) |" in text

@@ -28,7 +28,9 @@ COMPARED = (
     "action_stats",
     "num_envs",
     "episode_len",
+    "episodes",
     "obj_set",
+    "policy",
     "simulator",
     "sim_backend",
     "render_backend",
@@ -93,13 +95,32 @@ def action_stats_from_config(vla_path, unnorm_key: str) -> Optional[Mapping]:
 
 
 def build(
-    vla_path, adapter, *, unnorm_key: str, recipe, simulator: str, sim_backend: str, render_backend: str, dtype: str
+    vla_path,
+    adapter,
+    *,
+    unnorm_key: str,
+    recipe,
+    simulator: str,
+    sim_backend: str,
+    render_backend: str,
+    dtype: str,
+    unnorm_keys: Optional[Mapping[str, str]] = None,
 ) -> Dict:
-    """The identity ``eval run`` writes into each ``result.json`` (under ``"identity"``)."""
+    """The identity ``eval run`` writes into each ``result.json`` (under ``"identity"``). ``unnorm_keys`` (each
+    environment's key, when ``unnorm_key`` is ``auto``) digests the statistics of every key it names, read as
+    :func:`~openvla_align.eval.simulators.checkpoint_norm_stats` reads them."""
     from .._plugins import installed_version
 
     ours = installed_version("openvla-align") or "unknown"  # "unknown": run from a source tree never installed
-    stats = action_stats_from_config(adapter or vla_path, unnorm_key) or action_stats_from_config(vla_path, unnorm_key)
+    if unnorm_key == "auto" and unnorm_keys:
+        from .simulators import checkpoint_norm_stats
+
+        norm = checkpoint_norm_stats(vla_path, adapter) or {}
+        stats = {k: (norm.get(k) or {}).get("action") for k in sorted(set(unnorm_keys.values()))}
+    else:
+        stats = action_stats_from_config(adapter or vla_path, unnorm_key) or action_stats_from_config(
+            vla_path, unnorm_key
+        )
     return {
         "vla_path": str(Path(vla_path).resolve()),
         "adapter": str(Path(adapter).resolve()) if adapter else None,
@@ -108,7 +129,9 @@ def build(
         "action_stats": stats_digest(stats) if stats is not None else None,
         "num_envs": recipe.num_envs,
         "episode_len": recipe.episode_len,
+        "episodes": getattr(recipe, "episodes", None),
         "obj_set": recipe.obj_set,
+        "policy": dict(recipe.policy) if getattr(recipe, "policy", None) else None,
         "simulator": simulator,
         "sim_backend": sim_backend,
         "render_backend": render_backend,

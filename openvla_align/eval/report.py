@@ -1,5 +1,9 @@
 """`openvla-align eval report RUN... [--baseline RUN]`: the paper's tables from evaluation results.
 
+LIBERO results (``libero_<suite>-<task>``) get OpenVLA-OFT's tables instead: success per suite and per task, each
+the successes over all its episodes (every seed's) with Wilson's 95 % interval, and overall (all tasks' episodes
+pooled: with OFT's equal 50 episodes per task, the mean of the suite rates).
+
 Per environment: mean ± SD over seeds (sample SD, n-1; Table 1). Per OOD axis: the mean of the environment means.
 Against a baseline: a one-sided paired Wilcoxon signed-rank test per axis over the (environment, seed) pairs both
 runs have, H1 "the baseline's success is higher" (the ablation tables compare every row with the best one).
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +114,94 @@ def _env_order(env: str) -> Tuple[int, str]:
     return (order.index(env), env) if env in order else (len(order), env)
 
 
+# --------------------------------------------------------------------------------------------------- LIBERO
+LIBERO_TASK = re.compile(r"^(libero_[a-z0-9]+)-(\d+)$")
+LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> Tuple[float, float]:
+    """Wilson's score interval of a success rate (``successes`` of ``n`` episodes): within [0, 1] and not a point at
+    0 % or 100 %, where the normal approximation collapses."""
+    import math
+    from statistics import NormalDist
+
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"a success rate needs 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class Rate:
+    """Successes of ``n`` episodes, with Wilson's 95 % interval."""
+
+    successes: int
+    n: int
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.n
+
+    def interval(self) -> Tuple[float, float]:
+        return wilson_interval(self.successes, self.n)
+
+    def text(self) -> str:
+        low, high = self.interval()
+        return f"{self.rate:.3f} [{low:.3f}, {high:.3f}] ({self.successes}/{self.n})"
+
+
+def libero_task(env_id: str) -> Optional[Tuple[str, int]]:
+    """``(suite, task)`` of a LIBERO environment id, else None."""
+    m = LIBERO_TASK.match(env_id)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def libero_rates(run: Run) -> Dict[Tuple[str, object], Rate]:
+    """``(suite, task)`` -> its episodes pooled over seeds; ``(suite, "all")`` per suite; ``("all", "all")``."""
+    rates: Dict[Tuple[str, object], Rate] = {}
+    for key, rate in run.cells.items():
+        task = libero_task(key[0])
+        n = run.episodes.get(key)
+        if task is None or not n:
+            continue
+        k = round(rate * n)
+        for group in (task, (task[0], "all"), ("all", "all")):
+            have = rates.get(group, Rate(0, 0))
+            rates[group] = Rate(have.successes + k, have.n + n)
+    return rates
+
+
+def _suite_order(suite: str) -> Tuple[int, str]:
+    return (LIBERO_SUITES.index(suite), suite) if suite in LIBERO_SUITES else (len(LIBERO_SUITES), suite)
+
+
+def libero_markdown(runs: List[Run]) -> str:
+    rates = {r.label: libero_rates(r) for r in runs}
+    suites = sorted({s for per in rates.values() for s, t in per if s != "all"}, key=_suite_order)
+    if not suites:
+        return ""
+    out = io.StringIO()
+    w = out.write
+    w("\n## LIBERO: success rate per suite (successes over episodes, Wilson 95 % interval)\n\n")
+    w("| run | " + " | ".join(suites) + " | overall |\n" + "|---" * (len(suites) + 2) + "|\n")
+    for r in runs:
+        cells = [rates[r.label].get(key) for key in [(s, "all") for s in suites] + [("all", "all")]]
+        w(f"| {r.label} | " + " | ".join(c.text() if c else "–" for c in cells) + " |\n")
+    for suite in suites:
+        tasks = sorted({t for per in rates.values() for s, t in per if s == suite and t != "all"})
+        w(f"\n### {suite} per task\n\n| task | instruction | " + " | ".join(r.label for r in runs) + " |\n")
+        w("|---" * (len(runs) + 2) + "|\n")
+        for t in tasks:
+            env = f"{suite}-{t}"
+            text = next((r.instructions[env] for r in runs if env in r.instructions), "")
+            cells = [rates[r.label].get((suite, t)) for r in runs]
+            w(f"| {t} | {text} | " + " | ".join(c.text() if c else "–" for c in cells) + " |\n")
+    return out.getvalue()
+
+
 # --------------------------------------------------------------------------------------------------- output
 def markdown(report: Report) -> str:
     out = io.StringIO()
@@ -152,6 +245,7 @@ def markdown(report: Report) -> str:
         for r in report.runs:
             cells = [report.cells[(r.label, e)].text() if (r.label, e) in report.cells else "–" for e in think]
             w(f"| {r.label} | " + " | ".join(cells) + " |\n")
+    w(libero_markdown(report.runs))
     return out.getvalue()
 
 
@@ -182,6 +276,15 @@ def write_csvs(report: Report, out: Path) -> List[Path]:
             "axes.csv", ["run", "axis", "mean", "envs"], [[k[0], k[1], fmt(v[0]), v[1]] for k, v in report.axes.items()]
         ),
     ]
+    libero = [
+        [r.label, suite, task, r.instructions.get(f"{suite}-{task}", ""), c.successes, c.n, fmt(c.rate)]
+        + [fmt(v) for v in c.interval()]
+        for r in report.runs
+        for (suite, task), c in sorted(libero_rates(r).items(), key=lambda kv: str(kv[0]))
+    ]
+    if libero:
+        header = ["run", "suite", "task", "instruction", "successes", "episodes", "rate", "low95", "high95"]
+        files.append(table("libero.csv", header, libero))
     if report.tests:
         files.append(
             table(
@@ -264,7 +367,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("report")
     p.add_argument("runs", nargs="+", help="run directories: RUN/<env_id>/<obj_set>/<seed>/{result.json,stats.yaml}")
     p.add_argument("--baseline", default=None, help="run to test every other run against (one-sided Wilcoxon)")
-    p.add_argument("--obj-set", default="test", help="object set to read (the paper evaluates on `test`)")
+    p.add_argument(
+        "--obj-set",
+        default="",
+        help="object set to read (default: each environment's evaluation set: Simpler's `test`, LIBERO's `default`)",
+    )
     p.add_argument("--out", default=None, help="directory for report.md, CSVs and PNG charts")
     p.set_defaults(func=_cmd_report)
     return p

@@ -17,7 +17,8 @@ from .identity import signature
 
 RESULT_FILE = "result.json"
 REFERENCE_FILE = "stats.yaml"
-ENV_PATTERN = re.compile(r"^[A-Za-z0-9]+-v\d+$")
+# Simpler/ManiSkill ids (PutOnPlateInScene25Carrot-v1) and LIBERO tasks (libero_spatial-3: suite, task number)
+ENV_PATTERN = re.compile(r"^([A-Za-z0-9]+-v\d+|libero_[a-z0-9]+-\d+)$")
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Run:
     problems: List[str] = field(default_factory=list)
     # identity signature (see ``identity.signature``) -> the (env_id, obj_set, seed) cells it produced
     identities: Dict[Tuple, List[Tuple[str, str, str]]] = field(default_factory=dict)
+    # env_id -> the instruction of its first episode (LIBERO's tables name each task by it)
+    instructions: Dict[str, str] = field(default_factory=dict)
 
     def envs(self) -> List[str]:
         return sorted({env for env, _, _ in self.cells})
@@ -61,21 +64,31 @@ def read_result(path: Path) -> dict:
     return data
 
 
-def _read_ours(path: Path) -> Tuple[float, int, Optional[dict]]:
+def _read_ours(path: Path) -> Tuple[float, int, Optional[dict], Optional[str]]:
     data = read_result(path)
     successes = [bool(e["success"] if isinstance(e, dict) else e) for e in data["episodes"]]
-    return sum(successes) / len(successes), len(successes), data.get("identity")
+    first = data["episodes"][0]
+    instruction = first.get("instruction") if isinstance(first, dict) else None
+    return sum(successes) / len(successes), len(successes), data.get("identity"), instruction
 
 
-def load_run(root, label: Optional[str] = None, obj_set: Optional[str] = None) -> Run:
-    """Read every ``<env_id>/<obj_set>/<seed>/{result.json,stats.yaml}`` under ``root``."""
+def evaluation_set(env_id: str) -> str:
+    """The object set an environment is evaluated on: the paper's held-out ``test`` objects in Simpler, the
+    benchmark's fixed initial states (``default``) in LIBERO."""
+    return "default" if env_id.startswith("libero_") else "test"
+
+
+def load_run(root, label: Optional[str] = None, obj_set: Optional[str] = "") -> Run:
+    """Read every ``<env_id>/<obj_set>/<seed>/{result.json,stats.yaml}`` under ``root``: of the given object set,
+    of every one (None), or of each environment's evaluation set (``""``, the default: :func:`evaluation_set`)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory of evaluation results")
     run = Run(label or root.name, root)
     for env_dir in sorted(p for p in root.iterdir() if p.is_dir() and ENV_PATTERN.match(p.name)):
         for set_dir in sorted(p for p in env_dir.iterdir() if p.is_dir()):
-            if obj_set is not None and set_dir.name != obj_set:
+            wanted = evaluation_set(env_dir.name) if obj_set == "" else obj_set
+            if wanted is not None and set_dir.name != wanted:
                 continue
             for seed_dir in sorted(p for p in set_dir.iterdir() if p.is_dir()):
                 key = (env_dir.name, set_dir.name, seed_dir.name)
@@ -87,8 +100,10 @@ def load_run(root, label: Optional[str] = None, obj_set: Optional[str] = None) -
                     continue
                 try:
                     if found[0] == RESULT_FILE:
-                        rate, n, ident = _read_ours(seed_dir / RESULT_FILE)
+                        rate, n, ident, instruction = _read_ours(seed_dir / RESULT_FILE)
                         run.identities.setdefault(signature(ident), []).append(key)
+                        if instruction:
+                            run.instructions.setdefault(env_dir.name, instruction)
                     else:
                         rate, n = _read_reference(seed_dir / REFERENCE_FILE)
                 except (ValueError, KeyError, TypeError, OSError) as exc:

@@ -49,9 +49,11 @@ class EvalRecipe:
     seeds: List[int] = field(default_factory=lambda: list(PAPER_SEEDS))
     num_envs: int = 128
     obj_set: str = "test"
-    episode_len: int = 80
-    unnorm_key: str = "sft"
+    episode_len: Optional[int] = None  # None: the simulator's per-environment limit (LIBERO: OFT's per suite)
+    unnorm_key: str = "sft"  # "auto": the simulator's rule per environment (LIBERO: OFT's, the suite's name)
     simulator: str = "simpler"  # see eval.simulators
+    policy: Dict[str, object] = field(default_factory=dict)  # policy settings (LIBERO: eval.policies.PolicySettings)
+    episodes: Optional[int] = None  # episodes per (env, seed); None: the simulator's (Simpler num_envs, LIBERO 50)
 
     @classmethod
     def load(cls, path) -> "EvalRecipe":
@@ -74,8 +76,10 @@ class EvalRecipe:
             twice = sorted({v for v in values if values.count(v) > 1})
             if twice:
                 raise ValueError(f"{where}: {name} {twice} are listed more than once; each is evaluated once.")
-        if self.num_envs < 1 or self.episode_len < 1:
-            raise ValueError(f"{where}: num_envs and episode_len must be >= 1.")
+        if self.num_envs < 1 or any(v is not None and v < 1 for v in (self.episode_len, self.episodes)):
+            raise ValueError(f"{where}: num_envs, episode_len and episodes must be >= 1.")
+        if not isinstance(self.policy, dict):
+            raise ValueError(f"{where}: policy must be a mapping of policy settings, not {self.policy!r}.")
 
 
 # --------------------------------------------------------------------------------------------------- policy
@@ -185,15 +189,21 @@ def run_recipe(
     identity: Optional[Dict] = None,
     pairs: Optional[Sequence[Tuple[str, int]]] = None,
     label: str = "",
+    policy_for: Optional[Callable[[str], Callable]] = None,
+    episode_len_of: Optional[Callable[[str], int]] = None,
 ) -> Dict[str, object]:
     """Evaluate every (env, seed) of ``recipe`` that :func:`plan` finds missing, or exactly ``pairs`` when the caller
     planned them already (``eval run`` plans once, before its ranks meet); ``make_env(env_id, seed)`` builds a
-    batched environment; ``identity`` is written into each ``result.json``.
+    batched environment; ``identity`` is written into each ``result.json``. ``policy_for(env_id)``, when given,
+    picks the policy per environment (LIBERO: the suite's un-normalisation key); ``episode_len_of(env_id)`` the step
+    limit when the recipe sets none (LIBERO: the suite's).
 
     Each episode's record holds its instruction, "success once" (as the reference counts it), the first step at
-    which it succeeded (None if never) and its copy's seed as the environment reports it (``env.seeds``; Simpler:
-    ``seed * 1000 + i``; None for an environment that reports none). ``video`` > 0 also writes the
-    first ``video`` episodes of each (env, seed) as GIFs beside ``result.json``."""
+    which it succeeded (None if never), the steps it ran, its copy's seed as the environment reports it
+    (``env.seeds``; Simpler: ``seed * 1000 + i``; None for an environment that reports none) and, when the
+    environment numbers its episodes (``info["episodes"]`` at reset; LIBERO: the benchmark's initial state), that
+    number. ``video`` > 0 also writes
+    the first ``video`` episodes of each (env, seed) as GIFs beside ``result.json``."""
     from tqdm import tqdm
 
     from .video import write_episode_gif
@@ -201,57 +211,130 @@ def run_recipe(
     out = Path(out)
     todo, skipped = plan(recipe, out, None, identity, overwrite) if pairs is None else (list(pairs), [])
     done = []
-    episodes = len(todo) * recipe.num_envs
     prefix = f"[{label}] " if label else ""
-    bar = tqdm(total=episodes, unit="episode", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=None, unit="episode", disable=not progress, dynamic_ncols=True)
     for env_id, seed in todo:
         bar.set_description(f"{prefix}{env_id} seed {seed}")
         random.seed(seed)  # as the reference's runner, before the environment is built
         np.random.seed(seed)
         torch.manual_seed(seed)
+        episode_len = recipe.episode_len or (episode_len_of(env_id) if episode_len_of else None)
+        if not episode_len:
+            raise ValueError(f"{env_id}: the recipe sets no episode_len and the simulator gives none")
         env = make_env(env_id, seed)
-        images, instructions, _ = env.reset(recipe.obj_set)
-        images, n = _as_numpy(images), len(instructions)
-        first_success = np.full(n, -1)
-        frames = [[im] for im in images[: min(video, n)]]
-        for step in range(1, recipe.episode_len + 1):
-            actions = policy(images, list(instructions))
-            images, _, _, info = env.step(actions)
-            images = _as_numpy(images)  # once per step, for the policy and the videos
-            now = _as_numpy(info["success"]).astype(bool).reshape(-1)
-            first_success[(first_success < 0) & now] = step
-            for kept, im in zip(frames, images):
-                kept.append(im)
-        env_seeds = list(getattr(env, "seeds", None) or [None] * n)
-        if hasattr(env, "close"):
-            env.close()
-        success = first_success > 0
-        records = [
-            {"instruction": str(text), "first_success_step": int(s) if s > 0 else None, "env_seed": env_seed}
-            for text, s, env_seed in zip(instructions, first_success, env_seeds)
-        ]
+        try:
+            records, frames = rollout(
+                env, policy_for(env_id) if policy_for else policy, recipe, episode_len, video, bar
+            )
+        finally:
+            if hasattr(env, "close"):
+                env.close()
         where = out / env_id / recipe.obj_set / str(seed)
         for k, kept in enumerate(frames):
             write_episode_gif(
                 where / f"episode_{k}.gif", kept, records[k]["instruction"], records[k]["first_success_step"]
             )
         extra = dict(meta or {}, **({"identity": identity} if identity is not None else {}))
+        success = [r["first_success_step"] is not None for r in records]
         write_result(
-            out,
-            env_id,
-            recipe.obj_set,
-            seed,
-            success.tolist(),
-            records,
-            episode_len=recipe.episode_len,
-            suite=recipe.suite,
-            **extra,
+            out, env_id, recipe.obj_set, seed, success, records, episode_len=episode_len, suite=recipe.suite, **extra
         )
         done.append((env_id, seed))
-        bar.update(n)
-        bar.write(f"{prefix}{env_id} seed {seed}: success {success.mean():.3f} over {n} episodes")
+        bar.write(f"{prefix}{env_id} seed {seed}: success {np.mean(success):.3f} over {len(success)} episodes")
     bar.close()
     return {"evaluated": done, "skipped": skipped, "out": str(out)}
+
+
+def _rows(obs, rows: np.ndarray):
+    """The observation of the given rows: an image batch or a dict of per-row arrays (LIBERO's cameras + state)."""
+    if isinstance(obs, dict):
+        return {k: v[rows] for k, v in obs.items()}
+    return obs[rows]
+
+
+def _frames(obs) -> np.ndarray:
+    """The images a video shows: the batch itself, or the third-person camera of a dict observation."""
+    return obs["full_image"] if isinstance(obs, dict) else obs
+
+
+def rollout(env, policy: Callable, recipe: EvalRecipe, episode_len: int, video: int = 0, bar=None):
+    """Every episode of one (env, seed): ``(records, frames)``.
+
+    An environment runs ``env.episodes`` episodes (default: one reset of ``num_envs``), ``num_envs`` at a time: each
+    ``reset(obj_set)`` starts the next block. Per step, the policy sees the block's observations (an image batch,
+    or a dict of per-row arrays) and returns un-normalised actions (B, 7), or action chunks (B, K, 7) that run
+    open-loop: the chunk's last ``policy.open_loop_steps`` actions (default all K) are executed one per step before
+    the policy is asked again, as OpenVLA-OFT's ``deque(maxlen=num_open_loop_steps).extend(chunk)`` does.
+
+    An environment with ``stops_at_success = True`` (LIBERO, where OFT's loop leaves an episode at ``done``) stops
+    stepping an episode once it succeeded: the policy is asked for the unfinished rows only, the finished rows' action
+    rows are zeros it ignores, and the block ends when every episode finished. Otherwise (Simpler) every episode runs
+    ``episode_len`` steps and success is "success once"."""
+    total = int(getattr(env, "episodes", 0) or recipe.num_envs)
+    stops = bool(getattr(env, "stops_at_success", False))
+    records: List[dict] = []
+    frames: List[List[np.ndarray]] = []
+    seeds = list(getattr(env, "seeds", None) or [])
+    while len(records) < total:
+        obs, instructions, info = env.reset(recipe.obj_set)
+        obs = _as_numpy(obs) if not isinstance(obs, dict) else {k: _as_numpy(v) for k, v in obs.items()}
+        n = len(instructions)
+        if n == 0:
+            raise RuntimeError(f"{type(env).__name__}.reset returned no episodes after {len(records)} of {total}")
+        numbers = list((info or {}).get("episodes") or [None] * n)
+        first_success = np.full(n, -1)
+        active = np.ones(n, dtype=bool)
+        ran = np.zeros(n, dtype=int)  # steps each episode took
+        keep = min(max(video - len(frames), 0), n)
+        kept = [[im] for im in _frames(obs)[:keep]]
+        chunk, chunk_rows, at = None, None, 0
+        for step in range(1, episode_len + 1):
+            rows = np.flatnonzero(active)
+            if rows.size == 0:
+                break
+            if chunk is None or at >= chunk.shape[1] or not np.isin(rows, chunk_rows).all():
+                out = np.asarray(policy(_rows(obs, rows), [instructions[i] for i in rows]), dtype=np.float64)
+                out = out[:, None] if out.ndim == 2 else out
+                if out.ndim != 3 or out.shape[0] != rows.size:
+                    raise ValueError(
+                        f"the policy returned actions of shape {out.shape} for {rows.size} observations; "
+                        "expected (B, 7) or chunks (B, K, 7)"
+                    )
+                steps = int(getattr(policy, "open_loop_steps", 0) or out.shape[1])
+                chunk, chunk_rows, at = out[:, -steps:], rows, 0
+            actions = np.zeros((n, chunk.shape[2]))
+            actions[chunk_rows] = chunk[:, at]
+            actions[~active] = 0.0  # finished episodes are not stepped
+            at += 1
+            ran[rows] += 1
+            obs, _, _, step_info = env.step(actions)
+            obs = _as_numpy(obs) if not isinstance(obs, dict) else {k: _as_numpy(v) for k, v in obs.items()}
+            now = _as_numpy(step_info["success"]).astype(bool).reshape(-1)
+            if stops:
+                now &= active
+            first_success[(first_success < 0) & now] = step
+            images = _frames(obs)
+            for k, seq in enumerate(kept):
+                if active[k]:
+                    seq.append(images[k])
+            if stops:
+                active &= first_success < 0
+        frames.extend(kept)
+        block_seeds = seeds[len(records) : len(records) + n] if len(seeds) >= total else (seeds or [None] * n)[:n]
+        for i in range(n):
+            s = int(first_success[i])
+            records.append(
+                {
+                    "instruction": str(instructions[i]),
+                    "first_success_step": s if s > 0 else None,
+                    "env_seed": block_seeds[i] if i < len(block_seeds) else None,
+                    "steps": int(ran[i]),
+                    **({"episode": numbers[i]} if numbers[i] is not None else {}),
+                }
+            )
+        if bar is not None:
+            bar.update(n)
+    return records, frames
 
 
 # the policy decodes with the checkpoint's own attention; the default dtype is the reference's
@@ -275,15 +358,24 @@ def _cmd_run(args) -> int:
         recipe.seeds = list(args.seeds)
     if args.num_envs:
         recipe.num_envs = args.num_envs
+    if args.episodes:
+        recipe.episodes = args.episodes
     recipe.check("--seeds/--num-envs")
     env_cls = simulators.resolve(recipe.simulator)
+    recipe.envs = simulators.expand_env_ids(env_cls, recipe.envs)
+    recipe.check(args.recipe)
     simulators.check(env_cls, "check_settings", recipe.num_envs, args.sim_backend, args.render_backend)
+    simulators.check(env_cls, "check_recipe", recipe)
+    make_policy = simulators.policy_factory(env_cls, recipe.policy, args.recipe) or BatchedPolicy
     ranks = Ranks.from_env(args.shard or (0, 1))
     device, _ = MODEL.device_dtype(args)
     device = ranks.device(device, torch.cuda.device_count() if device.startswith("cuda") else 0)
     vla_path, adapter = MODEL.spec(args)
     simulators.check(env_cls, "check_env_ids", recipe.envs)
     unnorm_key = args.unnorm_key or recipe.unnorm_key
+    unnorm_keys = simulators.unnorm_keys(env_cls, recipe.envs, unnorm_key, vla_path, adapter)
+    simulators.check(env_cls, "check_policy", recipe.policy, vla_path)
+    simulators.check(env_cls, "check_runtime")
     identity = identities.build(
         vla_path,
         adapter,
@@ -293,6 +385,7 @@ def _cmd_run(args) -> int:
         sim_backend=args.sim_backend,
         render_backend=args.render_backend,
         dtype=args.dtype,
+        unnorm_keys=unnorm_keys,
     )
     out = Path(args.out) if args.out else default_out(vla_path, adapter, identity["fingerprint"])
     shard_pairs = ranks.of_shard(pairs_of(recipe))
@@ -304,16 +397,28 @@ def _cmd_run(args) -> int:
         mine = ranks.of_rank(todo)
         evaluated: List = []
         if mine:
-            policy = BatchedPolicy(MODEL.load(args, device=device), unnorm_key)
+            loaded = MODEL.load(args, device=device)
+            policies: Dict[str, Callable] = {}
+
+            def policy_for(env_id: str) -> Callable:
+                key = unnorm_keys[env_id]
+                if key not in policies:
+                    policies[key] = make_policy(loaded, key)
+                return policies[key]
+
+            def episode_len_of(env_id: str) -> int:
+                return simulators.episode_len(env_cls, env_id, recipe.episode_len)
 
             def make_env(env_id: str, seed: int):
-                backends = dict(sim_backend=args.sim_backend, render_backend=args.render_backend)
-                return env_cls(env_id, seed, recipe.num_envs, recipe.episode_len, **backends)
+                kwargs = dict(sim_backend=args.sim_backend, render_backend=args.render_backend)
+                if recipe.episodes is not None:
+                    kwargs["episodes"] = recipe.episodes
+                return env_cls(env_id, seed, recipe.num_envs, episode_len_of(env_id), **kwargs)
 
             meta = {"vla_path": str(vla_path), "adapter": str(adapter) if adapter else None}
             summary = run_recipe(
                 recipe,
-                policy,
+                None,
                 make_env,
                 out,
                 meta=meta,
@@ -321,6 +426,8 @@ def _cmd_run(args) -> int:
                 identity=identity,
                 pairs=mine,
                 label=ranks.label,
+                policy_for=policy_for,
+                episode_len_of=episode_len_of,
             )
             evaluated = summary["evaluated"]
         if ranks.world > 1:
@@ -357,6 +464,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--unnorm-key", default=None, help="override the recipe's unnorm key")
     p.add_argument("--seeds", type=int_list, default=None, help="comma-separated seeds instead of the recipe's")
     p.add_argument("--num-envs", type=positive_int, default=None, help="parallel environments instead of the recipe's")
+    p.add_argument(
+        "--episodes",
+        type=positive_int,
+        default=None,
+        help="episodes per (env, seed) instead of the simulator's (LIBERO: the first N of the 50 initial states)",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="re-run (env, seed) pairs that already have results, whoever made them"
     )

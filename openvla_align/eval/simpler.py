@@ -27,6 +27,7 @@ ENV_SETTINGS: Dict[str, object] = {
     "sensor_configs": {"shader_pack": "default"},
 }
 CAMERA = "3rd_view_camera"
+EPISODE_LEN = 80  # the reference README's evaluation episodes
 BACKENDS = ("gpu", "cpu")
 INSTALL_HINT = (
     "The paper's Simpler/ManiSkill environments are not installed. On a GPU machine: `pip install -e ManiSkill -e "
@@ -137,6 +138,18 @@ class SimplerEnv:
     @staticmethod
     def check_env_ids(env_ids: Sequence[str]) -> None:
         check_env_ids(env_ids)
+
+    @staticmethod
+    def episode_len_of(env_id: str) -> int:
+        return EPISODE_LEN
+
+    @staticmethod
+    def check_recipe(recipe) -> None:
+        if recipe.episodes is not None:
+            raise ValueError(
+                f"episodes {recipe.episodes}: Simpler runs num_envs episodes per (env, seed), one per parallel copy; "
+                "set num_envs (--num-envs) instead"
+            )
 
     def reset(self, obj_set: str) -> Tuple[np.ndarray, List[str], dict]:
         obs, info = self.env.reset(options={"obj_set": obj_set})
