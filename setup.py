@@ -44,7 +44,10 @@ setup(
         # config.json model_type -> loader of checkpoints of other classes with OpenVLA's layout (vla/checkpoint.py).
         "openvla_align.checkpoint_loaders": ["tiny_openvla=openvla_align.tiny.model:load_tiny_checkpoint"],
         # A recipe's `simulator:` -> environment class with SimplerEnv's contract (eval/simulators.py).
-        "openvla_align.simulators": ["simpler=openvla_align.eval.simpler:SimplerEnv"],
+        "openvla_align.simulators": [
+            "simpler=openvla_align.eval.simpler:SimplerEnv",
+            "libero=openvla_align.eval.libero:LiberoEnv",
+        ],
         # The generic plugin group the patched vla-scripts/finetune.py discovers (see patches/).
         "openvla.finetune_plugins": [
             "align=openvla_align.openvla.plugins.align:AlignPlugin",
