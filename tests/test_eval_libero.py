@@ -371,6 +371,55 @@ def test_a_worker_error_and_a_dead_worker_are_reported_and_nothing_is_left_runni
             standin(f"libero_90-{task}", 7, 2, 20, episodes=2)
 
 
+def test_close_does_not_wait_on_a_worker_blocked_writing(standin):
+    """An interrupt between sending steps and reading their replies (~400 kB each, more than a pipe holds): close()
+    still ends every worker at once."""
+    import time
+
+    env = standin("libero_spatial-2", 7, 2, 20, episodes=2)
+    procs = [w.proc for w in env._workers]
+    env.reset("default")
+    for worker in env._workers:
+        worker.send("step", action=[0.0] * 7)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    env.close()
+    assert time.monotonic() - t0 < 5 and all(p.poll() is not None for p in procs)
+
+
+def test_workers_exit_when_the_runner_is_killed(standin, tmp_path):
+    """A runner killed outright (no clean-up) leaves no worker behind: each sees its input end and exits."""
+    import signal
+    import time
+
+    runner = f"""
+import os, signal
+from openvla_align.eval.libero import LiberoEnv
+LiberoEnv.worker_script = {str(LiberoEnv.worker_script)!r}
+env = LiberoEnv("libero_spatial-2", 7, 2, 20, episodes=2)
+env.reset("default")
+print(" ".join(str(w.proc.pid) for w in env._workers), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", runner], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as ended: its parent, the killed runner, is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_constructor_checks():
     with pytest.raises(ValueError, match="unknown LIBERO environment"):
         LiberoEnv("libero_spatial-12", 7, 2, 20)

@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import weakref
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -68,9 +69,9 @@ ASSETS_COMMAND = (
     "/tmp/LIBERO/libero/libero/assets {where}"
 )
 GL_CHOICES = (
-    "MUJOCO_GL=egl (a GPU driver's EGL, or Mesa's software EGL without a GPU: apt libegl1 libgl1-mesa-dri; "
-    "PYOPENGL_PLATFORM=egl), osmesa (apt libosmesa6; PYOPENGL_PLATFORM=osmesa) or glfw (robosuite 1.4 renders it "
-    "through EGL too; glx needs an X display)"
+    "MUJOCO_GL=egl (a GPU driver's EGL, or Mesa's software EGL without a GPU: apt libegl1 libegl-mesa0 "
+    "libgl1-mesa-dri; PYOPENGL_PLATFORM=egl), osmesa (apt libosmesa6; PYOPENGL_PLATFORM=osmesa) or glfw (robosuite "
+    "1.4 renders it through EGL too; glx needs an X display)"
 )
 
 
@@ -185,28 +186,37 @@ class _Worker:
         text = self.stderr.read().decode(errors="replace").strip().splitlines()
         return "\n".join(text[-lines:]) or "(nothing)"
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """``close`` if it is alive, then wait; kill it if it does not end."""
+    def request_stop(self) -> None:
+        """Ask it to close its environment and exit, and close our ends of its pipes: a worker blocked writing a
+        reply nobody reads gets a broken pipe instead of waiting forever."""
         if self.proc.poll() is None:
             try:
                 self.send("close")
             except WorkerError:
                 pass
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self.stderr):
+        for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()
-            except (OSError, ValueError):
+            except OSError:
                 pass
 
+    def wait_or_kill(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
 
-def _stop_all(workers: List[_Worker]) -> None:
+
+def _stop_all(workers: List[_Worker], timeout: float = 10.0) -> None:
+    """Stop every worker: all are asked at once, then each has what is left of ``timeout`` to exit before it is
+    killed."""
     for worker in workers:
-        worker.stop()
+        worker.request_stop()
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.wait_or_kill(max(0.0, deadline - time.monotonic()))
     workers.clear()
 
 
@@ -343,7 +353,7 @@ class LiberoEnv:
                 f"{str(exc).strip().splitlines()[-1]}"
             ) from exc
         finally:
-            worker.stop()
+            _stop_all([worker])
         problem, detail = report["problem"], report["detail"]
         if problem == "config":
             raise RuntimeError(
@@ -412,7 +422,7 @@ class LiberoEnv:
         return {k: v.copy() for k, v in self._obs.items()}
 
     def close(self) -> None:
-        """Stop the workers (each gets ``close``; one that does not end in 10 s is killed)."""
+        """Stop the workers (each gets ``close``; those still running 10 s later are killed)."""
         _stop_all(self._workers)
 
     def __enter__(self):

@@ -168,14 +168,15 @@ class Worker:
     def check(self, send):
         return check_installation()
 
-    def close(self, send):
+    def close(self):
         if self.env is not None:
             self.env.close()
             self.env = None
 
 
 def serve(worker: Worker, requests, replies) -> None:
-    """Answer requests until ``close`` or the end of the input (the caller is gone)."""
+    """Answer requests until ``close`` or the end of the input (the caller is gone); ``close`` has no reply (the
+    caller may have stopped reading)."""
 
     def send(message):
         write_frame(replies, message)
@@ -184,13 +185,14 @@ def serve(worker: Worker, requests, replies) -> None:
         try:
             command, args = read_frame(requests)
         except EOFError:
+            command, args = "close", {}
+        if command == "close":
+            worker.close()
             return
         try:
             send(("ok", getattr(worker, command)(send, **args)))
         except Exception:
             send(("error", traceback.format_exc()))
-        if command == "close":
-            return
 
 
 def protocol_streams():
