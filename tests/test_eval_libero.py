@@ -95,13 +95,14 @@ def test_env_ids_expand_and_check():
     ids = LiberoEnv.expand_env_ids(["libero_spatial", "libero_90-89", "libero_goal-0"])
     assert ids == [f"libero_spatial-{t}" for t in range(10)] + ["libero_90-89", "libero_goal-0"]
     LiberoEnv.check_env_ids(ids)
-    bad = ["libero_spatial-10", "libero_foo-1", "libero_goal", "libero_10-x", "libero_10-0"]
+    bad = ["libero_spatial-10", "libero_foo-1", "libero_goal", "libero_10-x", "libero_10-01", "libero_10-0"]
     with pytest.raises(ValueError) as err:
         LiberoEnv.check_env_ids(bad)
     message = str(err.value)
     assert "\n" not in message
     assert message == (
-        "unknown LIBERO environment id(s) ['libero_spatial-10', 'libero_foo-1', 'libero_goal', 'libero_10-x']: an id "
+        "unknown LIBERO environment id(s) ['libero_spatial-10', 'libero_foo-1', 'libero_goal', 'libero_10-x', "
+        "'libero_10-01']: an id "
         "is <suite>-<task> (e.g. libero_spatial-3), or a suite's name for all its tasks; suites: libero_spatial "
         "(tasks 0-9), libero_object (tasks 0-9), libero_goal (tasks 0-9), libero_10 (tasks 0-9), libero_90 (tasks 0-89)"
     )
@@ -112,6 +113,24 @@ def test_settings_are_accepted_and_the_backends_ignored():
         LiberoEnv.check_settings(8, backend, backend)
     with pytest.raises(ValueError, match="--num-envs 0"):
         LiberoEnv.check_settings(0, "gpu", "gpu")
+
+
+def test_make_policy_hands_the_recipe_settings_to_eval_policies(monkeypatch):
+    from openvla_align.eval import policies
+
+    seen = {}
+
+    def make_policy(loaded, settings, unnorm_key):
+        seen.update(loaded=loaded, settings=settings, unnorm_key=unnorm_key)
+        return "policy"
+
+    monkeypatch.setattr(policies, "make_policy", make_policy)
+    assert LiberoEnv.make_policy("model", {"num_open_loop_steps": 4}, "libero_goal_no_noops") == "policy"
+    assert seen == {
+        "loaded": "model",
+        "settings": policies.PolicySettings.from_dict({"num_open_loop_steps": 4}),
+        "unnorm_key": "libero_goal_no_noops",
+    }
 
 
 @needs_oft

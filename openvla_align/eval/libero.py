@@ -111,7 +111,7 @@ def observation(raw: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
 def parse_env_id(env_id: str) -> Tuple[str, int]:
     """``"libero_spatial-3"`` -> ``("libero_spatial", 3)``; ValueError for anything that is not a suite's task."""
     suite, sep, task = str(env_id).rpartition("-")
-    if not sep or suite not in SUITES or not task.isdigit() or int(task) >= SUITES[suite][0]:
+    if not sep or suite not in SUITES or not task.isdigit() or task != str(int(task)) or int(task) >= SUITES[suite][0]:
         raise ValueError(env_id)
     return suite, int(task)
 
