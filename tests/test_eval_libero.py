@@ -665,3 +665,28 @@ def test_check_runtime_on_the_real_libero(tmp_path, monkeypatch):
             LiberoEnv.check_runtime()
         where = shadow / "libero" / "assets"
         assert _one_line(err.value).startswith(f"{missing} {where} is empty")
+
+
+@needs_libero
+def test_the_runner_drives_libero_in_blocks():
+    """``eval.run.rollout`` over LiberoEnv: 3 episodes 2 at a time (two blocks, the resets chained across them),
+    action chunks run open-loop, each record numbered by its initial state, seeded 0 as OFT's environments."""
+    from openvla_align.eval.run import EvalRecipe, rollout
+
+    recipe = EvalRecipe(suite="smoke", envs=["libero_object-1"], seeds=[7], num_envs=2, obj_set="default")
+    calls = []
+
+    def policy(obs, instructions):
+        calls.append((sorted(obs), obs["full_image"].shape, obs["state"].shape, len(instructions)))
+        return np.tile(np.array(STEPS[:2]), (len(instructions), 1, 1))  # a chunk of 2 actions per row
+
+    env = LiberoEnv("libero_object-1", 7, 2, 280, episodes=3)
+    try:
+        records, frames = rollout(env, policy, recipe, episode_len=3, video=3)
+    finally:
+        env.close()
+    assert [r["episode"] for r in records] == [0, 1, 2] and [r["env_seed"] for r in records] == [0, 0, 0]
+    assert all(r["first_success_step"] is None and r["instruction"] == env.instruction for r in records)
+    keys = ["full_image", "state", "wrist_image"]
+    assert calls == [(keys, (2, 256, 256, 3), (2, 8), 2)] * 2 + [(keys, (1, 256, 256, 3), (1, 8), 1)] * 2
+    assert [len(f) for f in frames] == [4, 4, 4] and frames[0][0].shape == (256, 256, 3)
