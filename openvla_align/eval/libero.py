@@ -323,15 +323,14 @@ class LiberoEnv:
 
     @staticmethod
     def unnorm_key_of(env_id: str, norm_stats: Mapping) -> str:
-        """OFT's ``check_unnorm_key``: the suite's name, else ``<suite>_no_noops``, among the checkpoint's keys."""
-        suite = parse_env_id(env_id)[0]
-        for key in (suite, f"{suite}_no_noops"):
-            if key in norm_stats:
-                return key
-        raise ValueError(
-            f"unnorm_key auto for {env_id}: the checkpoint's action statistics have neither {suite} nor "
-            f"{suite}_no_noops (has: {sorted(norm_stats)}); name the key (--unnorm-key)"
-        )
+        """OFT's ``check_unnorm_key``: the suite's name, else ``<suite>_no_noops``, among the checkpoint's keys
+        (``eval.policies.resolve_unnorm_key``)."""
+        from .policies import resolve_unnorm_key
+
+        try:
+            return resolve_unnorm_key(norm_stats, parse_env_id(env_id)[0])
+        except ValueError as exc:
+            raise ValueError(f"{env_id}: {exc}") from None
 
     @staticmethod
     def make_policy(loaded, settings: Mapping, unnorm_key: str):
