@@ -72,10 +72,14 @@ COMMANDS = {
     "bench": ("Step time and peak memory: SFT vs Align (live, cache) vs the reference.", "openvla_align.bench"),
     "data": ("The paper's RLDS data: build it from collected episodes, or synthesise.", "openvla_align.data.build"),
     "eval": (
-        "Evaluation in the paper's Simpler environments and its tables.",
+        "Evaluation in Simpler (the paper's environments) or LIBERO (OpenVLA-OFT's), and the tables.",
         {
-            "run": ("Roll the model out in the paper's Simpler environments (needs them).", "openvla_align.eval.run"),
+            "run": ("Roll the model out in Simpler or LIBERO (needs the simulator).", "openvla_align.eval.run"),
             "report": ("Tables (Markdown + CSV) and charts from evaluation results.", "openvla_align.eval.report"),
+            "throughput": (
+                "Episodes/s of eval run's batched loop vs OpenVLA-OFT's one-at-a-time LIBERO loop.",
+                "openvla_align.eval.throughput",
+            ),
         },
     ),
     "merge": ("Merge a LoRA adapter into its base model once, offline, on one process.", "openvla_align.openvla.merge"),
@@ -106,6 +110,8 @@ EXAMPLES = {
     "data synth": "openvla-align data synth /tmp/tiny-data --episodes 8",
     "eval run": "openvla-align eval run recipes/eval/ood.yaml --vla-path runs/warmup "
     "--adapter runs/<align-exp>--60000_chkpt --out eval/align",
+    "eval throughput": "openvla-align eval throughput recipes/eval/libero-spatial.yaml --vla-path runs/oft-merged "
+    "--oft-loop --out throughput.json",
     "eval report": "openvla-align eval report eval/sft eval/freeze eval/align --baseline eval/sft --out tables/table1",
     "merge": "openvla-align merge runs/<exp>--4000_chkpt --out runs/<exp>-merged",
     "patch": "openvla-align patch /path/to/openvla",

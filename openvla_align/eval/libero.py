@@ -333,6 +333,31 @@ class LiberoEnv:
             raise ValueError(f"{env_id}: {exc}") from None
 
     @staticmethod
+    def check_recipe(recipe) -> None:
+        """The recipe's settings LIBERO can run, before anything loads: the benchmark's initial states
+        (``obj_set: default``), at most 50 episodes per task, episodes within robosuite's horizon."""
+        if recipe.obj_set != "default":
+            raise ValueError(
+                f"obj_set {recipe.obj_set!r}: LIBERO's episodes start from the benchmark's initial states; set "
+                "obj_set: default"
+            )
+        if recipe.episodes is not None and recipe.episodes > EPISODES:
+            raise ValueError(f"episodes {recipe.episodes}: a LIBERO task has {EPISODES} initial states; use fewer")
+        if recipe.episode_len is not None and recipe.episode_len + WAIT_STEPS > HORIZON:
+            raise ValueError(
+                f"episode_len {recipe.episode_len}: LIBERO's environments stop at {HORIZON} steps, {WAIT_STEPS} of "
+                f"them waiting; use at most {HORIZON - WAIT_STEPS}"
+            )
+
+    @staticmethod
+    def check_policy(settings: Mapping, vla_path) -> None:
+        """The policy settings and the checkpoint's files they need (action head, proprio projector, ...; the camera
+        count its ``align`` sidecar records), read without loading the model (``eval.policies.check_checkpoint``)."""
+        from .policies import PolicySettings, check_checkpoint
+
+        check_checkpoint(vla_path, PolicySettings.from_dict(dict(settings)))
+
+    @staticmethod
     def make_policy(loaded, settings: Mapping, unnorm_key: str):
         from .policies import PolicySettings, make_policy
 

@@ -360,6 +360,7 @@ def _cmd_run(args) -> int:
         recipe.num_envs = args.num_envs
     if args.episodes:
         recipe.episodes = args.episodes
+    recipe.policy = {**recipe.policy, **dict(args.policy or [])}
     recipe.check("--seeds/--num-envs")
     env_cls = simulators.resolve(recipe.simulator)
     recipe.envs = simulators.expand_env_ids(env_cls, recipe.envs)
@@ -454,9 +455,22 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def policy_setting(text: str) -> Tuple[str, object]:
+    """``KEY=VALUE`` -> (KEY, VALUE read as YAML: ``true``, ``2``, ``0.5`` or a word)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: write KEY=VALUE, e.g. use_proprio=false")
+    return key.strip(), yaml.safe_load(value)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("run")
-    p.add_argument("recipe", help="evaluation recipe, e.g. recipes/eval/ood.yaml or recipes/eval/vlthink.yaml")
+    p.add_argument(
+        "recipe",
+        help="evaluation recipe, e.g. recipes/eval/ood.yaml, recipes/eval/vlthink.yaml, recipes/eval/libero.yaml",
+    )
     MODEL.add(p)
     p.add_argument(
         "--out", default=None, help="results directory (default: eval/<adapter or model name>-<weights fingerprint>)"
@@ -469,6 +483,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         help="episodes per (env, seed) instead of the simulator's (LIBERO: the first N of the 50 initial states)",
+    )
+    p.add_argument(
+        "--policy",
+        type=policy_setting,
+        action="append",
+        metavar="KEY=VALUE",
+        help="a policy setting over the recipe's `policy:` (repeatable; LIBERO: OpenVLA-OFT's GenerateConfig names, "
+        "e.g. --policy num_images_in_input=1 --policy use_proprio=false)",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="re-run (env, seed) pairs that already have results, whoever made them"
@@ -488,9 +510,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="K",
         help="write the first K episodes of each (env, seed) as GIFs",
     )
-    p.add_argument("--sim-backend", default="gpu", choices=("gpu", "cpu"), help="ManiSkill physics backend")
     p.add_argument(
-        "--render-backend", default="gpu", choices=("gpu", "cpu"), help="ManiSkill renderer (cpu: software Vulkan)"
+        "--sim-backend", default="gpu", choices=("gpu", "cpu"), help="ManiSkill physics backend (Simpler only)"
+    )
+    p.add_argument(
+        "--render-backend",
+        default="gpu",
+        choices=("gpu", "cpu"),
+        help="ManiSkill renderer (cpu: software Vulkan; Simpler only; LIBERO renders through MUJOCO_GL)",
     )
     p.set_defaults(func=_cmd_run)
     return p
