@@ -688,3 +688,12 @@ def test_the_runner_drives_libero_in_blocks():
     keys = ["full_image", "state", "wrist_image"]
     assert calls == [(keys, (2, 256, 256, 3), (2, 8), 2)] * 2 + [(keys, (1, 256, 256, 3), (1, 8), 1)] * 2
     assert [len(f) for f in frames] == [4, 4, 4] and frames[0][0].shape == (256, 256, 3)
+
+
+def test_workers_do_not_inherit_an_empty_cuda_visible_devices():
+    """robosuite 1.4's EGL context reads CUDA_VISIBLE_DEVICES as a device list: empty (GPUs hidden, as a CPU run hides
+    them) it fails on int(''); the workers get the variable only when it names devices."""
+    from openvla_align.eval.libero import worker_environment
+
+    assert "CUDA_VISIBLE_DEVICES" not in worker_environment({"CUDA_VISIBLE_DEVICES": "", "MUJOCO_GL": "egl"})
+    assert worker_environment({"CUDA_VISIBLE_DEVICES": "1"})["CUDA_VISIBLE_DEVICES"] == "1"

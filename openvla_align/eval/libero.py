@@ -133,6 +133,17 @@ def _unpack(packed) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
 
 
+def worker_environment(base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The workers' environment: this process's, without an empty ``CUDA_VISIBLE_DEVICES`` (the usual way to hide
+    GPUs from a CPU run), which robosuite 1.4's EGL context reads as a device list and fails on
+    (``int('')``: "invalid literal for int()"); without it, EGL renders on its first device (Mesa's software one on a
+    machine without a GPU)."""
+    env = dict(os.environ if base is None else base)
+    if env.get("CUDA_VISIBLE_DEVICES") == "":
+        del env["CUDA_VISIBLE_DEVICES"]
+    return env
+
+
 class _Worker:
     """One worker process: requests on its stdin, replies on its stdout, its stderr in a temporary file (shown when
     it fails). Started in a session of its own, so a Ctrl-C reaches the runner, which stops it."""
@@ -148,6 +159,7 @@ class _Worker:
                 stdout=subprocess.PIPE,
                 stderr=self.stderr,
                 start_new_session=True,
+                env=worker_environment(),
             )
         except OSError as exc:
             self.stderr.close()
