@@ -697,3 +697,120 @@ def test_workers_do_not_inherit_an_empty_cuda_visible_devices():
 
     assert "CUDA_VISIBLE_DEVICES" not in worker_environment({"CUDA_VISIBLE_DEVICES": "", "MUJOCO_GL": "egl"})
     assert worker_environment({"CUDA_VISIBLE_DEVICES": "1"})["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+@needs_oft
+@pytest.mark.parametrize("name", ["libero-spatial", "libero-object", "libero-goal", "libero-10", "libero"])
+def test_oft_recipes_are_ofts_generate_config(oft, name):
+    """Each OFT recipe's `policy:` is OFT's GenerateConfig defaults (read from OFT's file), its seed OFT's, its tasks
+    the suite's (all four for libero.yaml), its step limit the simulator's per suite; the settings parse."""
+    from openvla_align.eval.policies import PolicySettings
+    from openvla_align.eval.run import EvalRecipe
+
+    recipe = EvalRecipe.load(REPO / "recipes" / "eval" / f"{name}.yaml")
+    defaults = oft["GenerateConfig"]()
+    assert recipe.policy == {k: getattr(defaults, k) for k in recipe.policy}
+    assert PolicySettings.from_dict(recipe.policy) == PolicySettings(**recipe.policy)
+    assert recipe.seeds == [defaults.seed] and recipe.obj_set == "default" and recipe.episode_len is None
+    suites = [recipe.suite] if name != "libero" else ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
+    assert LiberoEnv.expand_env_ids(recipe.envs) == [f"{s}-{t}" for s in suites for t in range(10)]
+    assert recipe.unnorm_key == "auto" and recipe.simulator == "libero"
+    LiberoEnv.check_recipe(recipe)
+
+
+def test_openvla_recipe_is_openvlas_settings():
+    from openvla_align.eval.policies import PolicySettings
+    from openvla_align.eval.run import EvalRecipe
+
+    recipe = EvalRecipe.load(REPO / "recipes" / "eval" / "libero-openvla.yaml")
+    assert PolicySettings.from_dict(recipe.policy) == PolicySettings.for_openvla()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(obj_set="test"), "set obj_set: default"),
+        (dict(episodes=51), "a LIBERO task has 50 initial states"),
+        (dict(episode_len=991), "use at most 990"),
+    ],
+)
+def test_recipes_libero_cannot_run_stop_before_anything_loads(change, message):
+    from dataclasses import replace
+
+    from openvla_align.eval.run import EvalRecipe
+
+    recipe = replace(EvalRecipe.load(REPO / "recipes" / "eval" / "libero-spatial.yaml"), **change)
+    with pytest.raises(ValueError, match=message):
+        LiberoEnv.check_recipe(recipe)
+
+
+# ------------------------------------------------------------------------------------------------ eval run's bad input
+@pytest.fixture
+def libero_run(tmp_path, vla, tokenizer, monkeypatch):
+    """A LIBERO recipe and a tiny checkpoint with statistics under libero_spatial_no_noops; loading the VLA or
+    starting LIBERO fails the test: each bad input must stop before either."""
+    from openvla_align.tiny import save_tiny_checkpoint
+
+    stats = {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}, "proprio": {"q01": [-1.0] * 8, "q99": [1.0] * 8}}
+    vla.config.norm_stats = {"libero_spatial_no_noops": stats}
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", vla, tokenizer) or tmp_path / "ckpt"
+
+    def refuse(*a, **k):
+        raise AssertionError("loaded the VLA or started LIBERO")
+
+    monkeypatch.setattr("openvla_align.vla.checkpoint.load_vla", refuse)
+    monkeypatch.setattr(LiberoEnv, "check_runtime", classmethod(refuse))
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "libero-spatial.yaml"
+    recipe.write_text((REPO / "recipes" / "eval" / "libero-spatial.yaml").read_text())
+    return recipe, Path(ckpt)
+
+
+def _components(ckpt: Path, *names: str) -> None:
+    for name in names:
+        (ckpt / f"{name}--100_checkpoint.pt").write_bytes(b"")  # found by name; never read before the check fails
+
+
+def _sidecar(ckpt: Path, num_images: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    (ckpt / "align").mkdir()
+    meta = {"openvla-align": json.dumps({"num_images": num_images})}
+    save_file({"w": torch.zeros(1)}, str(ckpt / "align" / "projector.safetensors"), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unknown task", r"unknown LIBERO environment id\(s\) \['libero_spatial-12'\]"),
+        ("unknown suite", r"unknown LIBERO environment id\(s\) \['libero_space'\]"),
+        ("no action head", r"has no \*action_head\*checkpoint\* file, which use_l1_regression=true needs"),
+        ("no proprio projector", r"has no \*proprio_projector\*checkpoint\* file, which use_proprio=true needs"),
+        ("cameras", r"trained with 1 camera\(s\) per sample \(align/projector.safetensors\), not num_images_in"),
+        ("unnorm key", r"libero_goal-0: .*libero_goal.*libero_spatial_no_noops"),
+        ("explicit unnorm key", r"unnorm_key 'bridge' is not in .* \(has: \['libero_spatial_no_noops'\]\)"),
+    ],
+)
+def test_bad_input_stops_eval_run_before_the_first_episode_and_writes_nothing(libero_run, capsys, case, message):
+    from conftest import cli_fails
+
+    recipe, ckpt = libero_run
+    extra = []
+    if case == "unknown task":
+        recipe.write_text(recipe.read_text().replace("envs: [libero_spatial]", "envs: [libero_spatial-12]"))
+    if case == "unknown suite":
+        recipe.write_text(recipe.read_text().replace("envs: [libero_spatial]", "envs: [libero_space]"))
+    if case in ("no proprio projector", "cameras", "unnorm key", "explicit unnorm key"):
+        _components(ckpt, "action_head")
+    if case in ("cameras", "unnorm key", "explicit unnorm key"):
+        _components(ckpt, "proprio_projector")
+    if case == "cameras":
+        _sidecar(ckpt, 1)
+    if case == "unnorm key":
+        recipe.write_text(recipe.read_text().replace("envs: [libero_spatial]", "envs: [libero_goal-0]"))
+    if case == "explicit unnorm key":
+        extra = ["--unnorm-key", "bridge"]
+    before = sorted(p.relative_to(recipe.parent) for p in recipe.parent.rglob("*"))
+    cli_fails(capsys, ["eval", "run", str(recipe), "--vla-path", str(ckpt), "--device", "cpu", *extra], message)
+    assert sorted(p.relative_to(recipe.parent) for p in recipe.parent.rglob("*")) == before  # nothing written
