@@ -14,6 +14,7 @@ with ``LIBERO_CONFIG_PATH`` and ``MUJOCO_GL`` from its env.sh). The replay of a 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -103,3 +104,24 @@ def test_a_tiny_oft_policy_runs_two_libero_spatial_tasks_batched(checkpoint, tmp
     assert f"| 0 | {instructions[0]} | 0.000 [0.000, 0.658] (0/2) |" in report.stdout
     rows = (tmp_path / "tables" / "libero.csv").read_text().splitlines()
     assert rows[0].startswith("run,suite,task,instruction,successes,episodes") and len(rows) == 1 + 4
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libero") is None,
+    reason="OpenVLA-OFT's own loop runs LIBERO in its process: install LIBERO into this environment too (OFT's "
+    "LIBERO.md does; docs/libero.md)",
+)
+def test_throughput_times_our_loop_and_ofts_own_run_task(checkpoint, tmp_path):
+    """`eval throughput` drives OFT's run_task (imported from OFT's checkout) and ours on one task; OFT's loop must
+    really step every episode to the limit (its run_episode swallows exceptions: the count is checked). Figures are
+    for the README's benchmark, not asserted: a timed test proves nothing on a shared machine."""
+    out = tmp_path / "throughput.json"
+    args = ["throughput", str(RECIPE), "--vla-path", str(checkpoint), "--device", "cpu", "--dtype", "bfloat16",
+            "--episodes", "1", "--steps", "8", "--num-envs", "1", "--rounds", "1", "--oft-loop",
+            "--out", str(out)]  # fmt: skip
+    proc = _cli(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["loop"] for r in runs] == ["openvla-align, 1 env(s)", "OpenVLA-OFT run_task, 1 env"]
+    assert all(r["episodes"] == 1 and r["env_steps"] == 8 and r["seconds"] > 0 for r in runs)
+    assert "x OFT's loop" in proc.stdout
