@@ -149,11 +149,14 @@ def test_a_recipe_names_its_simulator(monkeypatch, tmp_path):
     from openvla_align.eval import simulators
     from openvla_align.eval.simpler import SimplerEnv
 
-    assert simulators.resolve("simpler") is SimplerEnv  # this package's own entry point
+    from openvla_align.eval.libero import LiberoEnv
+
+    assert simulators.resolve("simpler") is SimplerEnv  # this package's own entry points
+    assert simulators.resolve("libero") is LiberoEnv
     assert simulators.resolve("standin_sim:StandInSim").__name__ == "StandInSim"
     install_entry_points(tmp_path, monkeypatch, simulators.ENTRY_POINT_GROUP, {"standin": "standin_sim:StandInSim"})
     assert simulators.resolve("standin").__name__ == "StandInSim"  # an installed package's entry point
-    with pytest.raises(ValueError, match="unknown simulator 'libero': known simpler, standin"):
-        simulators.resolve("libero")
+    with pytest.raises(ValueError, match="unknown simulator 'mujoco': known libero, simpler, standin"):
+        simulators.resolve("mujoco")
     with pytest.raises(ValueError, match="cannot import standin_sim:Nope"):
         simulators.resolve("standin_sim:Nope")
