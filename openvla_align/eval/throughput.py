@@ -104,7 +104,8 @@ def oft_loop(policy, env_id: str, episodes: int, steps: int, settings, unnorm_ke
     limits = dict(oft.TASK_MAX_STEPS)
     old = {name: getattr(oft, name) for name in patches}
     task_suite = benchmark.get_benchmark_dict()[suite]()
-    try:
+    hidden = os.environ.pop("CUDA_VISIBLE_DEVICES") if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else None
+    try:  # an empty CUDA_VISIBLE_DEVICES breaks robosuite's EGL context: dropped as for our workers
         for name, value in patches.items():
             setattr(oft, name, value)
         for key in list(oft.TASK_MAX_STEPS):
@@ -116,6 +117,8 @@ def oft_loop(policy, env_id: str, episodes: int, steps: int, settings, unnorm_ke
                          policy.proprio_projector, policy.noisy_action_projector, 0, 0, None)  # fmt: skip
         seconds = time.perf_counter() - start
     finally:
+        if hidden is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
         for name, value in old.items():
             setattr(oft, name, value)
         oft.TASK_MAX_STEPS.clear()
