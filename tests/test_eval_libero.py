@@ -814,3 +814,29 @@ def test_bad_input_stops_eval_run_before_the_first_episode_and_writes_nothing(li
     before = sorted(p.relative_to(recipe.parent) for p in recipe.parent.rglob("*"))
     cli_fails(capsys, ["eval", "run", str(recipe), "--vla-path", str(ckpt), "--device", "cpu", *extra], message)
     assert sorted(p.relative_to(recipe.parent) for p in recipe.parent.rglob("*")) == before  # nothing written
+
+
+@needs_libero
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="OFT's image preparation needs tensorflow")
+def test_an_openvla_checkpoint_runs_libero_through_eval_run(tmp_path, vla, tokenizer, monkeypatch, capsys):
+    """OpenVLA's own LIBERO checkpoints (recipes/eval/libero-openvla.yaml): a tiny OpenVLA with libero_goal
+    statistics, one task, one episode, 12 steps, one action per query from the KV-cached decoder, in the real
+    simulator; the record and the identity say what ran."""
+    from openvla_align.cli import main
+    from openvla_align.tiny import save_tiny_checkpoint
+
+    stats = {"action": {"q01": [-0.5] * 6 + [0.0], "q99": [0.5] * 6 + [1.0], "mask": [True] * 6 + [False]}}
+    vla.config.norm_stats = {"libero_goal": stats}
+    save_tiny_checkpoint(tmp_path / "ckpt", vla, tokenizer)
+    recipe = tmp_path / "libero-openvla.yaml"
+    text = (REPO / "recipes" / "eval" / "libero-openvla.yaml").read_text()
+    four = "envs: [libero_spatial, libero_object, libero_goal, libero_10]"
+    recipe.write_text(text.replace(four, "envs: [libero_goal-2]") + "episode_len: 12\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "run", str(recipe), "--vla-path", str(tmp_path / "ckpt"), "--device", "cpu", "--dtype", "float32",
+            "--episodes", "1", "--num-envs", "1", "--out", "out"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "libero_goal-2" / "default" / "7" / "result.json").read_text())
+    (episode,) = result["episodes"]
+    assert episode["episode"] == 0 and episode["steps"] == 12 and episode["env_seed"] == 0
+    assert result["identity"]["policy"]["num_open_loop_steps"] == 1 and result["episode_len"] == 12
