@@ -4,7 +4,8 @@ Two tasks of libero_spatial, two episodes each, two parallel environments (worke
 OFT's protocol (recipes/eval/libero-spatial.yaml: L1 head, proprio, 2 cameras, centre crop, 8-step chunks open-loop,
 10 wait steps, the benchmark's initial states), to the suite's step limit: a random policy does not succeed. Then:
 the records and a video are written, a re-run resumes without loading the model, and `eval report` reads the
-records into LIBERO's tables. The policy is OFT's own checkpoint layout: the tiny model from OFT's classes with
+records into LIBERO's tables; two torchrun ranks share two tasks, and `eval throughput` runs OFT's own loop. The
+policy is OFT's own checkpoint layout: the tiny model from OFT's classes with
 random-weight ``action_head--0_checkpoint.pt`` / ``proprio_projector--0_checkpoint.pt`` written by OFT's classes.
 
 Opt-in twice: OFT's checkout and fork (``OPENVLA_OFT_SRC``, as every OFT test) and a LIBERO build (``LIBERO_PYTHON``,
@@ -125,3 +126,26 @@ def test_throughput_times_our_loop_and_ofts_own_run_task(checkpoint, tmp_path):
     assert [r["loop"] for r in runs] == ["openvla-align, 1 env(s)", "OpenVLA-OFT run_task, 1 env"]
     assert all(r["episodes"] == 1 and r["env_steps"] == 8 and r["seconds"] > 0 for r in runs)
     assert "x OFT's loop" in proc.stdout
+
+
+def test_torchrun_ranks_share_the_tasks(checkpoint, tmp_path):
+    """Two torchrun ranks, each its own LIBERO task (one episode of 16 steps); a re-run of one shard finds its task
+    done without loading the model."""
+    recipe = tmp_path / "libero-spatial.yaml"
+    text = RECIPE.read_text().replace("envs: [libero_spatial]", "envs: [libero_spatial-3, libero_spatial-4]")
+    recipe.write_text(text + "episode_len: 16\n")
+    out = tmp_path / "out"
+    run = ["run", str(recipe), "--vla-path", str(checkpoint), "--device", "cpu", "--dtype", "float32",
+           "--episodes", "1", "--num-envs", "1", "--out", str(out)]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "openvla_align.cli", "eval", *run]  # fmt: skip
+    proc = subprocess.run(torchrun, capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 evaluated by 2 ranks, 0 already there, 0 missing" in proc.stdout
+    for task in ("libero_spatial-3", "libero_spatial-4"):
+        (episode,) = json.loads((out / task / "default" / "7" / "result.json").read_text())["episodes"]
+        assert episode["steps"] == 16 and episode["episode"] == 0
+    again = _cli(tmp_path, *run, "--shard", "1/2", timeout=600)
+    assert again.returncode == 0 and "all 1 (env, seed) pairs of shard 1/2 already evaluated" in again.stdout, (
+        again.stdout + again.stderr[-2000:]
+    )
