@@ -147,9 +147,8 @@ def test_fingerprint_follows_the_weights_not_the_path(tmp_path, tokenizer):
 
 def test_a_recipe_names_its_simulator(monkeypatch, tmp_path):
     from openvla_align.eval import simulators
-    from openvla_align.eval.simpler import SimplerEnv
-
     from openvla_align.eval.libero import LiberoEnv
+    from openvla_align.eval.simpler import SimplerEnv
 
     assert simulators.resolve("simpler") is SimplerEnv  # this package's own entry points
     assert simulators.resolve("libero") is LiberoEnv
