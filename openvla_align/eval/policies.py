@@ -38,13 +38,13 @@ import numpy as np
 import torch
 
 from ..vla.checkpoint import action_prompt
+from .simulators import STATS_FILE, read_norm_stats
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 224  # OpenVLA's input resolution (OFT's OPENVLA_IMAGE_SIZE)
 CROP_SCALE = 0.9  # area of OFT's centre crop (its training-time random crop's scale)
 SPACE_ID = 29871  # Llama-2's "▁", which predict_action appends to a prompt that does not end with it
-STATS_FILE = "dataset_statistics.json"
 SIDECAR = ("align", "projector.safetensors")  # the align plugin's sidecar beside an OFT checkpoint's weights
 
 
@@ -168,22 +168,6 @@ class PolicySettings:
 
 
 # --------------------------------------------------------------------------------------------------- checkpoint files
-def read_norm_stats(checkpoint) -> Dict[str, Any]:
-    """The statistics OFT's and OpenVLA's evaluation un-normalise with: ``dataset_statistics.json`` in the checkpoint
-    directory (their loaders put it over the config's), else ``config.json``'s ``norm_stats``; {} when neither."""
-    checkpoint = Path(checkpoint)
-    for name, pick in ((STATS_FILE, lambda d: d), ("config.json", lambda d: d.get("norm_stats"))):
-        path = checkpoint / name
-        if path.is_file():
-            try:
-                stats = pick(json.loads(path.read_text()))
-            except (json.JSONDecodeError, AttributeError) as exc:
-                raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from None
-            if stats:
-                return dict(stats)
-    return {}
-
-
 def resolve_unnorm_key(stats: Union[Mapping[str, Any], str, Path], suite: str) -> str:
     """The un-normalisation key OFT's ``check_unnorm_key`` picks for a LIBERO suite: the suite's name, else
     ``<suite>_no_noops`` (OFT's datasets drop no-op actions). ``stats``: a statistics mapping or a checkpoint
@@ -301,6 +285,22 @@ def _prepared(images: np.ndarray, crop: bool) -> np.ndarray:
     return center_crop(images) if crop else images
 
 
+def _settings(settings: Union[PolicySettings, Mapping, None]) -> PolicySettings:
+    return settings if isinstance(settings, PolicySettings) else PolicySettings.from_dict(settings)
+
+
+def _model_of(loaded, name: str, other: str):
+    """``(base model, family)`` of ``loaded``, which must be of the family ``name`` (else: use ``other``)."""
+    from ..vla.layout import family, unwrap
+
+    base = unwrap(loaded.model)
+    fam = family(base)
+    if fam.name != name:
+        label = {"openvla-oft": "OpenVLA-OFT", "openvla": "OpenVLA"}.get(name, name)
+        raise ValueError(f"{loaded.path} is a {fam.name} model, not {label}; use {other}")
+    return base, fam
+
+
 # --------------------------------------------------------------------------------------------------- OpenVLA-OFT
 class OFTPolicy:
     """An OpenVLA-OFT checkpoint's LIBERO policy: ``policy(obs, instructions) -> (B, chunk, action_dim)`` actions
@@ -317,13 +317,8 @@ class OFTPolicy:
     """
 
     def __init__(self, loaded, settings: Union[PolicySettings, Mapping, None], unnorm_key: str):
-        from ..vla.layout import family, unwrap
-
-        settings = settings if isinstance(settings, PolicySettings) else PolicySettings.from_dict(settings)
-        base = unwrap(loaded.model)
-        fam = family(base)
-        if fam.name != "openvla-oft":
-            raise ValueError(f"{loaded.path} is a {fam.name} model, not OpenVLA-OFT; use OpenVLALiberoPolicy")
+        settings = _settings(settings)
+        base, fam = _model_of(loaded, "openvla-oft", "OpenVLALiberoPolicy")
         constants = sys.modules[type(base).__module__].__dict__
         self.chunk, self.action_dim = int(constants["NUM_ACTIONS_CHUNK"]), int(constants["ACTION_DIM"])
         self.norm_kind = constants["ACTION_PROPRIO_NORMALIZATION_TYPE"]
@@ -564,14 +559,10 @@ class OpenVLALiberoPolicy:
     open_loop_steps = 1
 
     def __init__(self, loaded, settings: Union[PolicySettings, Mapping, None], unnorm_key: str):
-        from ..vla.layout import family, unwrap
         from .run import BatchedPolicy
 
-        settings = settings if isinstance(settings, PolicySettings) else PolicySettings.from_dict(settings)
-        base = unwrap(loaded.model)
-        fam = family(base)
-        if fam.name != "openvla":
-            raise ValueError(f"{loaded.path} is a {fam.name} model, not OpenVLA; use OFTPolicy")
+        settings = _settings(settings)
+        base, _ = _model_of(loaded, "openvla", "OFTPolicy")
         wanted = PolicySettings.for_openvla(settings.center_crop)
         differ = [f"{f.name}={getattr(settings, f.name)}" for f in fields(settings)
                   if f.name not in ("lora_rank", "num_diffusion_steps_train", "num_diffusion_steps_inference")

@@ -245,6 +245,11 @@ def run_recipe(
     return {"evaluated": done, "skipped": skipped, "out": str(out)}
 
 
+def _observation(obs):
+    """An environment's observation as numpy: an image batch, or a dict of per-row arrays."""
+    return {k: _as_numpy(v) for k, v in obs.items()} if isinstance(obs, dict) else _as_numpy(obs)
+
+
 def _rows(obs, rows: np.ndarray):
     """The observation of the given rows: an image batch or a dict of per-row arrays (LIBERO's cameras + state)."""
     if isinstance(obs, dict):
@@ -277,7 +282,7 @@ def rollout(env, policy: Callable, recipe: EvalRecipe, episode_len: int, video: 
     seeds = list(getattr(env, "seeds", None) or [])
     while len(records) < total:
         obs, instructions, info = env.reset(recipe.obj_set)
-        obs = _as_numpy(obs) if not isinstance(obs, dict) else {k: _as_numpy(v) for k, v in obs.items()}
+        obs = _observation(obs)
         n = len(instructions)
         if n == 0:
             raise RuntimeError(f"{type(env).__name__}.reset returned no episodes after {len(records)} of {total}")
@@ -308,7 +313,7 @@ def rollout(env, policy: Callable, recipe: EvalRecipe, episode_len: int, video: 
             at += 1
             ran[rows] += 1
             obs, _, _, step_info = env.step(actions)
-            obs = _as_numpy(obs) if not isinstance(obs, dict) else {k: _as_numpy(v) for k, v in obs.items()}
+            obs = _observation(obs)
             now = _as_numpy(step_info["success"]).astype(bool).reshape(-1)
             if stops:
                 now &= active

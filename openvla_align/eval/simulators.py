@@ -94,20 +94,31 @@ def policy_factory(cls, settings: Dict, where) -> Optional[Callable]:
     return lambda loaded, unnorm_key: fn(loaded, settings, unnorm_key)
 
 
+STATS_FILE = "dataset_statistics.json"
+
+
+def read_norm_stats(checkpoint) -> Dict:
+    """The statistics OFT's and OpenVLA's evaluation un-normalise with, read without loading the model:
+    ``dataset_statistics.json`` in the directory (their loaders put it over the config's), else ``config.json``'s
+    ``norm_stats``; {} when neither has any."""
+    for name, pick in ((STATS_FILE, lambda d: d), ("config.json", lambda d: d.get("norm_stats"))):
+        path = Path(checkpoint) / name
+        if path.is_file():
+            try:
+                stats = pick(json.loads(path.read_text()))
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+            if stats:
+                return dict(stats)
+    return {}
+
+
 def checkpoint_norm_stats(vla_path, adapter=None) -> Optional[Dict]:
-    """The action statistics a checkpoint carries, read without loading it: ``dataset_statistics.json`` (which
-    OpenVLA-OFT's loader puts over the config's, as here) else ``config.json``'s ``norm_stats``, in the model
-    directory or the adapter's; None when neither has any."""
+    """:func:`read_norm_stats` of the adapter's directory, else the model's; None when neither has any."""
     for root in [p for p in (adapter, vla_path) if p]:
-        for name, pick in (("dataset_statistics.json", lambda d: d), ("config.json", lambda d: d.get("norm_stats"))):
-            path = Path(root) / name
-            if path.is_file():
-                try:
-                    stats = pick(json.loads(path.read_text()))
-                except (json.JSONDecodeError, AttributeError) as exc:
-                    raise ValueError(f"{path} is not valid JSON ({exc}): the checkpoint is damaged") from exc
-                if stats:
-                    return stats
+        stats = read_norm_stats(root)
+        if stats:
+            return stats
     return None
 
 
