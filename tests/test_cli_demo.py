@@ -52,11 +52,19 @@ def _table(scene):
 
 
 def test_pixels_carry_the_labels():
-    (scene,) = sc.make_split("probe", 1, 3)
-    colour, _ = scene.target
-    assert scene.image.dtype == np.uint8
-    assert np.allclose(np.median(scene.image[scene.cover > 0], axis=0) / 255, sc.COLORS[colour], atol=0.05)
-    assert set(np.unique(scene.cover)) == {0, 1 + sc.COMBOS.index(scene.target)}
+    for scene in sc.make_split("probe", 24, 3):
+        assert scene.image.dtype == np.uint8
+        block = np.median(scene.image[scene.cover > 0], axis=0) / 255
+        assert np.allclose(block, sc.rgb(*scene.target), atol=0.05)
+        assert set(np.unique(scene.cover)) == {0, 1 + sc.COMBOS.index(scene.target)}
+
+
+def test_shades_keep_the_hue_and_tell_apart():
+    red = {shade: np.asarray(sc.rgb("red", shade)) for shade in sc.SHADES}
+    assert np.allclose(red["bright"], sc.COLORS["red"]) and np.allclose(red["dark"], red["bright"] / 2)
+    assert (red["pale"] > red["bright"]).all()  # mixed with white
+    colours = [np.asarray(sc.rgb(*obj)) for obj in sc.COMBOS]
+    assert min(np.abs(a - b).sum() for i, a in enumerate(colours) for b in colours[i + 1 :]) > 0.2
 
 
 def test_sort_bins_round_trip():
@@ -97,14 +105,14 @@ def test_action_batch_labels_only_the_action_and_eos(tiny):
 def test_vl_questions_name_what_they_ask_about(tiny):
     _, batcher = tiny
     (scene,) = sc.make_split("probe", 1, 1)
-    colour, shape = scene.target
-    assert stages.vl_example(scene, "colour") == (f"What colour is the {shape}", colour)
-    assert stages.vl_example(scene, "shape") == (f"What shape is the {colour} object", shape)
-    assert stages.vl_example(scene, "what") == ("What is on the table", f"{colour} {shape}")
+    colour, shade = scene.target
+    assert stages.vl_example(scene, "colour") == (f"What colour is the {shade} object", colour)
+    assert stages.vl_example(scene, "shade") == (f"What shade is the {colour} object", shade)
+    assert stages.vl_example(scene, "what") == ("What is on the table", f"{shade} {colour}")
     assert stages.vl_example(scene, "where")[1] == sc.where(int(scene.cells[0]))
     batch = batcher.vl([scene], ["what"])
     answer = batch["labels"][0][batch["labels"][0] != -100].tolist()
-    assert batcher.tok.decode(answer[:-1]).strip() == f"{colour} {shape}" and answer[-1] == batcher.tok.eos_token_id
+    assert batcher.tok.decode(answer[:-1]).strip() == f"{shade} {colour}" and answer[-1] == batcher.tok.eos_token_id
 
 
 def test_greedy_decoding_matches_a_full_forward(tiny):
@@ -137,10 +145,14 @@ def test_object_pooling_reads_only_the_object_patches():
 BASE = dict.fromkeys([k for _, k in report.METRICS], 0.45)
 
 
-def _summary(sft, align):
+COEFFS = {"align": 0.2, "strong": 1.0}
+
+
+def _summary(sft, align, strong=None):
+    """Per-seed rows of the three arms (the strong arm as SFT unless given)."""
     rows = {
         run: [{"seed": i, **dict.fromkeys(BASE, v)} for i, v in enumerate(vals)]
-        for run, vals in (("sft", sft), ("align", align))
+        for run, vals in (("sft", sft), ("align", align), ("strong", strong or sft))
     }
     return report.summarize(BASE, rows)
 
@@ -149,16 +161,25 @@ def test_verdict_is_read_from_the_intervals():
     clear = _summary([0.40, 0.42, 0.41, 0.40, 0.41], [0.50, 0.51, 0.52, 0.50, 0.52])
     assert {w["align_vs_sft"] for w in report.words(clear).values()} == {"beats"}
     assert {w["sft_vs_base"] for w in report.words(clear).values()} == {"degraded"}
-    assert all("SFT vs base degraded" in line and "Align vs SFT beats" in line for line in report.verdict(clear))
-    assert "Alignment beat plain SFT on: probe top-1, object tokens" in report.conclusion(clear)
+    assert all(
+        "SFT vs base degraded" in line and "Align 0.2 vs SFT beats" in line and "Align 1.0 vs SFT no difference" in line
+        for line in report.verdict(clear, COEFFS)
+    )
+    assert "Align 0.2 beat plain SFT on: cosine to the teacher" in report.conclusion(clear, COEFFS)
+    assert {w["strong_vs_sft"] for w in report.words(clear).values()} == {"no difference shown"}
     # +0.05 on average, but seed by seed from -0.15 to +0.25: the interval crosses 0
     noisy = _summary([0.30, 0.50, 0.40, 0.45, 0.35], [0.45, 0.35, 0.65, 0.40, 0.40])
     assert {w["align_vs_sft"] for w in report.words(noisy).values()} == {"no difference shown"}
     assert {w["sft_vs_base"] for w in report.words(noisy).values()} == {"no change shown"}
-    assert "did NOT beat plain SFT" in report.conclusion(noisy) and "did NOT degrade" in report.conclusion(noisy)
-    worse = _summary([0.50, 0.51, 0.52, 0.50, 0.53], [0.30, 0.31, 0.32, 0.33, 0.30])
+    assert "Align 0.2 did NOT beat plain SFT" in report.conclusion(noisy, COEFFS)
+    assert "did NOT degrade" in report.conclusion(noisy, COEFFS)
+    worse = _summary([0.50, 0.51, 0.52, 0.50, 0.53], [0.30, 0.31, 0.32, 0.33, 0.30], [0.60, 0.62, 0.61, 0.60, 0.64])
     assert {w["align_vs_sft"] for w in report.words(worse).values()} == {"worse"}
-    assert "Alignment was worse than plain SFT on" in report.conclusion(worse)
+    assert {w["strong_vs_sft"] for w in report.words(worse).values()} == {"beats"}
+    assert "Align 0.2 was worse than plain SFT on" in report.conclusion(worse, COEFFS)
+    assert "Align 1.0 beat plain SFT on" in report.conclusion(worse, COEFFS)
+    table = report.table({}, BASE, worse, (0, 1, 2, 3, 4), COEFFS)
+    assert "Align 0.2 - SFT" in table and "Align 1.0 - SFT" in table and "0.614 ± 0.017" in table
     # the interval of Align - SFT is the paired one: the per-seed spread of each arm does not count
     paired = _summary([0.30, 0.40, 0.50, 0.60, 0.70], [0.32, 0.41, 0.52, 0.61, 0.72])
     row = paired["probe"]["align_vs_sft"]
@@ -169,14 +190,16 @@ def test_an_interval_ending_near_zero_is_called_borderline():
     near = _summary([0.40, 0.41, 0.40, 0.42, 0.41], [0.40, 0.43, 0.41, 0.42, 0.43])  # Align - SFT: +0.01 +- ~0.01
     iv = near["probe"]["align_vs_sft"]
     assert abs(iv["low"]) < report.BORDER
-    assert all("(borderline)" in line for line in report.verdict(near))
-    assert "Borderline (an interval ends within 0.005 of 0" in report.conclusion(near)
+    assert all("(borderline)" in line for line in report.verdict(near, COEFFS))
+    assert "Borderline (an interval ends within 0.005 of 0" in report.conclusion(near, COEFFS)
     far = _summary([0.40, 0.42, 0.41, 0.40, 0.41], [0.50, 0.51, 0.52, 0.50, 0.52])
-    assert not any("borderline" in line for line in report.verdict(far)) and "Borderline" not in report.conclusion(far)
+    assert not any("borderline" in line for line in report.verdict(far, COEFFS))
+    assert "Borderline" not in report.conclusion(far, COEFFS)
 
 
 def test_summary_refuses_arms_with_different_seeds():
-    rows = {"sft": [{"seed": s, **BASE} for s in (0, 1)], "align": [{"seed": s, **BASE} for s in (1, 0)]}
+    rows = {run: [{"seed": s, **BASE} for s in (0, 1)] for run in report.RUNS}
+    rows["strong"] = rows["strong"][::-1]
     with pytest.raises(ValueError, match="same seeds in the same order"):
         report.summarize(BASE, rows)
 
@@ -223,13 +246,17 @@ def test_demo_stages_on_a_small_setting(tmp_path, capsys):
     keys = {k for _, k in report.METRICS}
     assert set(metrics["base"]) == keys
     assert set(metrics["summary"]) == keys and set(metrics["words"]) == keys
-    for run in ("sft", "align"):
+    for run in ("sft", "align", "strong"):
         assert [row["seed"] for row in metrics["per_seed"][run]] == [0, 1]
         for row in metrics["per_seed"][run]:
-            assert set(row) == keys | {"seed"} and all(0 <= row[k] <= 1 for k in keys)
+            assert set(row) == keys | {"seed"} and all(-1 <= row[k] <= 1 for k in keys)
         assert (out_dir / run / "seed1" / "adapter" / "adapter_config.json").is_file()
         assert len(metrics["history"][run][0]) == 3
-    assert "align/cos_layer4" in metrics["history"]["align"][0][-1]
+    for run, coeff in (("align", 0.2), ("strong", 1.0)):  # the loss is the coefficient times the cosine loss
+        last = metrics["history"][run][0][-1]
+        assert "align/cos_layer4" in last and np.isclose(last["align/loss"], -coeff * last["align/cos_layer4"])
+
+    assert metrics["config"]["coeff"] == 0.2 and metrics["config"]["strong_coeff"] == 1.0
     assert (out_dir / "align" / "seed0" / "adapter" / "align" / "projector.safetensors").is_file()
     assert not (out_dir / "sft" / "seed0" / "adapter" / "align").exists()
     assert (out_dir / "teacher" / "model.safetensors").is_file() and (out_dir / "base" / "config.json").is_file()
@@ -237,7 +264,7 @@ def test_demo_stages_on_a_small_setting(tmp_path, capsys):
     assert set(metrics["seconds"]) >= {"data", "teacher", "base", "fine-tuning + evaluation", "report", "total"}
     assert "time per stage: data" in printed
     assert len(metrics["verdict"]) == len(report.METRICS) and metrics["conclusion"] in printed
-    assert metrics["table"] in printed and "Align (2 seeds)" in metrics["table"]
+    assert metrics["table"] in printed and "Align 0.2" in metrics["table"] and "Align 1.0 - SFT" in metrics["table"]
     code = metrics["code"]
     assert "demo/run.py" in code["files"] and "stats.py" in code["files"]
     assert code["fingerprint"] == source_fingerprint(code["files"])

@@ -21,6 +21,7 @@ RUN, OTHER = (json.loads(p.read_text()) for p in (demo_readme.RUN, demo_readme.O
 def test_readme_block_is_the_scripts_rendering_of_the_recorded_runs():
     readme = (ROOT / "README.md").read_text()
     assert demo_readme.render(RUN, OTHER) in readme
+    assert demo_readme.render_summary(RUN) in readme.split("\n## ")[0]  # the first screen's lines
     assert RUN["table"] in readme and RUN["conclusion"] in readme
     assert f"commit {RUN['code']['git']['commit'][:7]}" in readme
 
@@ -38,8 +39,10 @@ def test_recorded_runs_are_of_the_current_code():
 @pytest.mark.parametrize("run", [RUN, OTHER], ids=["run", "other"])
 def test_statistics_recomputed_from_the_per_seed_results(run):
     summary = report.summarize(run["base"], run["per_seed"])
+    coeffs = {"align": run["config"]["coeff"], "strong": run["config"]["strong_coeff"]}
     assert json.loads(json.dumps(summary)) == run["summary"]
-    assert report.verdict(summary) == run["verdict"] and report.conclusion(summary) == run["conclusion"]
+    assert report.verdict(summary, coeffs) == run["verdict"]
+    assert report.conclusion(summary, coeffs) == run["conclusion"]
     assert report.words(summary) == run["words"]
     assert len(run["config"]["seeds"]) >= 5
 
@@ -54,7 +57,10 @@ def test_one_and_two_threads_give_the_same_verdict():
 def _paths(monkeypatch, tmp_path):
     (tmp_path / "docs" / "images").mkdir(parents=True)
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{demo_readme.BEGIN}\nold\n{demo_readme.END}\n\nafter\n")
+    readme.write_text(
+        f"# x\n\n{demo_readme.SUMMARY_BEGIN}\nold\n{demo_readme.SUMMARY_END}\n\n"
+        f"{demo_readme.BEGIN}\nold\n{demo_readme.END}\n\nafter\n"
+    )
     monkeypatch.setattr(demo_readme, "ROOT", tmp_path)
     monkeypatch.setattr(demo_readme, "RUN", tmp_path / "docs" / "demo" / "run.json")
     monkeypatch.setattr(demo_readme, "OTHER", tmp_path / "docs" / "demo" / "other.json")
@@ -79,7 +85,9 @@ def test_script_writes_block_records_and_picture(monkeypatch, tmp_path):
     a, b = _out(tmp_path, "a", RUN), _out(tmp_path, "b", OTHER)
     assert demo_readme.main([str(a), str(b), "--time-log", str(time_log)]) == 0
     text = readme.read_text()
-    assert text.startswith("# x\n\n" + demo_readme.BEGIN) and text.endswith(demo_readme.END + "\n\nafter\n")
+    assert text.startswith("# x\n\n" + demo_readme.render_summary(RUN) + "\n\n" + demo_readme.BEGIN)
+    assert text.endswith(demo_readme.END + "\n\nafter\n")
+    assert "in-distribution sorting" in demo_readme.render_summary(RUN)
     assert "188 s wall, 1.82 GiB max RSS" in text and "old" not in text
     assert json.loads(demo_readme.RUN.read_text())["time_log"]["wall_s"] == pytest.approx(187.86)
     assert demo_readme.PICTURE.read_bytes() == b"png"

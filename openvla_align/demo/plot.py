@@ -9,14 +9,20 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .report import METRICS, RUNS
+from .report import ALIGNED, METRICS, RUNS, arm_names
 
 logger = logging.getLogger(__name__)
-COLOURS = {"base": "#999999", "sft": "#d95f02", "align": "#1b9e77"}
-NAMES = {"sft": "SFT", "align": "SFT+Align"}
+COLOURS = {"base": "#999999", "sft": "#d95f02", "align": "#1b9e77", "strong": "#7570b3"}
 
 
-def plot(path: Path, teacher_probe: Dict[str, float], base, summary, attention: Optional[dict] = None):
+def plot(
+    path: Path,
+    teacher_probe: Dict[str, float],
+    base,
+    summary,
+    coeffs: Dict[str, float],
+    attention: Optional[dict] = None,
+):
     """``summary`` as ``report.summarize`` returns it; ``attention``: {"scenes", "splits", "instruction", "layer",
     "rows": {model label: (n, h, w) attention over the visual grid}}. Returns the path, or None without matplotlib."""
     try:
@@ -35,8 +41,9 @@ def plot(path: Path, teacher_probe: Dict[str, float], base, summary, attention: 
     else:
         top, bottom = fig, None
     means, differences = top.subplots(2, 1, height_ratios=[1.3, 1])
-    _means(means, teacher_probe, base, summary)
-    _differences(differences, summary)
+    names = arm_names(coeffs)
+    _means(means, teacher_probe, base, summary, names)
+    _differences(differences, summary, names)
     if bottom is not None:
         _attention(bottom, attention)
     fig.savefig(path, dpi=90)
@@ -48,9 +55,9 @@ def _labels():
     return [label.replace(", ", "\n", 1) for label, _ in METRICS]
 
 
-def _means(ax, teacher_probe, base, summary) -> None:
+def _means(ax, teacher_probe, base, summary, names) -> None:
     x = np.arange(len(METRICS))
-    width = 0.27
+    width = 0.2
     n = len(summary[METRICS[0][1]]["sft"]["values"])
     ax.bar(x - width, [base[k] for _, k in METRICS], width, color=COLOURS["base"], label="base VLA (VL-pretrained)")
     for i, run in enumerate(RUNS):
@@ -58,14 +65,14 @@ def _means(ax, teacher_probe, base, summary) -> None:
         means = np.array([d["mean"] for d in iv])
         err = np.array([[d["mean"] - d["low"] for d in iv], [d["high"] - d["mean"] for d in iv]])
         ax.bar(
-            x + i * width, means, width, yerr=err, capsize=3, color=COLOURS[run], label=f"{NAMES[run]} (mean, 95% CI)"
+            x + i * width, means, width, yerr=err, capsize=3, color=COLOURS[run], label=f"{names[run]} (mean, 95% CI)"
         )
         for j, (_, key) in enumerate(METRICS):  # each seed as a dot
             ax.plot([x[j] + i * width] * n, summary[key][run]["values"], ".", color="black", ms=3, alpha=0.6)
     for i, (_, key) in enumerate(METRICS):
         if key in teacher_probe:
             ax.plot(
-                [i - 1.5 * width, i + 1.5 * width],
+                [i - 1.5 * width, i + 2.5 * width],
                 [teacher_probe[key]] * 2,
                 color="black",
                 ls="--",
@@ -75,23 +82,21 @@ def _means(ax, teacher_probe, base, summary) -> None:
     ax.axhline(1 / 12, color="black", ls=":", lw=1, label="chance (1/12)")
     ax.set_xticks(x, _labels(), fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("share correct")
+    ax.set_ylabel("share correct (cosine: mean cosine)")
     ax.legend(fontsize=7, ncol=3, loc="upper right")
     ax.set_title(f"openvla-align demo: tiny models, generated scenes ({n} seeds per arm; dots: seeds)", fontsize=10)
 
 
-def _differences(ax, summary) -> None:
+def _differences(ax, summary, names) -> None:
     x = np.arange(len(METRICS))
-    for i, (kind, colour, label) in enumerate(
-        (
-            ("sft_vs_base", COLOURS["sft"], "SFT - base VLA"),
-            ("align_vs_sft", COLOURS["align"], "SFT+Align - SFT (paired)"),
-        )
-    ):
+    series = [("sft_vs_base", COLOURS["sft"], "SFT - base VLA")] + [
+        (kind, COLOURS[run], f"{names[run]} - SFT (paired)") for run, kind in ALIGNED.items()
+    ]
+    for i, (kind, colour, label) in enumerate(series):
         iv = [summary[k][kind] for _, k in METRICS]
         mid = np.array([d["mean"] for d in iv])
         err = np.array([[d["mean"] - d["low"] for d in iv], [d["high"] - d["mean"] for d in iv]])
-        ax.errorbar(x + (i - 0.5) * 0.25, mid, yerr=err, fmt="o", color=colour, capsize=4, label=f"{label}, 95% CI")
+        ax.errorbar(x + (i - 1) * 0.22, mid, yerr=err, fmt="o", color=colour, capsize=4, label=f"{label}, 95% CI")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, _labels(), fontsize=8)
     ax.set_ylabel("difference")
@@ -118,9 +123,9 @@ def _attention(fig, attention) -> None:
             a.set_xticks([])
             a.set_yticks([])
             if r == 0:
-                colour, shape = scene.target
+                colour, shade = scene.target
                 extra = " + plate" if len(scene.objects) > 1 else ""
-                a.set_title(f"{attention['splits'][c]}: {colour} {shape}{extra}", fontsize=9)
+                a.set_title(f"{attention['splits'][c]}: {shade} {colour}{extra}", fontsize=9)
             if c == 0:
                 a.set_ylabel(label, fontsize=10)
     bar = fig.colorbar(image, ax=axes, shrink=0.9, pad=0.01)

@@ -20,23 +20,23 @@ from ..vla.actions import ActionDecoder, ActionTokenizer
 from ..vla.checkpoint import LoadedVLA, action_prompt
 from ..vla.pixels import normalize_fused
 from .objectives import fit_dense, patch_targets
-from .scenes import COLORS, SHAPES, Scene, images, name, sort_action, sorted_right, where
+from .scenes import COLORS, SHADES, Scene, images, name, sort_action, sorted_right, where
 
 ACTION_PROMPT = action_prompt("put the object in its bin")
 REST = (-0.1, 0.0, 0.0, 0.0, 1.0)  # the action's other five dims (z, rotation, gripper): the same in every scene
-VL_KINDS = ("colour", "shape", "where", "what")
+VL_KINDS = ("colour", "shade", "where", "what")
 
 
 def vl_example(scene: Scene, kind: str) -> Tuple[str, str]:
     """A question of ``kind`` about the scene's target and its answer. "what" needs a one-object scene and
-    "colour"/"shape" an unambiguous one; otherwise the question becomes "where"."""
+    "colour"/"shade" an unambiguous one; otherwise the question becomes "where"."""
     target = scene.target
-    shapes = [o[1] for o in scene.objects]
+    shades = [o[1] for o in scene.objects]
     colours = [o[0] for o in scene.objects]
-    if kind == "colour" and shapes.count(target[1]) == 1:
-        return f"What colour is the {target[1]}", target[0]
-    if kind == "shape" and colours.count(target[0]) == 1:
-        return f"What shape is the {target[0]} object", target[1]
+    if kind == "colour" and shades.count(target[1]) == 1:
+        return f"What colour is the {target[1]} object", target[0]
+    if kind == "shade" and colours.count(target[0]) == 1:
+        return f"What shade is the {target[0]} object", target[1]
     if kind == "what" and len(scene.objects) == 1:
         return "What is on the table", name(target)
     return f"Where is the {name(target)}", where(int(scene.cells[0]))
@@ -44,8 +44,8 @@ def vl_example(scene: Scene, kind: str) -> Tuple[str, str]:
 
 def corpus() -> List[str]:
     """Every phrase the demo's tokenizer must know."""
-    words = "What colour shape is the object Where is on the table top middle bottom left center right"
-    return [f"{c} {s} {words}" for c in COLORS for s in SHAPES] + [ACTION_PROMPT]
+    words = "What colour shade is the object Where is on the table top middle bottom left center right"
+    return [f"{s} {c} {words}" for c in COLORS for s in SHADES] + [ACTION_PROMPT]
 
 
 class Batcher:
@@ -85,13 +85,15 @@ class Batcher:
 # --- training ---------------------------------------------------------------------------------------------------
 
 
-def lora(vla, rank: int, seed: int):
-    """OpenVLA's fine-tuning LoRA: every linear layer (vision, projector, LLM), rank ``rank``, seeded init."""
+def lora(vla, rank: int, seed: int, vision: bool = True):
+    """OpenVLA's fine-tuning LoRA: every linear layer (vision, projector, LLM), rank ``rank``, seeded init;
+    ``vision=False`` leaves the vision towers out (projector and LLM only)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
+    targets = "all-linear" if vision else r".*(projector\.fc\d|language_model\.model\.layers\.\d+\..*_proj)"
     cfg = LoraConfig(
-        r=rank, lora_alpha=min(rank, 16), lora_dropout=0.0, target_modules="all-linear", init_lora_weights="gaussian"
+        r=rank, lora_alpha=min(rank, 16), lora_dropout=0.0, target_modules=targets, init_lora_weights="gaussian"
     )
     with warnings.catch_warnings():  # PEFT on current transformers: an API rename notice, not the demo's business
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
