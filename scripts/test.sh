@@ -71,6 +71,9 @@ for env in "${envs[@]}"; do
   echo "== $env: tests took $((SECONDS - start)) s"
   if [ "$env" = openvla-pins ]; then
     oft_tests=(tests/test_oft*.py)
+    # tests elsewhere whose OFT case needs OPENVLA_OFT_SRC (they skip it in the OpenVLA run above)
+    oft_cases=("tests/test_readme.py::test_first_screen_commands_run_on_a_copy_of_the_host[openvla-oft]"
+      "tests/test_recipes.py::test_oft_field_list_is_ofts")
     if [ ! -d "$upstream/openvla-oft/vla-scripts" ] || [ ! -f "$upstream/transformers-openvla-oft.patch" ] ||
       [ ! -d "$venv/dlimp_openvla" ] || [ ! -e "${oft_tests[0]}" ]; then
       echo "== $env (OFT): OpenVLA-OFT tests skipped: needs $upstream/openvla-oft," \
@@ -101,7 +104,7 @@ for env in "${envs[@]}"; do
             "$("$venv/bin/python" -c 'import diffusers; print("diffusers", diffusers.__version__)');" \
             "OPENVLA_OFT_SRC=$venv/openvla-oft (a copy of $upstream/openvla-oft), OPENVLA_SRC unset"
           env -u OPENVLA_SRC "OPENVLA_OFT_SRC=$PWD/$venv/openvla-oft" "$venv/bin/python" -m pytest \
-            "${pytest_args[@]}" "${oft_tests[@]}" || status=1
+            "${pytest_args[@]}" "${oft_tests[@]}" "${oft_cases[@]}" || status=1
         fi
       fi
       echo "== $env (OFT): fork install and tests took $((SECONDS - start)) s"

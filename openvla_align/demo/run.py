@@ -47,9 +47,9 @@ class DemoConfig:
     n_vl: int = 1500
     n_train: int = 1500
     n_eval: int = 128
-    n_probe: Tuple[int, int] = (360, 180)  # probe train / test scenes
-    teacher_steps: int = 300
-    vision_steps: int = 200
+    n_probe: Tuple[int, int] = (240, 120)  # probe train / test scenes
+    teacher_steps: int = 200
+    vision_steps: int = 150
     vl_steps: int = 400
     vl_lr: float = 1e-3
     steps: int = 100
@@ -204,27 +204,29 @@ def _run(cfg: DemoConfig) -> Dict:
             projector_seed=seed,
         )
 
-    def cosine(model, seed: int) -> float:
-        """The aligned layer's tokens on the held-out probe scenes through seed ``seed``'s frozen projector, against
-        the teacher: the alignment loss's quantity, for every model (the aligned arms trained on it)."""
+    def evaluate(model, seeds) -> Dict[str, float]:
+        """Every metric of ``model``; "cosine": the aligned layer's tokens on the held-out probe scenes through each
+        of ``seeds``' frozen projectors against the teacher (averaged): the alignment loss's own quantity, read by
+        aligners attached for the probe's pass (the aligned arms trained on it; the others are measured by it)."""
+        train_feats = S.pooled_features(model, batcher, probe_tr, cfg.layer)
         with rng_lock:
-            aligner = Aligner(align_config(1.0, seed), teacher).attach(model)
-        values = []
+            aligners = [Aligner(align_config(1.0, seed), teacher).attach(model) for seed in seeds]
+        cosines = []
+
+        def read(pixel_values):
+            n = pixel_values.shape[0]
+            cosines.append(
+                [a(pixel_values=pixel_values).metrics[f"align/cos_layer{cfg.layer}"].item() * n for a in aligners]
+            )
+
         try:
             with torch.no_grad():
-                for start in range(0, len(probe_te), 64):
-                    batch = batcher.action(probe_te[start : start + 64], with_answer=False)
-                    batch.pop("labels")
-                    model(**batch)
-                    out = aligner(pixel_values=batch["pixel_values"])
-                    values.append(out.metrics[f"align/cos_layer{cfg.layer}"].item() * len(batch["input_ids"]))
+                test_feats = S.pooled_features(model, batcher, probe_te, cfg.layer, after_forward=read)
         finally:
-            aligner.remove()
-        return float(np.sum(values) / len(probe_te))
-
-    def evaluate(model, seeds) -> Dict[str, float]:
-        feats = [S.pooled_features(model, batcher, p, cfg.layer) for p in (probe_tr, probe_te)]
-        res = {"cosine": float(np.mean([cosine(model, seed) for seed in seeds]))}
+            for aligner in aligners:
+                aligner.remove()
+        res = {"cosine": float(np.sum(cosines) / (len(probe_te) * len(seeds)))}
+        feats = (train_feats, test_feats)
         with rng_lock:
             res.update(probe(*feats))
         res["vl"] = S.vl_accuracy(model, batcher, vl_test, vl_kinds)

@@ -175,8 +175,16 @@ def pool(tokens: torch.Tensor, weights: torch.Tensor) -> Dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def pooled_features(model, batcher: Batcher, scenes: Sequence[Scene], layer: int, batch_size: int = 64):
-    """Pooled visual tokens of LLM layer ``layer`` (the linear probe's input), both poolings."""
+def pooled_features(
+    model,
+    batcher: Batcher,
+    scenes: Sequence[Scene],
+    layer: int,
+    batch_size: int = 64,
+    after_forward: Optional[Callable[[torch.Tensor], None]] = None,
+):
+    """Pooled visual tokens of LLM layer ``layer`` (the linear probe's input), both poolings. ``after_forward`` is
+    called with each chunk's pixel values after its forward (attached aligners read the same pass)."""
     feats = []
     with VisualTokenHook(model, (layer,)) as hook:
         for start in range(0, len(scenes), batch_size):
@@ -185,6 +193,8 @@ def pooled_features(model, batcher: Batcher, scenes: Sequence[Scene], layer: int
             batch.pop("labels")
             model(**batch)
             feats.append(pool(hook.pop()[layer].float(), object_weights(chunk)))
+            if after_forward is not None:
+                after_forward(batch["pixel_values"])
     return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
 
 
