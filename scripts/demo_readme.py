@@ -109,41 +109,44 @@ def _mean_ci(row: Dict, run: str) -> str:
 def render_summary(run: Dict) -> str:
     """The README's first-screen lines: what the miniature shows, read from the run's intervals and words."""
     s, words, base, cfg = run["summary"], run["words"], run["base"], run["config"]
-    n = len(cfg["seeds"])
     labels = {
-        "cosine": "cosine to the teacher",
-        "probe": "object probe",
-        "probe_place": "place probe",
-        "probe_mean": "all-token probe",
+        "cosine": "the aligned layer's cosine to the teacher",
+        "probe": "the object probe",
+        "probe_place": "the place probe",
+        "probe_mean": "the all-token probe",
         "vl": "VL answers",
         "id": "in-distribution sorting",
         "ood_objects": "OOD-object sorting",
         "ood_scenes": "OOD-scene sorting",
     }
 
-    def arm(kind: str, coeff: float) -> str:
-        found = [
-            f"{'+' if words[k][kind] == 'beats' else '-'} {labels[k]} ({s[k][kind]['mean']:+.3f} "
-            f"[{s[k][kind]['low']:+.3f}, {s[k][kind]['high']:+.3f}])"
-            for k in labels
-            if words[k][kind] in ("beats", "worse")
-        ]
-        return f"alignment at {coeff:g} vs SFT: " + ("; ".join(found) if found else "no difference shown") + "."
+    def ci(iv: Dict) -> str:
+        return f"{iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
 
-    lost = [labels[k] for k in labels if words[k]["sft_vs_base"] == "degraded"]
+    def arm(kind: str, coeff: float) -> str:
+        up = [f"{labels[k]} {ci(s[k][kind])}" for k in labels if words[k][kind] == "beats"]
+        down = [f"{labels[k]} {ci(s[k][kind])}" for k in labels if words[k][kind] == "worse"]
+        said = ([f"raises {'; '.join(up)}"] if up else []) + ([f"lowers {'; '.join(down)}"] if down else [])
+        rest = "no difference shown on the other metrics" if said else "no difference shown on any metric"
+        return f"- alignment at {float(coeff)}, paired by seed against SFT: " + "; ".join(said + [rest]) + "."
+
+    lost = [
+        f"{labels[k]} {base[k]:.2f} -> {s[k]['sft']['mean']['mean']:.2f}"
+        for k in labels
+        if words[k]["sft_vs_base"] == "degraded"
+    ]
     lines = [
         SUMMARY_BEGIN,
-        f"**The demo** (tiny models, generated scenes, {n} seeds per arm, 95 % intervals paired by seed; at commit "
-        f"{run['code']['git']['commit'][:7]}): plain LoRA SFT learns the robot task, in-distribution sorting "
-        f"{_mean_ci(s['id'], 'sft')} (base VLA {base['id']:.2f}), unseen tables {_mean_ci(s['ood_scenes'], 'sft')}, "
-        f"unseen hue x shade objects {_mean_ci(s['ood_objects'], 'sft')}; it loses "
-        + (", ".join(lost) if lost else "nothing measured")
-        + f" of the base VLA. Only {arm('align_vs_sft', cfg['coeff'])[0].lower()}"
-        + arm("align_vs_sft", cfg["coeff"])[1:]
-        + " At "
-        + arm("strong_vs_sft", cfg["strong_coeff"])[len("alignment at ") :]
-        + " A miniature of the setup, not of the paper's models or benchmarks: it shows what the method does at this "
-        "scale, not what it does for OpenVLA-7B ([what it shows, plainly](#the-demo)).",
+        f"**The demo's result** (tiny models, generated scenes; {len(cfg['seeds'])} seeds per arm, 95 % intervals; "
+        f"commit {run['code']['git']['commit'][:7]}):",
+        f"- plain LoRA SFT learns the robot task: in-distribution sorting {_mean_ci(s['id'], 'sft')} (base VLA "
+        f"{base['id']:.2f}), unseen tables {_mean_ci(s['ood_scenes'], 'sft')}, unseen hue x shade blocks "
+        f"{_mean_ci(s['ood_objects'], 'sft')}; "
+        + (f"it loses {'; '.join(lost)}." if lost else "it loses nothing measured of the base VLA."),
+        arm("align_vs_sft", cfg["coeff"]),
+        arm("strong_vs_sft", cfg["strong_coeff"]),
+        "- a miniature of the paper's setup, not of its 7B model or benchmarks: what it shows holds at this scale "
+        "only ([plainly](#what-this-shows-plainly)).",
         SUMMARY_END,
     ]
     return "\n".join(lines)

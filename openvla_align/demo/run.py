@@ -55,7 +55,7 @@ class DemoConfig:
     steps: int = 100
     lr: float = 3e-3
     batch_size: int = 16  # VL stage
-    robot_batch_size: int = 8
+    robot_batch_size: int = 6
     lora_rank: int = 8
     lora_vision: bool = False  # LoRA on projector + LLM; True adds the vision towers (OpenVLA's all-linear)
     llm_layers: int = 8
