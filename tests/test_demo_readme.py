@@ -88,7 +88,7 @@ def test_script_writes_block_records_and_picture(monkeypatch, tmp_path):
     assert text.startswith("# x\n\n" + demo_readme.render_summary(RUN) + "\n\n" + demo_readme.BEGIN)
     assert text.endswith(demo_readme.END + "\n\nafter\n")
     assert "in-distribution sorting" in demo_readme.render_summary(RUN)
-    assert "188 s wall, 1.82 GiB max RSS" in text and "old" not in text
+    assert "188 s wall, 1.82 GiB max RSS" in text and "\nold\n" not in text
     assert json.loads(demo_readme.RUN.read_text())["time_log"]["wall_s"] == pytest.approx(187.86)
     assert demo_readme.PICTURE.read_bytes() == b"png"
 
