@@ -226,7 +226,7 @@ def test_first_screen_commands_run_on_a_copy_of_the_host(host, tmp_path, capsys)
         pytest.skip(
             f"{variable} is unset (a checkout of {host}): the README's `patch /path/to/{host}` is parsed only and its "
             "finetune.py flags are checked against the stand-in config (scripts/test.sh sets OPENVLA_SRC in its "
-            "openvla-pins phase; its OFT phase runs tests/test_oft*.py only)"
+            "openvla-pins phase and OPENVLA_OFT_SRC in its OFT phase, which runs this case)"
         )
     checkout = tmp_path / host
     shutil.copytree(os.environ[variable], checkout, ignore=shutil.ignore_patterns(".git", "*.orig"))
