@@ -135,6 +135,32 @@ def test_corrupt_truncated_and_missing_shards_fail_loudly(built):
         TeacherCache(built)
 
 
+def test_a_shard_damaged_after_the_run_opened_it_stops_with_one_line(built):
+    """Training reads a shard that was cut short, removed or overwritten with garbage after the cache was opened
+    (verified): one line naming the shard and `openvla-align cache verify`, never a SIGBUS from the memory map."""
+    keys = [frame_key(f) for f in frames(6)]
+    cache = TeacherCache(built)
+    good = cache.lookup(keys)
+    shard = built / "shard-00000.feats"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # the first shard (rows 0-3) truncated under the open maps
+    with pytest.raises(CacheError) as err:
+        cache.lookup(keys[:2])
+    message = str(err.value)
+    assert "\n" not in message and str(shard) in message and f"openvla-align cache verify {built}" in message
+    assert f"{len(data) // 2} bytes; {len(data)} bytes then" in message
+    assert torch.equal(cache.lookup(keys[4:]), good[4:])  # rows of the intact shard still read
+    shard.unlink()
+    with pytest.raises(CacheError, match="shard-00000.feats changed since the run opened it .unreadable"):
+        cache.lookup(keys[:1])
+    garbage = np.frombuffer(data, dtype="<i2").copy()
+    garbage[:] = 0x7F80 if cache.spec.dtype == "bfloat16" else 0x7C00  # +inf in the cache's 16-bit float format
+    shard.write_bytes(garbage.tobytes())  # same size, non-finite values
+    fresh = TeacherCache(built, verify=False)  # sizes only at open: the content is found bad when read
+    with pytest.raises(CacheError, match=r"shard-00000.feats holds non-finite values in row 0: it is corrupt"):
+        fresh.lookup(keys[:1])
+
+
 def test_missing_key_and_foreign_caches(built, tmp_path):
     cache = TeacherCache(built)
     with pytest.raises(CacheError, match="is not in the teacher cache"):

@@ -257,8 +257,11 @@ class TeacherCache:
         self.dtype = torch_dtype(self.spec.dtype)
         self.index: Dict[bytes, Tuple[int, int]] = {}
         self.maps: List[np.memmap] = []
+        self._feats: List[Tuple[Path, int]] = []  # each shard's features file and its size when opened
         for s, shard in enumerate(manifest["shards"]):
             _verify_shard(self.dir, shard, self.spec, full=verify)
+            feats = self.dir / shard["feats"]
+            self._feats.append((feats, feats.stat().st_size))
             for row, key in enumerate(_read_keys(self.dir / shard["keys"])):
                 if self.index.setdefault(key, (s, row)) != (s, row):
                     raise CacheError(f"{self.dir}: key {key.hex()} is stored twice; rebuild the cache.")
@@ -322,13 +325,39 @@ class TeacherCache:
         once, out of the page cache into the batch."""
         keys = list(keys)
         out = np.empty((len(keys), self.spec.row_tokens, self.spec.width), dtype="<i2")
+        where = []
         for i, key in enumerate(keys):
-            where = self.index.get(key)
-            if where is None:
+            found = self.index.get(key)
+            if found is None:
                 raise CacheError(self._missing(key, i))
-            shard, row = where
+            where.append(found)
+        for shard in sorted({s for s, _ in where}):  # before reading: a map of a file cut short would kill (SIGBUS)
+            self._check_size(shard)
+        for i, (shard, row) in enumerate(where):
             out[i] = self.maps[shard][row]
-        return torch.from_numpy(out).view(self.dtype)
+        targets = torch.from_numpy(out).view(self.dtype)
+        finite = torch.isfinite(targets).flatten(1).all(1)
+        if not bool(finite.all()):
+            shard, row = where[int((~finite).nonzero()[0])]
+            raise CacheError(
+                f"Teacher cache shard {self._feats[shard][0]} holds non-finite values in row {row}: it is corrupt. "
+                f"Check the cache with `openvla-align cache verify {self.dir}`, rebuild it (`openvla-align cache "
+                "build` recomputes what is missing), and resume from the last checkpoint."
+            )
+        return targets
+
+    def _check_size(self, shard: int) -> None:
+        path, size = self._feats[shard]
+        try:
+            now = f"{path.stat().st_size} bytes"
+        except OSError as exc:
+            now = f"unreadable: {exc.strerror}"
+        if now != f"{size} bytes":
+            raise CacheError(
+                f"Teacher cache shard {path} changed since the run opened it ({now}; {size} bytes then): it was "
+                f"truncated, removed or rewritten. Check the cache with `openvla-align cache verify {self.dir}`, "
+                "rebuild it, and resume from the last checkpoint."
+            )
 
     def _missing(self, key: bytes, index: int) -> str:
         if self.spec.multi_view:
