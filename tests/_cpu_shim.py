@@ -15,7 +15,8 @@ below fp32, and a 4-step run of the tiny model took minutes. :class:`Bf16GemmInF
 accumulation, a bf16 result -- by upcasting the operands: the script's tensors, weights and outputs stay bf16.
 
 SPEC holds ``script`` and ``argv``; optional ``metrics`` (a JSON file receiving every ``wandb.log`` call of rank 0),
-``rank``/``world_size``/``store`` (without torchrun) and ``pythonpath`` (prepended to ``sys.path``). OFT's script
+``rank``/``world_size``/``store`` (without torchrun), ``pythonpath`` (prepended to ``sys.path``) and ``kill_at``
+(``[point, occurrence]``: see :func:`kill_at`). OFT's script
 reads ``./prismatic/`` relative to the working directory (it syncs the modeling files into ``--vla_path``: run it in
 the checkout) and asks the Hub whether ``--vla_path`` is a repo id (set ``HF_HUB_OFFLINE=1``: it answers no at once).
 """
@@ -153,6 +154,28 @@ def record_wandb(path: Path, rank: int) -> None:
     wandb.init = init
 
 
+def kill_at(point: str, occurrence: int) -> None:
+    """SIGKILL this process (no exception, no cleanup) at the ``occurrence``-th time the script reaches ``point`` of a
+    checkpoint save: ``between-renames`` (a save's staging directory about to be renamed into place, the previous
+    checkpoint already moved aside to ``.<name>.old``)."""
+    import signal
+
+    if point != "between-renames":
+        raise ValueError(f"unknown fault point {point!r}")
+    real_replace, seen = os.replace, [0]
+
+    def replace(src, dst, *args, **kwargs):
+        name = Path(src).name
+        if name.startswith(".") and name.endswith(".tmp") and Path(src).is_dir():  # staging -> final
+            seen[0] += 1
+            if seen[0] == occurrence:
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst, *args, **kwargs)
+
+    os.replace = replace
+
+
 def main() -> None:
     import runpy
 
@@ -164,6 +187,8 @@ def main() -> None:
     install(spec["script"], rank, spec.get("world_size", 1), spec.get("store", sys.argv[1] + ".pg"))
     if spec.get("metrics"):
         record_wandb(Path(spec["metrics"]), rank)
+    if spec.get("kill_at"):
+        kill_at(*spec["kill_at"])
     import torch
 
     torch.manual_seed(0)

@@ -21,6 +21,7 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import _cpu_shim
 import pytest
@@ -63,7 +64,7 @@ def block_functions(source: str) -> str:
 def exec_block(os_module=os) -> dict:
     """Run only the helper functions of the patch, with the imports the patched script gives them."""
     ns = {"__name__": "finetune_plugins_block", "dataclasses": dataclasses, "importlib": importlib}
-    ns.update(os=os_module, shutil=shutil, Path=Path)
+    ns.update(os=os_module, shutil=shutil, Path=Path, json=json, Optional=Optional)
     exec(block_functions(added_text((PATCH_DIR / "finetune.patch").read_text())), ns)
     return ns
 
@@ -266,6 +267,83 @@ def test_commit_dir_replaces_and_survives_a_crash(tmp_path):
         crashing["commit_dir"](staging, final)
     assert (tmp_path / ".run.old" / "w").read_text() == "2"  # previous checkpoint intact
     assert (tmp_path / ".run.tmp" / "w").read_text() == "3"  # complete new one, not yet renamed
+
+
+def _checkpoint(block, directory: Path, step: int, complete: bool = True) -> Path:
+    """A resumable checkpoint as the patched script writes it (adapter, trainer state, align sidecar, marker last)."""
+    staging = block["staging_dir"](directory, create=True)
+    (staging / "adapter_model.safetensors").write_bytes(bytes(64 + step))
+    (staging / "trainer_state.pt").write_bytes(bytes(8))
+    (staging / "align").mkdir()
+    (staging / "align" / "projector.safetensors").write_bytes(bytes(16))
+    if complete:
+        block["mark_complete"](staging, step)
+    block["commit_dir"](staging, directory)
+    return directory
+
+
+def test_a_checkpoint_is_complete_only_with_its_marker_and_every_file_whole(tmp_path):
+    block = exec_block()
+    ckpt = _checkpoint(block, tmp_path / "run", 4)
+    assert block["checkpoint_step"](ckpt) == 4
+    marker = json.loads((ckpt / "checkpoint.json").read_text())
+    assert set(marker["files"]) == {"adapter_model.safetensors", "trainer_state.pt", "align/projector.safetensors"}
+    (ckpt / "align" / "projector.safetensors").write_bytes(bytes(8))  # the sidecar cut short
+    assert block["checkpoint_step"](ckpt) is None
+    assert block["checkpoint_step"](_checkpoint(block, tmp_path / "unmarked", 2, complete=False)) is None
+    assert block["checkpoint_step"](tmp_path / "missing") is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.json").write_text("{")  # a marker cut short
+    assert block["checkpoint_step"](tmp_path / "bad") is None
+
+
+def test_resume_finds_the_complete_checkpoint_a_crash_left(tmp_path, capsys):
+    block = exec_block()
+    resolve = block["resolve_resume"]
+    run, adapters = tmp_path / "runs" / "exp", tmp_path / "adapters" / "exp"
+    _checkpoint(block, run, 2)
+    assert resolve(run, run, adapters) == run and capsys.readouterr().out == ""
+    # killed between the two renames of step 4's save: only `.exp.old` (step 2) is left, and a complete `.exp.tmp`
+    run.rename(tmp_path / "runs" / ".exp.old")
+    chosen = resolve(run, run, adapters)
+    assert chosen == tmp_path / "runs" / ".exp.old"
+    out = capsys.readouterr().out.strip()
+    assert "\n" not in out and f"`{run}` is not a complete checkpoint" in out and "step 2" in out
+    staging = block["staging_dir"](run, create=True)  # the new save, complete but not renamed (step 4)
+    (staging / "trainer_state.pt").write_bytes(bytes(8))
+    block["mark_complete"](staging, 4)
+    assert resolve(run, run, adapters) == staging  # the newest complete one
+    assert resolve(Path("latest"), run, adapters) == staging
+    # `latest` among several checkpoints of the run (and none of another run's)
+    _checkpoint(block, tmp_path / "runs" / "exp--6_chkpt", 6)
+    _checkpoint(block, tmp_path / "runs" / "other--9_chkpt", 9)
+    _checkpoint(block, tmp_path / "runs" / "exp--8_chkpt", 8, complete=False)  # killed before its marker
+    assert resolve(Path("latest"), run, adapters) == tmp_path / "runs" / "exp--6_chkpt"
+    # a checkpoint of an earlier openvla-align (no marker, trainer state present) is taken as it is
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "trainer_state.pt").write_bytes(b"x")
+    assert resolve(legacy, run, adapters) == legacy
+    with pytest.raises(SystemExit) as stop:
+        resolve(tmp_path / "nothing", run, adapters)
+    assert "\n" not in str(stop.value) and "No complete checkpoint at" in str(stop.value)
+
+
+def test_a_second_writer_of_the_run_directory_is_refused(tmp_path):
+    block = exec_block()
+    held = block["lock_run_dir"](tmp_path)
+    code = (
+        "import sys, json, os, shutil, dataclasses, importlib\nfrom pathlib import Path\nfrom typing import Optional\n"
+        f"exec(open({str(tmp_path / 'block.py')!r}).read())\nlock_run_dir(Path({str(tmp_path)!r}))\n"
+        "print('LOCKED')\n"
+    )
+    (tmp_path / "block.py").write_text(block_functions(added_text((PATCH_DIR / "finetune.patch").read_text())))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "LOCKED" not in proc.stdout
+    assert "is being written by another fine-tuning process" in proc.stderr and not list(tmp_path.glob(".*"))
+    os.close(held)  # the first process ends: the directory is free again
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "LOCKED" in proc.stdout
 
 
 # --- draccus: flags, YAML and --help of the extended config (subprocess: the script is __main__) ------------------

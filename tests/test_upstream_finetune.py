@@ -81,8 +81,9 @@ def _env(world) -> dict:
 ALIGN = ("--align.enabled", "true", "--align.teacher", "tiny-c-radio", "--align.projector_dim", "64")
 
 
-def finetune(world, cwd: Path, *args, nproc: int = 1, check: bool = True):
-    """Run the patched script in ``cwd`` (under torchrun when ``nproc`` > 1); returns (process, logged metrics)."""
+def finetune(world, cwd: Path, *args, nproc: int = 1, check: bool = True, kill_at=None):
+    """Run the patched script in ``cwd`` (under torchrun when ``nproc`` > 1); returns (process, logged metrics).
+    ``kill_at``: (fault point, occurrence) at which the shim kills the process (see ``_cpu_shim.kill_at``)."""
     cwd.mkdir(parents=True, exist_ok=True)
     argv = ["--vla_path", str(world["ckpt"]), "--data_root_dir", str(world["data"]), "--dataset_name", "sft"]
     argv += ["--run_root_dir", "runs", "--adapter_tmp_dir", "adapters", "--batch_size", "2"]
@@ -91,6 +92,8 @@ def finetune(world, cwd: Path, *args, nproc: int = 1, check: bool = True):
         argv += ["--align.teacher_path", str(world["teacher"])]
     spec = {"script": str(world["checkout"] / "vla-scripts" / "finetune.py"), "argv": argv, "metrics": "metrics.json"}
     spec["pythonpath"] = [str(world["checkout"])]
+    if kill_at is not None:
+        spec["kill_at"] = list(kill_at)
     (cwd / "spec.json").write_text(json.dumps(spec))
     shim = str(TESTS_DIR / "_cpu_shim.py")
     cmd = [sys.executable, "-W", "ignore", shim, "spec.json"]
@@ -281,6 +284,28 @@ def test_adapter_only_checkpoints_resume_with_their_sidecar(world, adapter_run):
     assert not (resumed / "runs" / f"{exp}--2_chkpt").exists()  # steps 3 and 4 only
 
 
+def test_a_kill_between_the_renames_of_a_save_loses_nothing_and_resume_finds_the_newest_complete(world):
+    """SIGKILL while step 4's save is between its two renames (the step-2 checkpoint moved to `.<run>.old`, step 4's
+    complete one still `.<run>.tmp`): `--resume_from runs/<run>` says so in one line and continues from step 4."""
+    cwd = world["root"] / "killed"
+    args = ("--max_steps", "4", "--save_steps", "2", "--merge_on_save", "false", *ALIGN)
+    proc, _ = finetune(world, cwd, *args, check=False, kill_at=("between-renames", 2))
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL: no exception handler, no cleanup ran
+    (exp,) = {p.name.strip(".").removesuffix(".old").removesuffix(".tmp") for p in (cwd / "runs").iterdir()}
+    run, old, tmp = (cwd / "runs" / name for name in (exp, f".{exp}.old", f".{exp}.tmp"))
+    assert not run.exists()
+    markers = {d.name: json.loads((d / "checkpoint.json").read_text())["step"] for d in (old, tmp)}
+    assert markers == {old.name: 2, tmp.name: 4}  # both complete: nothing was lost
+    projector = (tmp / "align" / "projector.safetensors").read_bytes()
+    proc, _ = finetune(world, cwd, *args[:1], "6", *args[2:], "--resume_from", str(Path("runs") / exp))
+    lines = [line for line in proc.stdout.splitlines() if "is not a complete checkpoint" in line]
+    assert len(lines) == 1 and f"resuming from `runs/.{exp}.tmp`, step 4" in lines[0], proc.stdout[-2000:]
+    assert "after gradient step 4" in proc.stdout
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 6
+    assert (run / "align" / "projector.safetensors").read_bytes() == projector  # the same frozen projector
+    assert not old.exists() and not tmp.exists()  # the next save cleaned up after itself
+
+
 def test_offline_merge_of_an_adapter_checkpoint(world, adapter_run, capsys):
     from openvla_align.cli import main as cli
 
@@ -292,13 +317,23 @@ def test_offline_merge_of_an_adapter_checkpoint(world, adapter_run, capsys):
     assert "sft" in json.loads((out / "config.json").read_text())["norm_stats"]
 
 
+def _scramble(path: Path) -> None:
+    path.write_bytes(b"\xff" * path.stat().st_size)
+
+
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda d: (d / "align" / "projector.safetensors").write_bytes(b"\0" * 64), "corrupt or truncated"),
+        # cut short: the patch's checkpoint.json names the file before anything loads
+        (
+            lambda d: (d / "align" / "projector.safetensors").write_bytes(b"\0" * 64),
+            r"No complete checkpoint at .*: `align/projector.safetensors` has 64 bytes, \d+ when saved",
+        ),
+        # the same size, other bytes: the plugin's own check of the sidecar
+        (lambda d: _scramble(d / "align" / "projector.safetensors"), "corrupt or truncated"),
         (lambda d: None, r"layers: saved \(16,\), now \(8,\)"),
     ],
-    ids=["corrupt-sidecar", "other-layers"],
+    ids=["cut-sidecar", "corrupt-sidecar", "other-layers"],
 )
 def test_bad_resume_stops_before_training_and_keeps_the_checkpoint(world, adapter_run, tmp_path, corrupt, message):
     import re
