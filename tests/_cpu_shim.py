@@ -154,24 +154,60 @@ def record_wandb(path: Path, rank: int) -> None:
     wandb.init = init
 
 
+KILL_POINTS = ("adapter-write", "sidecar-write", "between-renames", "after-renames")
+
+
 def kill_at(point: str, occurrence: int) -> None:
-    """SIGKILL this process (no exception, no cleanup) at the ``occurrence``-th time the script reaches ``point`` of a
-    checkpoint save: ``between-renames`` (a save's staging directory about to be renamed into place, the previous
-    checkpoint already moved aside to ``.<name>.old``)."""
+    """SIGKILL this process (no exception, no cleanup) the ``occurrence``-th time a checkpoint save reaches
+    ``point``: ``adapter-write`` / ``sidecar-write`` (half of the LoRA adapter's / the align projector's safetensors
+    file written into the save's staging directory), ``between-renames`` (the staging directory about to be renamed
+    into place, the previous checkpoint already moved aside to ``.<name>.old``), ``after-renames`` (renamed into
+    place, ``.<name>.old`` not yet deleted)."""
     import signal
 
-    if point != "between-renames":
-        raise ValueError(f"unknown fault point {point!r}")
-    real_replace, seen = os.replace, [0]
+    if point not in KILL_POINTS:
+        raise ValueError(f"unknown fault point {point!r}; one of {KILL_POINTS}")
+    seen = [0]
+
+    def reached() -> bool:
+        seen[0] += 1
+        return seen[0] == occurrence
+
+    def die() -> None:
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def staged(path) -> bool:  # inside a save's staging directory (`.<name>.tmp`)
+        return any(p.name.startswith(".") and p.name.endswith(".tmp") for p in Path(path).parents)
+
+    if point.endswith("-write"):
+        import safetensors.torch
+
+        real_save_file = safetensors.torch.save_file
+        wanted = "adapter_model" if point == "adapter-write" else "projector"
+
+        def save_file(tensors, filename, *args, **kwargs):
+            result = real_save_file(tensors, filename, *args, **kwargs)
+            if wanted in Path(filename).name and staged(filename) and reached():
+                with open(filename, "r+b") as f:  # the write got halfway
+                    f.truncate(Path(filename).stat().st_size // 2)
+                die()
+            return result
+
+        safetensors.torch.save_file = save_file
+        return
+
+    real_replace = os.replace
 
     def replace(src, dst, *args, **kwargs):
         name = Path(src).name
-        if name.startswith(".") and name.endswith(".tmp") and Path(src).is_dir():  # staging -> final
-            seen[0] += 1
-            if seen[0] == occurrence:
-                sys.stdout.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-        return real_replace(src, dst, *args, **kwargs)
+        commit = name.startswith(".") and name.endswith(".tmp") and Path(src).is_dir()  # staging -> final
+        if commit and point == "between-renames" and reached():
+            die()
+        result = real_replace(src, dst, *args, **kwargs)
+        if commit and point == "after-renames" and reached():
+            die()
+        return result
 
     os.replace = replace
 

@@ -306,6 +306,31 @@ def test_a_kill_between_the_renames_of_a_save_loses_nothing_and_resume_finds_the
     assert not old.exists() and not tmp.exists()  # the next save cleaned up after itself
 
 
+@pytest.mark.parametrize(
+    "point, resumes_at",
+    [("adapter-write", 2), ("sidecar-write", 2), ("after-renames", 4)],
+)
+def test_a_kill_at_any_point_of_a_save_resumes_from_the_last_complete_checkpoint(world, point, resumes_at):
+    """SIGKILL inside step 4's adapter or sidecar write (step 2's checkpoint untouched in place, a half-written
+    staging directory beside it) or just after its renames (step 4 in place, `.old` not yet deleted):
+    `--resume_from runs/<run>` continues from the last complete checkpoint, with its projector, and says nothing."""
+    cwd = world["root"] / f"killed-{point}"
+    args = ("--max_steps", "4", "--save_steps", "2", "--merge_on_save", "false", *ALIGN)
+    proc, _ = finetune(world, cwd, *args, check=False, kill_at=(point, 2))
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    (exp,) = {p.name.strip(".").removesuffix(".old").removesuffix(".tmp") for p in (cwd / "runs").iterdir()}
+    run = cwd / "runs" / exp
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == resumes_at
+    if point.endswith("-write"):  # the half-written save is beside it, never taken for a checkpoint
+        assert not (cwd / "runs" / f".{exp}.tmp" / "checkpoint.json").exists()
+    projector = (run / "align" / "projector.safetensors").read_bytes()
+    proc, _ = finetune(world, cwd, *args[:1], "6", *args[2:], "--resume_from", str(Path("runs") / exp))
+    assert f"after gradient step {resumes_at}" in proc.stdout and "is not a complete checkpoint" not in proc.stdout
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 6
+    assert (run / "align" / "projector.safetensors").read_bytes() == projector
+    assert [p.name for p in (cwd / "runs").iterdir()] == [exp]  # no leftovers after the next save
+
+
 def test_offline_merge_of_an_adapter_checkpoint(world, adapter_run, capsys):
     from openvla_align.cli import main as cli
 
