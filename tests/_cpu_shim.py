@@ -154,7 +154,7 @@ def record_wandb(path: Path, rank: int) -> None:
     wandb.init = init
 
 
-KILL_POINTS = ("adapter-write", "sidecar-write", "between-renames", "after-renames")
+KILL_POINTS = ("adapter-write", "sidecar-write", "between-renames", "after-renames", "disk-full")
 
 
 def kill_at(point: str, occurrence: int) -> None:
@@ -162,7 +162,8 @@ def kill_at(point: str, occurrence: int) -> None:
     ``point``: ``adapter-write`` / ``sidecar-write`` (half of the LoRA adapter's / the align projector's safetensors
     file written into the save's staging directory), ``between-renames`` (the staging directory about to be renamed
     into place, the previous checkpoint already moved aside to ``.<name>.old``), ``after-renames`` (renamed into
-    place, ``.<name>.old`` not yet deleted)."""
+    place, ``.<name>.old`` not yet deleted). ``disk-full`` is no kill: the adapter's write into the staging directory
+    fails with ENOSPC after half the file, as on a full disk."""
     import signal
 
     if point not in KILL_POINTS:
@@ -180,17 +181,21 @@ def kill_at(point: str, occurrence: int) -> None:
     def staged(path) -> bool:  # inside a save's staging directory (`.<name>.tmp`)
         return any(p.name.startswith(".") and p.name.endswith(".tmp") for p in Path(path).parents)
 
-    if point.endswith("-write"):
+    if point.endswith("-write") or point == "disk-full":
+        import errno
+
         import safetensors.torch
 
         real_save_file = safetensors.torch.save_file
-        wanted = "adapter_model" if point == "adapter-write" else "projector"
+        wanted = "projector" if point == "sidecar-write" else "adapter_model"
 
         def save_file(tensors, filename, *args, **kwargs):
             result = real_save_file(tensors, filename, *args, **kwargs)
             if wanted in Path(filename).name and staged(filename) and reached():
                 with open(filename, "r+b") as f:  # the write got halfway
                     f.truncate(Path(filename).stat().st_size // 2)
+                if point == "disk-full":
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
                 die()
             return result
 

@@ -10,6 +10,7 @@ prismatic, wandb and HF auto classes around a tiny model; the shim lives here, n
 the stock script's losses and files, a plugin's lifecycle and adapter-only checkpoints, and exact resume.
 """
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
@@ -64,7 +65,7 @@ def block_functions(source: str) -> str:
 def exec_block(os_module=os) -> dict:
     """Run only the helper functions of the patch, with the imports the patched script gives them."""
     ns = {"__name__": "finetune_plugins_block", "dataclasses": dataclasses, "importlib": importlib}
-    ns.update(os=os_module, shutil=shutil, Path=Path, json=json, Optional=Optional)
+    ns.update(os=os_module, shutil=shutil, Path=Path, json=json, Optional=Optional, contextlib=contextlib)
     exec(block_functions(added_text((PATCH_DIR / "finetune.patch").read_text())), ns)
     return ns
 
@@ -329,11 +330,29 @@ def test_resume_finds_the_complete_checkpoint_a_crash_left(tmp_path, capsys):
     assert "\n" not in str(stop.value) and "No complete checkpoint at" in str(stop.value)
 
 
+def test_a_save_failing_on_a_full_disk_keeps_the_previous_checkpoint_and_stops_in_one_line(tmp_path):
+    import errno
+
+    block = exec_block()
+    final = _checkpoint(block, tmp_path / "run", 2)
+    before = {p.name: p.read_bytes() for p in final.rglob("*") if p.is_file()}
+    staging = block["staging_dir"](final, create=True)
+    with pytest.raises(SystemExit) as stop, block["save_or_stop"](staging, final, 4):
+        (staging / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    message = str(stop.value)
+    assert "\n" not in message and "Saving step 4 failed (No space left on device)" in message
+    assert f"--resume_from {final}" in message
+    assert not staging.exists() and {p.name: p.read_bytes() for p in final.rglob("*") if p.is_file()} == before
+    assert block["checkpoint_step"](final) == 2
+
+
 def test_a_second_writer_of_the_run_directory_is_refused(tmp_path):
     block = exec_block()
     held = block["lock_run_dir"](tmp_path)
     code = (
-        "import sys, json, os, shutil, dataclasses, importlib\nfrom pathlib import Path\nfrom typing import Optional\n"
+        "import sys, json, os, shutil, contextlib, dataclasses, importlib\nfrom pathlib import Path\n"
+        "from typing import Optional\n"
         f"exec(open({str(tmp_path / 'block.py')!r}).read())\nlock_run_dir(Path({str(tmp_path)!r}))\n"
         "print('LOCKED')\n"
     )
@@ -366,7 +385,7 @@ def upstream_config_source(patched: str) -> str:
 
 def write_stub(path: Path, config_source: str, block_source: str) -> Path:
     path.write_text(
-        "import dataclasses\nimport importlib.metadata\nimport json\nimport os\nimport shutil\n"
+        "import contextlib\nimport dataclasses\nimport importlib.metadata\nimport json\nimport os\nimport shutil\n"
         "from dataclasses import dataclass\nfrom pathlib import Path\nfrom typing import Optional\n\nimport draccus\n\n"
         f"{config_source}\n\n{block_source}\n\n"
         "@draccus.wrap()\ndef finetune(cfg: FinetuneConfig) -> None:\n"

@@ -331,6 +331,21 @@ def test_a_kill_at_any_point_of_a_save_resumes_from_the_last_complete_checkpoint
     assert [p.name for p in (cwd / "runs").iterdir()] == [exp]  # no leftovers after the next save
 
 
+def test_a_full_disk_during_a_save_stops_in_one_line_and_keeps_the_previous_checkpoint(world):
+    cwd = world["root"] / "disk-full"
+    args = ("--max_steps", "4", "--save_steps", "2", "--merge_on_save", "false", *ALIGN)
+    proc, _ = finetune(world, cwd, *args, check=False, kill_at=("disk-full", 2))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (exp,) = [p.name for p in (cwd / "runs").iterdir()]  # no staging directory left behind
+    run = cwd / "runs" / exp
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("Saving step 4 failed (No space left on device)")
+        and f"--resume_from {Path('runs') / exp}" in last
+    )
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 2  # step 2's checkpoint, complete
+
+
 def test_offline_merge_of_an_adapter_checkpoint(world, adapter_run, capsys):
     from openvla_align.cli import main as cli
 
