@@ -154,16 +154,17 @@ def record_wandb(path: Path, rank: int) -> None:
     wandb.init = init
 
 
-KILL_POINTS = ("adapter-write", "sidecar-write", "between-renames", "after-renames", "disk-full")
+KILL_POINTS = ("adapter-write", "sidecar-write", "merged-write", "between-renames", "after-renames", "disk-full")
 
 
 def kill_at(point: str, occurrence: int) -> None:
     """SIGKILL this process (no exception, no cleanup) the ``occurrence``-th time a checkpoint save reaches
-    ``point``: ``adapter-write`` / ``sidecar-write`` (half of the LoRA adapter's / the align projector's safetensors
-    file written into the save's staging directory), ``between-renames`` (the staging directory about to be renamed
-    into place, the previous checkpoint already moved aside to ``.<name>.old``), ``after-renames`` (renamed into
-    place, ``.<name>.old`` not yet deleted). ``disk-full`` is no kill: the adapter's write into the staging directory
-    fails with ENOSPC after half the file, as on a full disk."""
+    ``point``: ``adapter-write`` / ``sidecar-write`` / ``merged-write`` (half of the LoRA adapter's / the align
+    projector's / the merged model's safetensors file written into the save's staging directory),
+    ``between-renames`` (the staging directory about to be renamed into place, the previous checkpoint already moved
+    aside to ``.<name>.old``), ``after-renames`` (renamed into place, ``.<name>.old`` not yet deleted). ``disk-full``
+    is no kill: the adapter's write into the staging directory fails with ENOSPC after half the file, as on a full
+    disk."""
     import signal
 
     if point not in KILL_POINTS:
@@ -187,11 +188,11 @@ def kill_at(point: str, occurrence: int) -> None:
         import safetensors.torch
 
         real_save_file = safetensors.torch.save_file
-        wanted = "projector" if point == "sidecar-write" else "adapter_model"
+        wanted = {"sidecar-write": ("projector.",), "merged-write": ("model.", "model-")}.get(point, ("adapter_model",))
 
         def save_file(tensors, filename, *args, **kwargs):
             result = real_save_file(tensors, filename, *args, **kwargs)
-            if wanted in Path(filename).name and staged(filename) and reached():
+            if Path(filename).name.lstrip(".").startswith(wanted) and staged(filename) and reached():
                 with open(filename, "r+b") as f:  # the write got halfway
                     f.truncate(Path(filename).stat().st_size // 2)
                 if point == "disk-full":

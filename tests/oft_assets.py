@@ -226,19 +226,23 @@ def stock_finetune(
     nproc: int = 1,
     timeout: float = 900,
     check: bool = True,
+    kill_at: Optional[Tuple[str, int]] = None,
 ) -> Tuple[subprocess.CompletedProcess, List[Dict]]:
     """Run ``checkout/vla-scripts/finetune.py argv`` on CPU under ``tests/_cpu_shim.py`` (torchrun when ``nproc`` > 1).
 
     The process runs in ``checkout``, as OFT's README has it: the script syncs ``modeling_prismatic.py`` and
     ``configuration_prismatic.py`` found under ``./prismatic/`` into ``--vla_path``. ``workdir`` receives the run
     spec, the shim's rendezvous file and ``metrics.json`` (every ``wandb.log`` of rank 0); give the script absolute
-    ``--run_root_dir`` / ``--data_root_dir``. Returns (process, logged metrics).
+    ``--run_root_dir`` / ``--data_root_dir``. ``kill_at`` (point, occurrence): the shim kills the process there
+    (``_cpu_shim.kill_at``). Returns (process, logged metrics).
     """
     checkout, workdir = Path(checkout).resolve(), Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, metrics = workdir / "spec.json", workdir / "metrics.json"
     spec = {"script": str(checkout / "vla-scripts" / "finetune.py"), "argv": [str(a) for a in argv]}
     spec.update(metrics=str(metrics), pythonpath=[str(checkout)])
+    if kill_at:
+        spec["kill_at"] = list(kill_at)
     spec_path.write_text(json.dumps(spec))
     shim = str(TESTS_DIR / "_cpu_shim.py")
     cmd = [sys.executable, "-W", "ignore", shim, str(spec_path)]

@@ -8,6 +8,7 @@ generated LIBERO-schema build (two cameras, proprio), PEFT LoRA, OFT's action he
 installed by a third-party entry point (C-RADIOv3's architecture at tiny width, weights from a file).
 """
 
+import json
 import os
 import re
 import shutil
@@ -63,7 +64,7 @@ def world(tmp_path_factory):
     return SimpleNamespace(root=root, checkout=checkout, stock=stock, ckpt=ckpt, data=data, teacher=teacher, env=env)
 
 
-def run(world, name, *args, script=None, nproc=1, check=True, vla_path=None):
+def run(world, name, *args, script=None, nproc=1, check=True, vla_path=None, kill_at=None):
     """The patched (or ``script``) finetune.py in ``root/name``; returns (process, metrics, run dir root)."""
     runs = world.root / name / "runs"
     argv = ["--vla_path", str(vla_path or world.ckpt), "--data_root_dir", str(world.data)]
@@ -72,7 +73,7 @@ def run(world, name, *args, script=None, nproc=1, check=True, vla_path=None):
     if "tiny-c-radio" in args:
         argv += ["--align.teacher_path", str(world.teacher)]
     proc, metrics = A.stock_finetune(
-        script or world.checkout, world.root / name, argv, env=world.env, nproc=nproc, check=check
+        script or world.checkout, world.root / name, argv, env=world.env, nproc=nproc, check=check, kill_at=kill_at
     )
     return proc, metrics, runs
 
@@ -125,10 +126,13 @@ def weights_layout(path: Path) -> dict:
 def test_no_plugin_enabled_writes_what_the_stock_script_writes(world, stock_run):
     """Plugins installed but none enabled (and norm_stats' folding off): the files the unpatched script writes, the
     same bytes except the trained weights (OFT's tf.data pipeline shuffles without a seed, so two runs of the stock
-    script itself see other batches), whose tensors must have the same names and shapes; the same metric names."""
+    script itself see other batches), whose tensors must have the same names and shapes; the same metric names. The
+    patched script's one addition is each checkpoint's completeness marker, `checkpoint.json` (issue 32)."""
     _, stock_metrics, stock_runs = stock_run
     _, metrics, runs = run(world, "patched-off", *L1_2IMG, *STEPS, "--norm_stats.fold", "false")
     ours, stock = files(runs), files(stock_runs)
+    marker = f"{checkpoint_dir(runs).name}/checkpoint.json"
+    assert json.loads(ours.pop(marker))["step"] == 1
     assert sorted(ours) == sorted(stock) and len(ours) >= 10, sorted(set(ours) ^ set(stock))
     weights = [name for name in ours if name.endswith((".pt", ".safetensors"))]
     assert len(weights) == 4  # LoRA adapter, action head, proprio projector, merged model
@@ -325,26 +329,38 @@ def test_spatial_forcing_recipe_trains_and_resumes_on_ofts_script(sf_world, npro
         assert not runs3.exists() and files(ckpt) == before
 
 
-def test_a_script_patched_by_the_previous_release_is_updated(world, tmp_path, capsys):
-    """OFT's script as the previous openvla-align patched it (no `on_optimizer` lines): `patch --check` says so,
-    `patch` updates it from the kept original, `--revert` restores the upstream file."""
-    from openvla_align.cli import main as cli
+def test_a_script_patched_by_the_previous_release_is_updated(world, tmp_path, capsys, monkeypatch):
+    """OFT's script as an earlier openvla-align patched it: `patch --check` says so, `patch` updates it from the kept
+    original, `--revert` restores the upstream file, and without the original it is refused. The earlier file here
+    is today's without its `on_optimizer` lines, its hash listed as an earlier release's (the manifest's real list
+    holds the hashes of files no test can rebuild without the old patches; each upgrade was checked by hand)."""
+    import dataclasses
+    import hashlib
 
+    from openvla_align.cli import main as cli
+    from openvla_align.openvla import patch as P
+
+    (oft_patch,) = [p for p in P.load_patches() if p.name == "openvla-oft"]
+    assert oft_patch.previous_sha256 and oft_patch.patched_sha256 not in oft_patch.previous_sha256
     copy = tmp_path / "oft"
     shutil.copytree(world.stock / "vla-scripts", copy / "vla-scripts")
     target = copy / "vla-scripts" / "finetune.py"
     original = target.read_bytes()
     assert cli(["patch", str(copy)]) == 0
     current = target.read_text()
-    dropped = [line for line in current.splitlines(keepends=True) if "on_optimizer" in line]
     old = "".join(line for line in current.splitlines(keepends=True) if "on_optimizer" not in line)
-    assert len(dropped) == 3  # the header comment, `if hasattr(...)` and the call; the loop line goes with them
-    loop = "    for plugin in plugins:  # [Plugins] May keep the optimizer: "
-    old = "".join(line for line in old.splitlines(keepends=True) if not line.startswith(loop))
-    target.write_text(old)
-    import hashlib
+    assert old != current
+    earlier = hashlib.sha256(old.encode()).hexdigest()
+    real_load_patches = P.load_patches
 
-    assert hashlib.sha256(target.read_bytes()).hexdigest().startswith("89fa2af3")  # the previous release's file
+    def load_patches(root=None):
+        return [
+            dataclasses.replace(p, previous_sha256=(*p.previous_sha256, earlier)) if p.name == "openvla-oft" else p
+            for p in real_load_patches(root)
+        ]
+
+    monkeypatch.setattr(P, "load_patches", load_patches)
+    target.write_text(old)
     capsys.readouterr()
     assert cli(["patch", "--check", str(copy)]) == 1
     assert capsys.readouterr().out.startswith("outdated:")
@@ -353,6 +369,7 @@ def test_a_script_patched_by_the_previous_release_is_updated(world, tmp_path, ca
     target.write_text(old)
     assert cli(["patch", "--revert", str(copy)]) == 0 and target.read_bytes() == original
     target.write_text(old)  # no original kept: refused, nothing changed
+    (copy / "vla-scripts" / "finetune.py.orig").unlink(missing_ok=True)
     capsys.readouterr()
     assert cli(["patch", str(copy)]) == 1 and target.read_text() == old
     assert "earlier openvla-align" in capsys.readouterr().err

@@ -62,11 +62,11 @@ def block_functions(source: str) -> str:
     return source[source.index("# >>> finetune-plugins") : source.index("# <<< finetune-plugins")]
 
 
-def exec_block(os_module=os) -> dict:
-    """Run only the helper functions of the patch, with the imports the patched script gives them."""
+def exec_block(os_module=os, host: str = "openvla") -> dict:
+    """Run only the helper functions of a host's patch, with the imports the patched script gives them."""
     ns = {"__name__": "finetune_plugins_block", "dataclasses": dataclasses, "importlib": importlib}
     ns.update(os=os_module, shutil=shutil, Path=Path, json=json, Optional=Optional, contextlib=contextlib)
-    exec(block_functions(added_text((PATCH_DIR / "finetune.patch").read_text())), ns)
+    exec(block_functions(added_text((P.patch_dir(host) / "finetune.patch").read_text())), ns)
     return ns
 
 
@@ -320,6 +320,10 @@ def test_resume_finds_the_complete_checkpoint_a_crash_left(tmp_path, capsys):
     _checkpoint(block, tmp_path / "runs" / "other--9_chkpt", 9)
     _checkpoint(block, tmp_path / "runs" / "exp--8_chkpt", 8, complete=False)  # killed before its marker
     assert resolve(Path("latest"), run, adapters) == tmp_path / "runs" / "exp--6_chkpt"
+    ten = block["staging_dir"](tmp_path / "runs" / "exp--10_chkpt", create=True)  # complete, killed before its rename
+    (ten / "trainer_state.pt").write_bytes(bytes(8))
+    block["mark_complete"](ten, 10)
+    assert resolve(Path("latest"), run, adapters) == ten
     # a checkpoint of an earlier openvla-align (no marker, trainer state present) is taken as it is
     legacy = tmp_path / "legacy"
     legacy.mkdir()
@@ -363,6 +367,94 @@ def test_a_second_writer_of_the_run_directory_is_refused(tmp_path):
     os.close(held)  # the first process ends: the directory is free again
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "LOCKED" in proc.stdout
+
+
+def test_the_run_lock_moves_to_the_directory_a_save_renames_into_its_place(tmp_path):
+    """A save of the run directory itself (one checkpoint kept) replaces it by a new directory: the lock taken on
+    the old one moves to the new one, so a second writer is still refused after the save."""
+    block = exec_block()
+    run = tmp_path / "run"
+    run.mkdir()
+    held = block["lock_run_dir"](run)
+    staging = block["staging_dir"](run, create=True)
+    block["commit_dir"](staging, run)
+    held = block["lock_run_dir"](run, held=held)
+    (tmp_path / "block.py").write_text(block_functions(added_text((PATCH_DIR / "finetune.patch").read_text())))
+    code = (
+        "import sys, json, os, shutil, contextlib, dataclasses, importlib\nfrom pathlib import Path\n"
+        "from typing import Optional\n"
+        f"exec(open({str(tmp_path / 'block.py')!r}).read())\nlock_run_dir(Path({str(run)!r}))\nprint('LOCKED')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "is being written by another fine-tuning process" in proc.stderr
+    os.close(held)
+
+
+SHARED_HELPERS = ("staging_dir", "commit_dir", "checkpoint_check", "checkpoint_step", "lock_run_dir")
+HOSTS = ("openvla", "openvla-oft")
+
+
+def test_both_hosts_patches_share_the_checkpoint_helpers_verbatim():
+    blocks = [block_functions(added_text((P.patch_dir(h) / "finetune.patch").read_text())) for h in HOSTS]
+    for name in SHARED_HELPERS:
+        sources = {block[block.index(f"def {name}(") :].split("\n\n\n")[0] for block in blocks}
+        assert len(sources) == 1, f"`{name}` differs between the OpenVLA and OpenVLA-OFT patches"
+
+
+def _oft_checkpoint(block, directory: Path, step: int, merged: bool = True, complete: bool = True) -> Path:
+    """An OFT checkpoint as the patched script writes it (adapter, merged model, sidecar, marker last)."""
+    staging = block["staging_dir"](directory, create=True)
+    (staging / "lora_adapter").mkdir()
+    (staging / "lora_adapter" / "adapter_model.safetensors").write_bytes(bytes(64 + step))
+    (staging / "align").mkdir()
+    (staging / "align" / "projector.safetensors").write_bytes(bytes(16))
+    if merged:
+        (staging / "model.safetensors").write_bytes(bytes(128))
+        (staging / "config.json").write_text("{}")
+    if complete:
+        block["mark_complete"](staging, step)
+    return staging
+
+
+def test_ofts_resume_takes_a_complete_checkpoint_at_its_step_or_the_runs_newest(tmp_path, capsys):
+    """`--resume true` on OFT's script: with `--resume_step`, `vla_path` must be complete at that step; without it,
+    the newest complete merged checkpoint of the run; a complete `.X.tmp` (killed between the renames) is renamed
+    into place first, on the main process only. Files OFT rewrites when resuming (config.json) are not checked."""
+    block = exec_block(host="openvla-oft")
+    resolve, commit = block["resolve_resume"], block["commit_dir"]
+    run = tmp_path / "exp"
+    run.mkdir()  # OFT's run directory: dataset statistics only, never a checkpoint in this mode
+    two, four = run.parent / "exp--2_chkpt", run.parent / "exp--4_chkpt"
+    commit(_oft_checkpoint(block, two, 2), two)
+    commit(_oft_checkpoint(block, four, 4, merged=False), four)  # `--merge_lora_during_training false`: OFT can't
+    _oft_checkpoint(block, run.parent / "exp--6_chkpt", 6, complete=False)  # killed inside step 6's save
+    assert resolve(str(two), 2, True) == (str(two), 2) and capsys.readouterr().out == ""
+    (two / "config.json").write_text('{"auto_map": {}}')  # OFT's update_auto_map on resume: still complete
+    assert resolve(str(run), None, True) == (str(two), 2)
+    assert capsys.readouterr().out == f"Resuming from `{two}`, step 2, the newest complete checkpoint of the run\n"
+    wrong_step = rf"No complete checkpoint `{two}` at step 3 .*\(it holds step 2\).*newest complete one is `{two}`"
+    with pytest.raises(SystemExit, match=wrong_step):
+        resolve(str(two), 3, True)
+    unmerged = r"at step 4 holding a merged model \(saved with `--merge_lora_during_training false`.*newest complete"
+    with pytest.raises(SystemExit, match=unmerged):
+        resolve(str(four), 4, True)
+
+    eight = run.parent / "exp--8_chkpt"
+    _oft_checkpoint(block, eight, 8)  # complete, killed before its rename
+    assert resolve(str(run), None, False) == (str(eight), 8)  # another rank: the path it will be at
+    assert (run.parent / ".exp--8_chkpt.tmp").is_dir() and capsys.readouterr().out == ""
+    assert resolve(str(run), None, True) == (str(eight), 8) and (eight / "checkpoint.json").is_file()
+    out = capsys.readouterr().out
+    assert "`" + str(run.parent / ".exp--8_chkpt.tmp") + "` (step 8) is complete; a save was interrupted" in out
+
+    legacy = tmp_path / "stock--1_chkpt"  # written by the stock script or an older patch: taken as it is
+    legacy.mkdir()
+    (legacy / "config.json").write_text("{}")
+    assert resolve(str(legacy), 1, True) == (str(legacy), 1)
+    for path, step in [(tmp_path / "nothing", None), (run, 5)]:
+        with pytest.raises(SystemExit) as stop:
+            resolve(str(path), step, True)
+        assert "\n" not in str(stop.value) and str(stop.value).startswith("No complete checkpoint")
 
 
 # --- draccus: flags, YAML and --help of the extended config (subprocess: the script is __main__) ------------------

@@ -73,3 +73,29 @@ def test_a_full_disk_during_a_save_stops_in_one_line_and_keeps_the_previous_chec
         and f"--resume_from {Path('runs') / exp}" in last
     )
     assert json.loads((run / "checkpoint.json").read_text())["step"] == 2  # step 2's checkpoint, complete
+
+
+def test_a_kill_during_the_merge_keeps_the_adapter_and_resume_latest_continues_from_it(world):
+    """Stock save mode (a merged model on every save), resumed from an adapter-only checkpoint so that its saves keep
+    `trainer_state.pt` beside the adapter: SIGKILL inside step 4's merged-model write. Step 4's adapter is complete
+    in `adapters/<run>` (committed before the merge), the merged model half-written in `runs/.<run>.tmp`, never in
+    place; `--resume_from latest` continues from step 4's adapter and the next save puts a whole merged model in
+    place and removes the half-written one."""
+    base = world["root"] / "merge-base"
+    args = ("--save_steps", "2", *ALIGN)
+    finetune(world, base, "--max_steps", "2", "--merge_on_save", "false", *args)
+    (exp,) = [p.name for p in (base / "runs").iterdir()]
+    cwd = world["root"] / "merge-killed"
+    resume = ("--resume_from", str(base / "runs" / exp))
+    proc, _ = finetune(world, cwd, "--max_steps", "6", *args, *resume, check=False, kill_at=("merged-write", 1))
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    adapter, run, staged = cwd / "adapters" / exp, cwd / "runs" / exp, cwd / "runs" / f".{exp}.tmp"
+    assert json.loads((adapter / "checkpoint.json").read_text())["step"] == 4
+    assert (staged / "model.safetensors").is_file() and not (run / "model.safetensors").exists()
+    projector = (adapter / "align" / "projector.safetensors").read_bytes()
+    proc, _ = finetune(world, cwd, "--max_steps", "6", *args, "--resume_from", "latest")
+    assert "after gradient step 4" in proc.stdout, proc.stdout[-2000:]
+    assert json.loads((adapter / "checkpoint.json").read_text())["step"] == 6
+    assert (adapter / "align" / "projector.safetensors").read_bytes() == projector  # the same frozen projector
+    assert (run / "model.safetensors").is_file() and (run / "config.json").is_file()
+    assert sorted(p.name for p in (cwd / "runs").iterdir()) == [exp]  # the half-written merge is gone
