@@ -206,8 +206,7 @@ def kill_at(point: str, occurrence: int) -> None:
     real_replace = os.replace
 
     def replace(src, dst, *args, **kwargs):
-        name = Path(src).name
-        commit = name.startswith(".") and name.endswith(".tmp") and Path(src).is_dir()  # staging -> final
+        commit = sys._getframe(1).f_code.co_name == "commit_dir" and Path(src).name.endswith(".tmp")  # staging -> final
         if commit and point == "between-renames" and reached():
             die()
         result = real_replace(src, dst, *args, **kwargs)

@@ -306,15 +306,30 @@ def test_resume_finds_the_complete_checkpoint_a_crash_left(tmp_path, capsys):
     assert resolve(run, run, adapters) == run and capsys.readouterr().out == ""
     # killed between the two renames of step 4's save: only `.exp.old` (step 2) is left, and a complete `.exp.tmp`
     run.rename(tmp_path / "runs" / ".exp.old")
-    chosen = resolve(run, run, adapters)
-    assert chosen == tmp_path / "runs" / ".exp.old"
-    out = capsys.readouterr().out.strip()
-    assert "\n" not in out and f"`{run}` is not a complete checkpoint" in out and "step 2" in out
-    staging = block["staging_dir"](run, create=True)  # the new save, complete but not renamed (step 4)
+    staging = block["staging_dir"](run, create=True)
     (staging / "trainer_state.pt").write_bytes(bytes(8))
     block["mark_complete"](staging, 4)
-    assert resolve(run, run, adapters) == staging  # the newest complete one
-    assert resolve(Path("latest"), run, adapters) == staging
+    assert resolve(run, run, adapters, is_main_process=False) == run  # another rank: where the main one puts it
+    assert staging.is_dir() and not run.exists() and capsys.readouterr().out == ""
+    assert resolve(run, run, adapters) == run and block["checkpoint_step"](run) == 4  # the newest, moved into place
+    out = capsys.readouterr().out.strip()
+    assert out == f"A save was interrupted: `{staging}` (step 4) is the newest complete checkpoint, now `{run}`"
+    assert block["checkpoint_step"](tmp_path / "runs" / ".exp.old") == 2  # kept: the next save removes it
+    # only `.exp.old` left (nothing newer): it is moved into place the same way
+    shutil.rmtree(run)
+    run.mkdir()  # the run directory the script makes (and locks) before it resolves: empty, replaced
+    assert resolve(Path("latest"), run, adapters) == run and block["checkpoint_step"](run) == 2
+    capsys.readouterr()
+    # `<run>` in the way, cut short, with a complete `.old` beside it: one line says what to move
+    old = block["staging_dir"](run, create=True).rename(tmp_path / "runs" / ".exp.old")
+    (old / "trainer_state.pt").write_bytes(bytes(8))
+    block["mark_complete"](old, 2)
+    (run / "trainer_state.pt").write_bytes(b"cut")
+    with pytest.raises(SystemExit) as stop:
+        resolve(run, run, adapters)
+    assert "\n" not in str(stop.value) and f"move `{run}` aside and `{old}` to `{run}`" in str(stop.value)
+    shutil.rmtree(old)
+    _checkpoint(block, run, 4)
     # `latest` among several checkpoints of the run (and none of another run's)
     _checkpoint(block, tmp_path / "runs" / "exp--6_chkpt", 6)
     _checkpoint(block, tmp_path / "runs" / "other--9_chkpt", 9)
@@ -323,7 +338,7 @@ def test_resume_finds_the_complete_checkpoint_a_crash_left(tmp_path, capsys):
     ten = block["staging_dir"](tmp_path / "runs" / "exp--10_chkpt", create=True)  # complete, killed before its rename
     (ten / "trainer_state.pt").write_bytes(bytes(8))
     block["mark_complete"](ten, 10)
-    assert resolve(Path("latest"), run, adapters) == ten
+    assert resolve(Path("latest"), run, adapters) == tmp_path / "runs" / "exp--10_chkpt" and not ten.exists()
     # a checkpoint of an earlier openvla-align (no marker, trainer state present) is taken as it is
     legacy = tmp_path / "legacy"
     legacy.mkdir()
@@ -376,6 +391,7 @@ def test_the_run_lock_moves_to_the_directory_a_save_renames_into_its_place(tmp_p
     run = tmp_path / "run"
     run.mkdir()
     held = block["lock_run_dir"](run)
+    assert block["lock_run_dir"](run, held=held) == held  # the same directory: the lock it has
     staging = block["staging_dir"](run, create=True)
     block["commit_dir"](staging, run)
     held = block["lock_run_dir"](run, held=held)
@@ -390,7 +406,15 @@ def test_the_run_lock_moves_to_the_directory_a_save_renames_into_its_place(tmp_p
     os.close(held)
 
 
-SHARED_HELPERS = ("staging_dir", "commit_dir", "checkpoint_check", "checkpoint_step", "lock_run_dir")
+SHARED_HELPERS = (
+    "staging_dir",
+    "commit_dir",
+    "checkpoint_check",
+    "checkpoint_step",
+    "lock_run_dir",
+    "visible_name",
+    "move_into_place",
+)
 HOSTS = ("openvla", "openvla-oft")
 
 
@@ -445,7 +469,10 @@ def test_ofts_resume_takes_a_complete_checkpoint_at_its_step_or_the_runs_newest(
     assert (run.parent / ".exp--8_chkpt.tmp").is_dir() and capsys.readouterr().out == ""
     assert resolve(str(run), None, True) == (str(eight), 8) and (eight / "checkpoint.json").is_file()
     out = capsys.readouterr().out
-    assert "`" + str(run.parent / ".exp--8_chkpt.tmp") + "` (step 8) is complete; a save was interrupted" in out
+    assert (
+        out == f"A save was interrupted: `{run.parent / '.exp--8_chkpt.tmp'}` (step 8) is the newest complete "
+        f"checkpoint, now `{eight}`\n"
+    )
 
     legacy = tmp_path / "stock--1_chkpt"  # written by the stock script or an older patch: taken as it is
     legacy.mkdir()

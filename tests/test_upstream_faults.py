@@ -13,51 +13,44 @@ world = e2e.world  # the fixture: a patched checkout, a tiny OpenVLA, its data a
 pytestmark = pytest.mark.skipif(not e2e._OK, reason=e2e._WHY)
 
 
-def test_a_kill_between_the_renames_of_a_save_loses_nothing_and_resume_finds_the_newest_complete(world):
-    """SIGKILL while step 4's save is between its two renames (the step-2 checkpoint moved to `.<run>.old`, step 4's
-    complete one still `.<run>.tmp`): `--resume_from runs/<run>` says so in one line and continues from step 4."""
+def test_a_kill_at_each_point_of_a_save_loses_nothing_and_resume_finds_the_newest_complete(world):
+    """One adapter-only run killed (SIGKILL) inside step 4's save at each point in turn, each resume the next kill's
+    run: inside the adapter write and inside the sidecar write (step 2's checkpoint untouched in place, a
+    half-written `.<run>.tmp` beside it: resumed from step 2 without a word), between the two renames (step 2 moved
+    to `.<run>.old`, step 4's complete one still `.<run>.tmp`: moved into place in one line, resumed from step 4),
+    just after them (step 6 in place, `.old` not yet deleted: resumed from step 6). The frozen projector is the same
+    throughout and the last save leaves no leftovers."""
     cwd = world["root"] / "killed"
-    args = ("--max_steps", "4", "--save_steps", "2", "--merge_on_save", "false", *ALIGN)
-    proc, _ = finetune(world, cwd, *args, check=False, kill_at=("between-renames", 2))
-    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL: no exception handler, no cleanup ran
+    args = ("--save_steps", "2", "--merge_on_save", "false", *ALIGN)
+    proc, _ = finetune(world, cwd, "--max_steps", "4", *args, check=False, kill_at=("adapter-write", 2))
     (exp,) = {p.name.strip(".").removesuffix(".old").removesuffix(".tmp") for p in (cwd / "runs").iterdir()}
     run, old, tmp = (cwd / "runs" / name for name in (exp, f".{exp}.old", f".{exp}.tmp"))
-    assert not run.exists()
-    markers = {d.name: json.loads((d / "checkpoint.json").read_text())["step"] for d in (old, tmp)}
-    assert markers == {old.name: 2, tmp.name: 4}  # both complete: nothing was lost
-    projector = (tmp / "align" / "projector.safetensors").read_bytes()
-    proc, _ = finetune(world, cwd, *args[:1], "6", *args[2:], "--resume_from", str(Path("runs") / exp))
-    lines = [line for line in proc.stdout.splitlines() if "is not a complete checkpoint" in line]
-    assert len(lines) == 1 and f"resuming from `runs/.{exp}.tmp`, step 4" in lines[0], proc.stdout[-2000:]
-    assert "after gradient step 4" in proc.stdout
-    assert json.loads((run / "checkpoint.json").read_text())["step"] == 6
-    assert (run / "align" / "projector.safetensors").read_bytes() == projector  # the same frozen projector
-    assert not old.exists() and not tmp.exists()  # the next save cleaned up after itself
-
-
-@pytest.mark.parametrize(
-    "point, resumes_at",
-    [("adapter-write", 2), ("sidecar-write", 2), ("after-renames", 4)],
-)
-def test_a_kill_at_any_point_of_a_save_resumes_from_the_last_complete_checkpoint(world, point, resumes_at):
-    """SIGKILL inside step 4's adapter or sidecar write (step 2's checkpoint untouched in place, a half-written
-    staging directory beside it) or just after its renames (step 4 in place, `.old` not yet deleted):
-    `--resume_from runs/<run>` continues from the last complete checkpoint, with its projector, and says nothing."""
-    cwd = world["root"] / f"killed-{point}"
-    args = ("--max_steps", "4", "--save_steps", "2", "--merge_on_save", "false", *ALIGN)
-    proc, _ = finetune(world, cwd, *args, check=False, kill_at=(point, 2))
-    assert proc.returncode == -9, proc.stderr[-3000:]
-    (exp,) = {p.name.strip(".").removesuffix(".old").removesuffix(".tmp") for p in (cwd / "runs").iterdir()}
-    run = cwd / "runs" / exp
-    assert json.loads((run / "checkpoint.json").read_text())["step"] == resumes_at
-    if point.endswith("-write"):  # the half-written save is beside it, never taken for a checkpoint
-        assert not (cwd / "runs" / f".{exp}.tmp" / "checkpoint.json").exists()
     projector = (run / "align" / "projector.safetensors").read_bytes()
-    proc, _ = finetune(world, cwd, *args[:1], "6", *args[2:], "--resume_from", str(Path("runs") / exp))
-    assert f"after gradient step {resumes_at}" in proc.stdout and "is not a complete checkpoint" not in proc.stdout
-    assert json.loads((run / "checkpoint.json").read_text())["step"] == 6
-    assert (run / "align" / "projector.safetensors").read_bytes() == projector
-    assert [p.name for p in (cwd / "runs").iterdir()] == [exp]  # no leftovers after the next save
+    resume = ("--resume_from", str(Path("runs") / exp))
+
+    def step(directory: Path) -> int:
+        return json.loads((directory / "checkpoint.json").read_text())["step"]
+
+    for point in ("sidecar-write", "between-renames"):  # killed inside step 4's save again, at the next point
+        assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL: no exception handler, no cleanup ran
+        assert step(run) == 2 and not (tmp / "checkpoint.json").exists()  # the half-written save never counts
+        proc, _ = finetune(world, cwd, "--max_steps", "4", *args, *resume, check=False, kill_at=(point, 1))
+        assert "after gradient step 2" in proc.stdout and "interrupted" not in proc.stdout
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not run.exists() and step(old) == 2 and step(tmp) == 4  # both complete: nothing was lost
+    assert (tmp / "align" / "projector.safetensors").read_bytes() == projector
+
+    proc, _ = finetune(world, cwd, "--max_steps", "6", *args, *resume, check=False, kill_at=("after-renames", 1))
+    lines = [line for line in proc.stdout.splitlines() if "interrupted" in line]
+    moved = f"A save was interrupted: `runs/.{exp}.tmp` (step 4) is the newest complete checkpoint, now `runs/{exp}`"
+    assert lines == [moved], proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "after gradient step 4" in proc.stdout and proc.returncode == -9
+    assert step(run) == 6 and step(old) == 4  # renamed into place, the previous one not yet deleted
+
+    proc, _ = finetune(world, cwd, "--max_steps", "8", *args, *resume)
+    assert "after gradient step 6" in proc.stdout and "interrupted" not in proc.stdout
+    assert step(run) == 8 and (run / "align" / "projector.safetensors").read_bytes() == projector
+    assert [p.name for p in (cwd / "runs").iterdir()] == [exp]  # the last save cleaned up after itself
 
 
 def test_a_full_disk_during_a_save_stops_in_one_line_and_keeps_the_previous_checkpoint(world):
