@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import _proc
 import numpy as np
 from _cpu_shim import import_tensorflow_graphics
 from assets import _scene, build_rlds, step_flags
@@ -249,7 +250,7 @@ def stock_finetune(
     if nproc > 1:
         launcher = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone"]
         cmd = [*launcher, "--nnodes", "1", "--nproc-per-node", str(nproc), shim, str(spec_path)]
-    proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = _proc.run(cmd, cwd=checkout, env=env, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc, json.loads(metrics.read_text()) if metrics.exists() else []

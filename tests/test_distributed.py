@@ -1,6 +1,7 @@
 """Two gloo processes must build bit-identical projectors and compute identical losses on identical data."""
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -12,6 +13,18 @@ def _init(rank, world, out_dir):
     # no free-port race with other tests (a rare SIGABRT at teardown was seen in CI with the TCP store).
     store = os.path.join(out_dir, "store")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def _finish(rank, world, out_dir):
+    """Tear the group down only once every rank is past its last collective. gloo's barrier can return on one rank
+    while the other is still reading its last message; a rank that destroyed its group (closing its sockets) then
+    aborted the other one now and then under load (SIGABRT, "terminate called without an active exception": 1 run in
+    15 with the other core busy). So the ranks meet once more through a FileStore, which no socket of the group
+    serves, and only then destroy the group."""
+    done = dist.FileStore(os.path.join(out_dir, "done"), world)
+    done.set(f"rank{rank}", "done")
+    done.wait([f"rank{r}" for r in range(world)], timedelta(seconds=300))
+    dist.destroy_process_group()
 
 
 def _worker(rank, world, out_dir):
@@ -52,7 +65,7 @@ def _worker(rank, world, out_dir):
         torch.save(gathered, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        _finish(rank, world, out_dir)
 
 
 def test_two_ranks_identical(tmp_path):
@@ -83,9 +96,9 @@ def _mismatch_worker(rank, world, out_dir):
             message = str(exc)
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(message)
-        dist.barrier()  # both ranks are done with collectives before either tears the group down
+        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        _finish(rank, world, out_dir)
 
 
 def test_plugin_refuses_ranks_with_different_projectors(tmp_path):

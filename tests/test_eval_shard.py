@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _proc
 import pytest
 
 from openvla_align.eval import load_run
@@ -69,7 +70,7 @@ def _torchrun(tmp_path, args, **env):
         str(Path(sys.executable).parent / "openvla-align"),
         *args,
     ]
-    return subprocess.run(cmd, env=_env(tmp_path, **env), capture_output=True, text=True, timeout=600)
+    return _proc.run(cmd, env=_env(tmp_path, **env), timeout=600)
 
 
 def _built(tmp_path):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _proc
 import pytest
 from test_upstream_assets import _stack_available
 
@@ -100,7 +101,7 @@ def finetune(world, cwd: Path, *args, nproc: int = 1, check: bool = True, kill_a
     if nproc > 1:
         launcher = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone"]
         cmd = [*launcher, "--nnodes", "1", "--nproc-per-node", str(nproc), shim, "spec.json"]
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(world), capture_output=True, text=True, timeout=900)
+    proc = _proc.run(cmd, cwd=cwd, env=_env(world), timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     metrics = cwd / "metrics.json"
@@ -397,7 +398,7 @@ def teacher_cache(world):
     cmd = [sys.executable, "-W", "ignore", "-c", "import sys; from openvla_align.cli import main; sys.exit(main())"]
     cmd += ["cache", "build", str(out), "--dataset", "sft", "--data-root", str(world["data"]), "--teacher"]
     cmd += ["tiny-c-radio", "--teacher-path", str(world["teacher"]), "--device", "cpu", "--shard-rows", "8"]
-    proc = subprocess.run(cmd, cwd=world["root"], env=env, capture_output=True, text=True, timeout=900)
+    proc = _proc.run(cmd, cwd=world["root"], env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "30 frames (30 computed now, 0 already there)" in proc.stdout
     return out
