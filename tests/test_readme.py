@@ -29,7 +29,7 @@ SEPARATORS = {"&&", "||", ";", "|"}
 SCREEN_LINES = 40
 # The README's first two lines of commands, for a fresh machine: the demo, then the tests.
 FRESH_MACHINE = [
-    "python3 -m venv .venv && .venv/bin/pip install torch==2.14.1 torchvision==0.29.1 -e '.[demo]' "
+    "python3 -m venv .venv && .venv/bin/pip install -c constraints/demo.txt -e '.[demo]' "
     "&& .venv/bin/openvla-align demo",
     "bash scripts/test.sh",
 ]
@@ -83,6 +83,9 @@ UNIQUE_EXAMPLES = dict(EXAMPLES)  # line -> argv, once each (the first screen re
 def test_every_readme_example_parses(argv, monkeypatch):
     from openvla_align import argtypes
 
+    # every command's module first: one imported under the patch below would keep the stand-in checks for good (its
+    # `from ..argtypes import need_dir`), and a later test of its bad-input errors would fail in the same process
+    build_parser(argv)
     for check in ("need_dir", "need_file", "need_output_dir"):  # the examples' paths are not on this machine
         monkeypatch.setattr(argtypes, check, lambda path, *args, **kwargs: Path(path))
     argv = [a.replace("$SLURM_ARRAY_TASK_ID", "3") for a in argv]  # what SLURM puts there, in an array job
@@ -192,11 +195,13 @@ def test_first_screen_commands_are_the_ones_tested():
 
     screen = "\n".join(first_screen()[0]) + "\n"
     blocks = bash_blocks(screen)
-    # the fresh machine's: the tests are the CI's command; the demo installs scripts/test.sh's torch pins
+    # the fresh machine's: the tests are the CI's command; the demo installs its lock, whose torch is scripts/test.sh's
     assert blocks[0] == FRESH_MACHINE
     assert FRESH_MACHINE[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "/pip install -c constraints/demo.txt -e '.[demo]' &&" in FRESH_MACHINE[0]
     torch_pins = re.search(r"^torch_pins=\((.*)\)$", (ROOT / "scripts" / "test.sh").read_text(), re.M).group(1)
-    assert f"/pip install {torch_pins} -e '.[demo]' &&" in FRESH_MACHINE[0]
+    lock = (ROOT / "constraints" / "demo.txt").read_text().splitlines()
+    assert set(torch_pins.split()) <= set(lock), "the demo's lock installs the torch the tests run"
     dist = importlib.metadata.distribution("openvla-align")  # what `pip install openvla-align` and `-e .` install
     assert dist.metadata["Name"] == "openvla-align" and "demo" in dist.metadata.get_all("Provides-Extra")
     assert "openvla-align" in {ep.name for ep in dist.entry_points if ep.group == "console_scripts"}
