@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))  # the checkout's package, whatever is installed
 
 from openvla_align._io import atomic_write, atomic_write_bytes  # noqa: E402
 from openvla_align.demo.code import source_fingerprint  # noqa: E402
+from openvla_align.numerics import describe  # noqa: E402
 
 BEGIN, END = "<!-- demo results: written by scripts/demo_readme.py -->", "<!-- end of demo results -->"
 SUMMARY_BEGIN, SUMMARY_END = "<!-- demo summary: written by scripts/demo_readme.py -->", "<!-- end of demo summary -->"
@@ -80,9 +81,12 @@ def render(run: Dict, other: Dict) -> str:
         BEGIN,
         f"This copy is the output of `openvla-align demo` (seeds {' '.join(map(str, cfg['seeds']))}, "
         f"{cfg['threads']} torch thread per run, {cfg['steps']} LoRA steps) at commit {code['git']['commit'][:7]} "
-        f"with torch {v['torch']}, transformers {v['transformers']}, timm {v['timm']}, peft {v['peft']} on the "
-        f"2-core CPU machine: {run['seconds']['total']:.0f} s in the process."
+        f"with the lock's packages (`constraints/demo.txt`: torch {v['torch']}, transformers {v['transformers']}, "
+        f"timm {v['timm']}, peft {v['peft']}, numpy {v['numpy']}) on {describe(run['world'])}, "
+        f"{run['world']['cpu_count']} cores: {run['seconds']['total']:.0f} s in the process."
         + _time_line(run.get("time_log"))
+        + f" It printed figures fingerprint `{run['fingerprint']}`: the README's first command prints the same on "
+        "any x86-64 CPU with AVX2, whatever its cores (see [the demo](#the-demo))."
         + f" A second run at {threads[1]} torch threads per run (`--threads {threads[1]} --workers 1`) gave "
         f"{agree}" + (f" ({'; '.join(diffs)})" if diffs else "") + "; its fine-tuning and evaluation took "
         f"{other['seconds']['fine-tuning + evaluation']:.0f} s against {run['seconds']['fine-tuning + evaluation']:.0f}"
@@ -138,7 +142,8 @@ def render_summary(run: Dict) -> str:
     lines = [
         SUMMARY_BEGIN,
         f"**The demo's result** (tiny models, generated scenes; {len(cfg['seeds'])} seeds per arm, 95 % intervals; "
-        f"commit {run['code']['git']['commit'][:7]}):",
+        f"commit {run['code']['git']['commit'][:7]}; the same figures on any x86-64 CPU with AVX2, fingerprint "
+        f"`{run['fingerprint']}`):",
         f"- plain LoRA SFT learns the robot task: in-distribution sorting {_mean_ci(s['id'], 'sft')} (base VLA "
         f"{base['id']:.2f}), unseen tables {_mean_ci(s['ood_scenes'], 'sft')}, unseen hue x shade blocks "
         f"{_mean_ci(s['ood_objects'], 'sft')}; "
@@ -180,6 +185,12 @@ def main(argv=None) -> int:
         check_code(r, name)
     if run["code"]["fingerprint"] != other["code"]["fingerprint"]:
         raise SystemExit("The two runs ran different code; run both from the same commit.")
+    for name, r in (("run", run), ("other", other)):
+        if not (r.get("world") or {}).get("pinned"):
+            raise SystemExit(
+                f"{name} ran on its CPU's own code paths (OPENVLA_ALIGN_NATIVE_CPU set, or not x86-64): its figures "
+                "are that machine's only; re-run it without."
+            )
     if run["config"]["threads"] == other["config"]["threads"]:
         raise SystemExit("The two runs used the same thread count; the second must use another (e.g. --threads 2).")
     if args.time_log:

@@ -14,6 +14,9 @@
 #                 `prismatic`: one pytest process each). The first run leaves OPENVLA_OFT_SRC unset, so the OFT tests
 #                 skip there. Without the OFT snapshot or the patch the second run is skipped and says why.
 #   current       current releases of everything; the upstream and OFT tests skip (both pin transformers 4.40.1).
+#                 Then, in the same venv, the README's first command's lock (constraints/demo.txt) is installed and
+#                 tests/test_demo_lock.py runs again with DEMO_LOCK=1: the demo's quick setting prints the committed
+#                 figures, also on an AVX2-only stand-in machine (they skip in the runs before, and say so).
 # Both use the CPU-runnable torch wheel of this machine kind (OpenVLA pins torch 2.2, which no CPU-only wheel here
 # provides). That wheel is a CUDA build (~5.5 GB a venv; openvla-pins is ~7.7 GB with tensorflow), so each venv is
 # removed once its tests ran and a green run keeps no pytest temp dirs (the upstream end-to-end test alone writes
@@ -109,6 +112,17 @@ for env in "${envs[@]}"; do
       fi
       echo "== $env (OFT): fork install and tests took $((SECONDS - start)) s"
     fi
+  fi
+  if [ "$env" = current ]; then
+    # The README's first command installs the demo's lock (constraints/demo.txt): put this venv on it, then run the
+    # demo's quick setting, which must print the committed figures (tests/test_demo_lock.py, one process: each run
+    # uses both cores)
+    start=$SECONDS
+    "$venv/bin/pip" install -q -c constraints/demo.txt -e '.[demo]'
+    echo "== $env (demo lock): $("$venv/bin/python" -c 'import torch, transformers, peft, numpy; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, numpy {numpy.__version__}")')"
+    DEMO_LOCK=1 "$venv/bin/python" -m pytest -q -rs -o tmp_path_retention_policy=failed -p no:xdist \
+      tests/test_demo_lock.py || status=1
+    echo "== $env (demo lock): install and tests took $((SECONDS - start)) s"
   fi
   [ "${KEEP_VENVS:-0}" = 1 ] || rm -rf "$venv"
 done

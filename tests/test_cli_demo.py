@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from openvla_align.cli import main
-from openvla_align.demo import DemoConfig, report, run_demo, stages
+from openvla_align.demo import QUICK, DemoConfig, report, run_demo, stages
 from openvla_align.demo import scenes as sc
 from openvla_align.demo.code import source_fingerprint
 from openvla_align.teachers import TeacherWeightsNotFound, create_teacher, teacher_spec
@@ -222,20 +222,7 @@ def test_demo_teacher_needs_its_weights_and_says_where_they_come_from(tmp_path):
 
 def test_demo_stages_on_a_small_setting(tmp_path, capsys):
     out_dir = tmp_path / "demo"
-    cfg = DemoConfig(
-        out_dir=str(out_dir),
-        seeds=(0, 1),
-        n_vl=400,
-        n_train=64,
-        n_eval=16,
-        n_probe=(144, 72),
-        teacher_steps=150,
-        vision_steps=150,
-        vl_steps=4,
-        steps=3,
-        batch_size=8,
-        attention_examples=2,
-    )
+    cfg = DemoConfig(out_dir=str(out_dir), **QUICK)
     summary = run_demo(cfg)
     printed = capsys.readouterr().out
     metrics = json.loads((out_dir / "metrics.json").read_text())

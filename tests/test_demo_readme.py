@@ -99,6 +99,7 @@ def test_script_writes_block_records_and_picture(monkeypatch, tmp_path):
         (lambda r: r["code"].update(fingerprint="0" * 32), "ran other code"),
         (lambda r: r["code"]["git"].update(dirty=True), "uncommitted changes"),
         (lambda r: r["config"].update(threads=2), "same thread count"),
+        (lambda r: r["world"].update(pinned=False), "own code paths"),
     ],
 )
 def test_script_refuses_other_code_dirty_trees_and_one_thread_count(monkeypatch, tmp_path, change, message):

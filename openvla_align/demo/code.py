@@ -18,7 +18,8 @@ from typing import Dict, Iterable, List, Optional
 
 PACKAGE = Path(__file__).resolve().parents[1]
 SKIP = {tokenize.COMMENT, tokenize.NL, tokenize.ENCODING}
-LIBRARIES = ("torch", "transformers", "timm", "peft", "tokenizers", "numpy")
+# what the demo imports that computes or stores its figures (each version must be the lock's: constraints/demo.txt)
+LIBRARIES = ("torch", "torchvision", "transformers", "timm", "peft", "tokenizers", "numpy", "safetensors", "pillow")
 
 
 def _tokens(source: str) -> str:

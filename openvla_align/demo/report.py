@@ -12,6 +12,8 @@ A verdict is a word read from the interval: above 0, below 0, or across it ("no 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Dict, List
 
@@ -40,6 +42,15 @@ LEVEL = 0.95
 def arm_names(coeffs: Dict[str, float]) -> Dict[str, str]:
     """{"sft": "SFT", "align": "Align 0.2", "strong": "Align 1.0"} for the runs' coefficients."""
     return {"sft": "SFT", **{run: f"Align {float(coeffs[run])}" for run in ALIGNED}}
+
+
+def figures_fingerprint(
+    teacher_probe: Dict[str, float], base: Dict[str, float], per_seed: Dict[str, List[Dict]]
+) -> str:
+    """BLAKE2 of every figure the run measured (the teacher's and the base VLA's, each run's per seed), to the last
+    bit: two runs print the same fingerprint only if every figure is the same (the README says which one it shows)."""
+    figures = {"teacher_probe": teacher_probe, "base": base, "per_seed": per_seed}
+    return hashlib.blake2b(json.dumps(figures, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 def summarize(base: Dict[str, float], per_seed: Dict[str, List[Dict[str, float]]]) -> Dict[str, Dict]:

@@ -67,6 +67,26 @@ class DemoConfig:
     model: Dict[str, int] = field(default_factory=lambda: {"vision_depth": 3})
     threads: int = 1  # torch threads of each fine-tuning run (its figures depend on it, slightly)
     workers: int = 0  # fine-tuning runs at once (Python threads); 0: the CPU count // threads
+    # torch threads of the stages before the robot task: fixed, not the CPU count, because a reduction split over
+    # another number of threads sums in another order (1 thread instead of 2 changed the quick setting's figures)
+    stage_threads: int = 2
+
+
+# The smallest setting that runs every stage (`openvla-align demo --quick`, ~30 s): it checks an install and, through
+# tests/test_demo_lock.py, that the figures are exactly the committed ones; its figures say nothing about alignment.
+QUICK = dict(
+    seeds=(0, 1),
+    n_vl=400,
+    n_train=64,
+    n_eval=16,
+    n_probe=(144, 72),
+    teacher_steps=150,
+    vision_steps=150,
+    vl_steps=4,
+    steps=3,
+    batch_size=8,
+    attention_examples=2,
+)
 
 
 class Stopwatch:
@@ -78,8 +98,8 @@ class Stopwatch:
 
 
 def run_demo(cfg: DemoConfig) -> Dict:
-    """The stages before the robot task run on ``threads x workers`` torch threads, then ``workers`` fine-tuning
-    runs at once on ``threads`` each (the previous thread count is restored afterwards)."""
+    """The stages before the robot task run on ``stage_threads`` torch threads, then ``workers`` fine-tuning runs at
+    once on ``threads`` each (the previous thread count is restored afterwards)."""
     before = torch.get_num_threads()
     try:
         return _run(cfg)
@@ -93,7 +113,8 @@ def _cpus() -> int:
 
 def _run(cfg: DemoConfig) -> Dict:
     workers = cfg.workers or max(1, _cpus() // cfg.threads)
-    torch.set_num_threads(cfg.threads * workers)
+    torch.set_num_threads(cfg.stage_threads)
+    from .. import numerics
     from ..aligner import Aligner
     from ..config import AlignConfig
     from ..probe import linear as probe_linear
@@ -114,6 +135,8 @@ def _run(cfg: DemoConfig) -> Dict:
     if cfg.layer < 1 or cfg.layer > cfg.llm_layers:
         raise ValueError(f"layer={cfg.layer} is outside the demo LLM's 1..{cfg.llm_layers} blocks.")
     print(BANNER, flush=True)
+    world = numerics.world()
+    print(f"numerics: {numerics.describe(world)}; {cfg.stage_threads} torch threads before the robot task", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     clock = Stopwatch()
     grid = (cfg.image_size // 14,) * 2
@@ -330,6 +353,8 @@ def _run(cfg: DemoConfig) -> Dict:
         "note": BANNER,
         "config": json.loads(json.dumps(asdict(cfg))),
         "code": code_identity(),
+        "world": world,
+        "fingerprint": report.figures_fingerprint(teacher_probe, base, per_seed),
         "teacher_probe": teacher_probe,
         "base": base,
         "per_seed": per_seed,
@@ -347,6 +372,7 @@ def _run(cfg: DemoConfig) -> Dict:
         raise SystemExit(f"The reloaded Align adapter does not reproduce its logits (max |diff| {reload_diff:.2e}).")
     print(
         f"reloaded {out}/align/seed{cfg.seeds[0]}/adapter with the stock loaders: max |logit diff| {reload_diff:.1e}\n"
+        f"figures fingerprint {summary_json['fingerprint']} ({numerics.describe(world)})\n"
         f"wrote {out}/metrics.json" + (f", {png}" if png else "") + f", {out}/base, {out}/teacher, "
         f"{out}/{{sft,align,strong}}/seed*/adapter in {total:.0f} s. Next: on a real checkpoint, "
         "`openvla-align probe linear --help` and `openvla-align eval --help`.",
@@ -383,6 +409,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="fine-tuning runs at once, each in its own Python thread (default: the CPU count // --threads)",
     )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="every stage on the smallest setting (2 seeds, 3 steps, ~30 s): checks an install and prints the "
+        "figures fingerprint the tests commit; its figures say nothing about alignment",
+    )
     p.set_defaults(func=_cmd_demo)
     return p
 
@@ -392,17 +424,13 @@ def _cmd_demo(args) -> int:
         raise ValueError("--seeds needs at least two seeds: the verdict is a confidence interval over seeds.")
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds names a seed twice ({' '.join(map(str, args.seeds))}); each run needs its own seed.")
+    setting = dict(steps=args.steps, seed=args.seed, seeds=tuple(args.seeds), lr=args.lr)
+    if args.quick:
+        changed = [f"--{k}" for k, v in setting.items() if v != getattr(DemoConfig, k)]
+        if changed:
+            raise ValueError(f"--quick runs a fixed setting; drop {', '.join(changed)} (or drop --quick).")
+        setting = dict(QUICK)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        run_demo(
-            DemoConfig(
-                out_dir=str(args.out),
-                steps=args.steps,
-                seed=args.seed,
-                seeds=tuple(args.seeds),
-                lr=args.lr,
-                threads=args.threads,
-                workers=args.workers or 0,
-            )
-        )
+        run_demo(DemoConfig(out_dir=str(args.out), threads=args.threads, workers=args.workers or 0, **setting))
     return 0
