@@ -3,8 +3,8 @@
 - The recorded runs (docs/demo/) were made with the lock's packages (constraints/demo.txt) and on pinned code paths.
 - `openvla-align demo --quick` prints exactly the committed figures (tests/data/demo_quick.json), also when the CPU
   is made to look like another one: a one-core AVX2-only machine, stood in for by capping ATen, oneDNN and MKL at
-  AVX2, running the demo on that "machine's" native paths and the robot runs one at a time. On an AVX-512 machine the native paths must give other figures
-  (the check can tell a difference).
+  AVX2, running the demo on that "machine's" native paths and the robot runs one at a time. On an AVX-512 machine
+  the native paths must give other figures (the check can tell a difference).
 
 The quick runs need the lock's packages: scripts/test.sh installs the lock into its `current` venv after that
 phase's tests and runs this file again with DEMO_LOCK=1; elsewhere those tests skip and say so.
