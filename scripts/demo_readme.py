@@ -142,7 +142,7 @@ def render_summary(run: Dict) -> str:
     lines = [
         SUMMARY_BEGIN,
         f"**The demo's result** (tiny models, generated scenes; {len(cfg['seeds'])} seeds per arm, 95 % intervals; "
-        f"commit {run['code']['git']['commit'][:7]}; the same figures on any x86-64 CPU with AVX2, fingerprint "
+        f"commit {run['code']['git']['commit'][:7]}; pinned to print the same figures on any x86-64 CPU with AVX2, fingerprint "
         f"`{run['fingerprint']}`):",
         f"- plain LoRA SFT learns the robot task: in-distribution sorting {_mean_ci(s['id'], 'sft')} (base VLA "
         f"{base['id']:.2f}), unseen tables {_mean_ci(s['ood_scenes'], 'sft')}, unseen hue x shade blocks "
