@@ -2,10 +2,11 @@
 
 Bottom to top; a module may import its own layer and the ones below, never one above:
 
-0. foundation   ``_io``, ``_plugins``, ``argtypes``, ``config``, ``dtypes``, ``norms``, ``pooling``, ``shapes``,
-                ``stats``: atomic writes and YAML reads, entry-point lookup, the CLI's argument types and path
-                checks, the alignment config, dtype names, image normalisation constants, the poolings of teacher
-                grids onto the student's, the generated scenes' shape masks, confidence intervals over seeds
+0. foundation   ``_io``, ``_plugins``, ``argtypes``, ``config``, ``dtypes``, ``norms``, ``numerics``, ``pooling``,
+                ``shapes``, ``stats``: atomic writes and YAML reads, entry-point lookup, the CLI's argument types and
+                path checks, the alignment config, dtype names, image normalisation constants, the CPU code paths a
+                run pins and records, the poolings of teacher grids onto the student's, the generated scenes' shape
+                masks, confidence intervals over seeds
 1. OpenVLA      ``vla``: the only code that knows OpenVLA's layout, pixels, checkpoints and logits
    teachers     ``teachers``: the teacher registry (data), specs, weight lookup, one module per family
    (``vla`` and ``teachers`` are independent: neither imports the other)
@@ -27,7 +28,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "openvla_align"
 LAYERS = (
-    ("foundation", ("_io", "_plugins", "argtypes", "config", "dtypes", "norms", "pooling", "shapes", "stats")),
+    (
+        "foundation",
+        ("_io", "_plugins", "argtypes", "config", "dtypes", "norms", "numerics", "pooling", "shapes", "stats"),
+    ),
     ("openvla+teachers", ("vla", "teachers")),
     ("core", ("losses", "projector", "hooks", "targets", "aligner")),
     ("integration", ("openvla",)),
