@@ -10,7 +10,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import _proc
 import numpy as np
 import pytest
 
@@ -250,7 +249,9 @@ def test_eval_run_in_the_real_simulator(tmp_path, vla, tokenizer):
     cmd += ["--out", str(out), "--device", "cpu", "--dtype", "float32", "--sim-backend", "cpu"]
     cmd += ["--render-backend", "cpu", "--video", "1"]
     torchrun = [SIMPLER_PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *cmd[1:]]
-    proc = _proc.run(torchrun, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        torchrun, capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0/2: 2 evaluated" in proc.stdout and "rank 1/2: 2 evaluated" in proc.stdout, proc.stdout
     assert "4 evaluated by 2 ranks, 0 already there, 0 missing" in proc.stdout

@@ -18,10 +18,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-import _proc
 import oft_assets as A
 import pytest
 
@@ -59,7 +59,7 @@ def _env(tmp_path) -> dict:
 
 def _cli(tmp_path, *args, timeout=1800):
     cmd = [sys.executable, "-m", "openvla_align.cli", "eval", *args]
-    return _proc.run(cmd, env=_env(tmp_path), cwd=tmp_path, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path, timeout=timeout)
 
 
 def test_a_tiny_oft_policy_runs_two_libero_spatial_tasks_batched(checkpoint, tmp_path):
@@ -139,7 +139,7 @@ def test_torchrun_ranks_share_the_tasks(checkpoint, tmp_path):
            "--episodes", "1", "--num-envs", "1", "--out", str(out)]  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                 "openvla_align.cli", "eval", *run]  # fmt: skip
-    proc = _proc.run(torchrun, env=_env(tmp_path), cwd=tmp_path, timeout=1200)
+    proc = subprocess.run(torchrun, capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 evaluated by 2 ranks, 0 already there, 0 missing" in proc.stdout
     for task in ("libero_spatial-3", "libero_spatial-4"):
