@@ -142,8 +142,8 @@ def render_summary(run: Dict) -> str:
     lines = [
         SUMMARY_BEGIN,
         f"**The demo's result** (tiny models, generated scenes; {len(cfg['seeds'])} seeds per arm, 95 % intervals; "
-        f"commit {run['code']['git']['commit'][:7]}; pinned to print the same figures on any x86-64 CPU with AVX2, fingerprint "
-        f"`{run['fingerprint']}`):",
+        f"commit {run['code']['git']['commit'][:7]}; pinned to print the same figures on any x86-64 CPU with AVX2, "
+        f"fingerprint `{run['fingerprint']}`):",
         f"- plain LoRA SFT learns the robot task: in-distribution sorting {_mean_ci(s['id'], 'sft')} (base VLA "
         f"{base['id']:.2f}), unseen tables {_mean_ci(s['ood_scenes'], 'sft')}, unseen hue x shade blocks "
         f"{_mean_ci(s['ood_objects'], 'sft')}; "
@@ -183,14 +183,13 @@ def main(argv=None) -> int:
     run, other = load_run(args.run), load_run(args.other)
     for name, r in (("run", run), ("other", other)):
         check_code(r, name)
-    if run["code"]["fingerprint"] != other["code"]["fingerprint"]:
-        raise SystemExit("The two runs ran different code; run both from the same commit.")
-    for name, r in (("run", run), ("other", other)):
         if not (r.get("world") or {}).get("pinned"):
             raise SystemExit(
                 f"{name} ran on its CPU's own code paths (OPENVLA_ALIGN_NATIVE_CPU set, or not x86-64): its figures "
                 "are that machine's only; re-run it without."
             )
+    if run["code"]["fingerprint"] != other["code"]["fingerprint"]:
+        raise SystemExit("The two runs ran different code; run both from the same commit.")
     if run["config"]["threads"] == other["config"]["threads"]:
         raise SystemExit("The two runs used the same thread count; the second must use another (e.g. --threads 2).")
     if args.time_log:

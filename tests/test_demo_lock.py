@@ -30,18 +30,18 @@ QUICK_FIGURES = ROOT / "tests" / "data" / "demo_quick.json"
 RUNS = [ROOT / "docs" / "demo" / "run.json", ROOT / "docs" / "demo" / "other.json"]
 
 
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
 def lock() -> dict:
     pins = {}
     for line in LOCK.read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, _, version = line.partition("==")
-            pins[name.lower().replace("_", "-")] = version
+            pins[_norm(name)] = version
     return pins
-
-
-def _norm(name: str) -> str:
-    return name.lower().replace("_", "-")
 
 
 def test_the_lock_pins_every_package_exactly():
@@ -113,7 +113,8 @@ def _figures(metrics: dict) -> dict:
 
 @lock_only
 def test_quick_demo_prints_the_committed_figures_on_pinned_paths(tmp_path):
-    assert not _installed_equals_lock(), f"not the lock's packages: {_installed_equals_lock()}"
+    wrong = _installed_equals_lock()
+    assert not wrong, f"not the lock's packages: {wrong}"
     metrics = _quick(tmp_path, "pinned")
     assert metrics["world"]["pinned"] and metrics["world"]["aten_capability"] == "AVX2"
     assert {k: v for k, v in metrics["config"].items() if k in QUICK} == json.loads(json.dumps(QUICK))
